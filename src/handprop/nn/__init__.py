@@ -1,0 +1,43 @@
+"""handprop.nn: layers, losses, the flat-vector network, init, optimizers, gradient checks.
+
+NumPy and the standard library only (a test proves it).
+"""
+
+from handprop.nn.activations import ACTIVATIONS, Identity, ReLU, Sigmoid, Tanh
+from handprop.nn.gradcheck import gradcheck, gradcheck_layer, numeric_gradient, relative_error
+from handprop.nn.init import INITIALIZERS
+from handprop.nn.layers import Dense, Flatten, Layer
+from handprop.nn.losses import LOSSES, Loss, MeanSquaredError, SoftmaxCrossEntropy, softmax
+from handprop.nn.network import LAYERS, Network, load, save
+from handprop.nn.optim import GD, OPTIMIZERS, Optimizer
+from handprop.nn.params import ParamLayout, ParamSlot
+
+__all__ = [
+    "ACTIVATIONS",
+    "GD",
+    "INITIALIZERS",
+    "LAYERS",
+    "LOSSES",
+    "OPTIMIZERS",
+    "Dense",
+    "Flatten",
+    "Identity",
+    "Layer",
+    "Loss",
+    "MeanSquaredError",
+    "Network",
+    "Optimizer",
+    "ParamLayout",
+    "ParamSlot",
+    "ReLU",
+    "Sigmoid",
+    "SoftmaxCrossEntropy",
+    "Tanh",
+    "gradcheck",
+    "gradcheck_layer",
+    "load",
+    "numeric_gradient",
+    "relative_error",
+    "save",
+    "softmax",
+]

@@ -1,0 +1,111 @@
+"""The layer protocol and the affine (Dense) and Flatten layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Array = np.ndarray
+
+
+class Layer:
+    """A differentiable map with explicit forward and backward passes.
+
+    A layer declares the shapes of its parameters (:meth:`param_shapes`); the network
+    allocates one flat parameter vector and one flat gradient vector and binds views
+    into them with :meth:`bind` (``self.W``, ``self.dW``, ...). ``backward`` writes the
+    parameter gradients into those views (overwriting, never accumulating) and returns
+    the gradient with respect to the layer's input. It never updates the parameters.
+    """
+
+    #: name in the layer registry and in model files
+    kind: str = ""
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of this layer's parameters, in layout order."""
+        return {}
+
+    def bind(self, params: dict[str, Array], grads: dict[str, Array]) -> None:
+        """Attach views into the flat vectors: ``self.<name>`` and ``self.d<name>``."""
+        for name, view in params.items():
+            setattr(self, name, view)
+        for name, view in grads.items():
+            setattr(self, "d" + name, view)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of one sample's output given one sample's input shape."""
+        return input_shape
+
+    def forward(self, X: Array, training: bool = False) -> Array:
+        raise NotImplementedError
+
+    def backward(self, G: Array) -> Array:
+        raise NotImplementedError
+
+    def init_params(self, scheme: str, rng: np.random.Generator) -> None:
+        """Fill this layer's parameters in place (no-op for parameter-free layers)."""
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments; ``{"type": kind, **config}`` rebuilds it."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Dense(Layer):
+    """Affine map Z = X @ W + b.   X: (n, d_in)  W: (d_in, d_out)  b: (d_out,)"""
+
+    kind = "dense"
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        self.d_in = int(d_in)
+        self.d_out = int(d_out)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"W": (self.d_in, self.d_out), "b": (self.d_out,)}
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.d_out,)
+
+    def forward(self, X: Array, training: bool = False) -> Array:
+        if training:
+            self._X = X  # all that backward needs
+        Z = X @ self.W  # (n, d_out)
+        Z += self.b
+        return Z
+
+    def backward(self, G: Array) -> Array:
+        """G = dL/dZ (n, d_out) -> dL/dX (n, d_in)."""
+        np.matmul(self._X.T, G, out=self.dW)  # dW = X^T G      (d_in, d_out)
+        np.sum(G, axis=0, out=self.db)  # db = sum_rows G (d_out,)
+        return G @ self.W.T  # dX = G W^T      (n, d_in)
+
+    def init_params(self, scheme: str, rng: np.random.Generator) -> None:
+        from handprop.nn.init import INITIALIZERS
+
+        INITIALIZERS[scheme](self.W, fan_in=self.d_in, fan_out=self.d_out, rng=rng)
+        self.b[...] = 0
+
+    def get_config(self) -> dict[str, Any]:
+        return {"d_in": self.d_in, "d_out": self.d_out}
+
+
+class Flatten(Layer):
+    """Reshape (n, ...) -> (n, prod(...)); backward restores the input shape."""
+
+    kind = "flatten"
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, X: Array, training: bool = False) -> Array:
+        if training:
+            self._shape = X.shape
+        return X.reshape(X.shape[0], -1)
+
+    def backward(self, G: Array) -> Array:
+        """dX = G reshaped to the input's shape."""
+        return G.reshape(self._shape)

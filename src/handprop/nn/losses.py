@@ -1,0 +1,121 @@
+"""Losses, each returning (loss, G) with G = dL/d(network output), averaged over the batch.
+
+The average over the batch happens here and only here (G carries the 1/n), so no layer
+divides by n again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from handprop.nn.layers import Array
+
+
+class Loss:
+    """A loss on the network's output and integer labels."""
+
+    kind: str = ""
+    #: activation layer the network puts after its last Dense layer for this loss
+    output_activation: str | None = None
+
+    def __call__(self, out: Array, y: Array) -> tuple[float, Array]:
+        raise NotImplementedError
+
+    def value(self, out: Array, y: Array) -> float:
+        """The loss alone (for evaluation and finite differences)."""
+        return self(out, y)[0]
+
+    def probabilities(self, out: Array) -> Array:
+        """Class probabilities (n, k) from the network's output (n, k)."""
+        raise NotImplementedError
+
+
+def softmax(Z: Array) -> Array:
+    """Row-wise softmax of Z (n, k); the row maximum is subtracted before exp.
+
+    exp(Z - max) <= 1 cannot overflow, and at least one entry per row is exp(0) = 1, so
+    the denominator is >= 1 and never underflows to 0: logits like (1000, -1000, 0) give
+    (1, 0, 0) with no warning.
+    """
+    P = Z - Z.max(axis=1, keepdims=True)
+    np.exp(P, out=P)
+    P /= P.sum(axis=1, keepdims=True)
+    return P
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Mean cross-entropy of softmax(Z) against integer labels, fused with softmax.
+
+    Fusing matters twice: the gradient is simply prediction minus target, with no
+    softmax Jacobian, and log softmax is computed as (Z - max) - log sum exp (Z - max),
+    which stays finite where log(softmax(Z)) would take the log of an underflowed 0.
+    """
+
+    kind = "cross_entropy"
+
+    def __call__(self, Z: Array, y: Array) -> tuple[float, Array]:
+        """
+        Parameters
+        ----------
+        Z : ndarray of shape (n, k)    logits
+        y : ndarray of shape (n,)      class ids in [0, k)
+
+        Returns
+        -------
+        loss : float                   -mean_i log softmax(Z)_i,y_i
+        G : ndarray of shape (n, k)    dL/dZ = (softmax(Z) - onehot(y)) / n
+        """
+        n = Z.shape[0]
+        rows = np.arange(n)
+        S = Z - Z.max(axis=1, keepdims=True)  # shifted logits, row max 0
+        G = np.exp(S)
+        total = G.sum(axis=1)  # >= 1
+        loss = float(np.mean(np.log(total) - S[rows, y]))
+        G /= total[:, None]  # P = softmax(Z)
+        G[rows, y] -= 1  # P - Y without building Y
+        G *= Z.dtype.type(1.0 / n)
+        return loss, G
+
+    def probabilities(self, Z: Array) -> Array:
+        return softmax(Z)
+
+
+class MeanSquaredError(Loss):
+    """L = 1/(2n) sum_i sum_k (A_ik - Y_ik)^2 on sigmoid outputs A, one-hot targets Y.
+
+    The original system's first version. With a sigmoid output the delta picks up a
+    factor A(1 - A) that vanishes when an output saturates at the wrong value, which is
+    why it learns more slowly than softmax with cross-entropy.
+    """
+
+    kind = "mse"
+    output_activation = "sigmoid"
+
+    def __call__(self, A: Array, y: Array) -> tuple[float, Array]:
+        """
+        Parameters
+        ----------
+        A : ndarray of shape (n, k)    network outputs (after the sigmoid)
+        y : ndarray of shape (n,)      class ids in [0, k)
+
+        Returns
+        -------
+        loss : float
+        G : ndarray of shape (n, k)    dL/dA = (A - Y) / n
+        """
+        n = A.shape[0]
+        G = A.copy()
+        G[np.arange(n), y] -= 1  # A - Y
+        loss = 0.5 * float(np.einsum("ij,ij->", G, G, dtype=np.float64)) / n
+        G *= A.dtype.type(1.0 / n)
+        return loss, G
+
+    def probabilities(self, A: Array) -> Array:
+        """Sigmoid outputs normalised to sum to 1 per row (they are scores, not
+        probabilities, until normalised)."""
+        total = A.sum(axis=1, keepdims=True)
+        return A / np.maximum(total, np.finfo(A.dtype).tiny)
+
+
+#: loss name -> class; config strings and model files resolve through it
+LOSSES: dict[str, type[Loss]] = {cls.kind: cls for cls in (SoftmaxCrossEntropy, MeanSquaredError)}

@@ -1,0 +1,370 @@
+"""Network: a list of layers, one flat parameter vector, one flat gradient vector."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handprop.errors import ModelFileError, ShapeError
+from handprop.nn.activations import ACTIVATIONS
+from handprop.nn.init import INITIALIZERS
+from handprop.nn.layers import Array, Dense, Flatten, Layer
+from handprop.nn.losses import LOSSES, Loss
+from handprop.nn.params import ParamLayout
+
+#: layer kind -> class; model files resolve through it (never through getattr)
+LAYERS: dict[str, type[Layer]] = {"dense": Dense, "flatten": Flatten, **ACTIVATIONS}
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+MODEL_FORMAT = "handprop-model"
+MODEL_VERSION = 1
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+    """float32 or float64 from a name or a NumPy dtype; anything else is refused."""
+    try:
+        dt = np.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    except TypeError:
+        dt = None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ShapeError(f"dtype must be float32 or float64, got {dtype!r}")
+    return dt
+
+
+def parse_spec(spec: str | Sequence[int]) -> list[int]:
+    """Layer sizes from "784-100-10" (or a sequence of ints); at least input and output."""
+    if isinstance(spec, str):
+        parts = spec.replace(",", "-").split("-")
+        try:
+            sizes = [int(p) for p in parts]
+        except ValueError:
+            raise ShapeError(
+                f"network spec must be sizes joined by '-', like '784-100-10', got {spec!r}"
+            ) from None
+    else:
+        sizes = [int(s) for s in spec]
+    if len(sizes) < 2 or any(s < 1 for s in sizes):
+        raise ShapeError(f"network spec needs an input and an output size, all >= 1, got {spec!r}")
+    return sizes
+
+
+class Network:
+    """A feed-forward network whose parameters are views into one flat vector.
+
+    Parameters
+    ----------
+    layers : list of Layer
+    input_shape : tuple of int      shape of one sample, e.g. (784,)
+    loss : str                      a name in ``LOSSES``
+    dtype : float32 (default) or float64
+    meta : dict, optional           JSON-able facts saved with the model (class names, ...)
+
+    Attributes
+    ----------
+    params : ndarray of shape (n_params,)   every parameter, layer by layer, W then b
+    grads : ndarray of shape (n_params,)    dL/dparams, same layout, written by backward
+    layout : ParamLayout
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        input_shape: Sequence[int],
+        loss: str = "cross_entropy",
+        dtype: Any = np.float32,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if loss not in LOSSES:
+            raise ShapeError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+        self.layers: list[Layer] = list(layers)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.loss_name = loss
+        self.loss: Loss = LOSSES[loss]()
+        self.dtype = resolve_dtype(dtype)
+        self.meta: dict[str, Any] = dict(meta or {})
+
+        shape = self.input_shape
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, Dense) and shape != (layer.d_in,):
+                raise ShapeError(
+                    f"layer {i} ({layer!r}) expects inputs of shape ({layer.d_in},), "
+                    f"but the layer before gives {shape}"
+                )
+            shape = layer.output_shape(shape)
+        self.output_shape = shape
+
+        self.layout = ParamLayout([layer.param_shapes() for layer in self.layers])
+        self.params = np.zeros(self.layout.size, dtype=self.dtype)
+        self.grads = np.zeros(self.layout.size, dtype=self.dtype)
+        for i, layer in enumerate(self.layers):
+            layer.bind(self.layout.views(self.params, i), self.layout.views(self.grads, i))
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: str | Sequence[int],
+        activation: str | Sequence[str] = "sigmoid",
+        loss: str = "cross_entropy",
+        init: str = "uniform",
+        dtype: Any = np.float32,
+        rng: np.random.Generator | int | None = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> Network:
+        """Build a fully-connected network from "784-100-10".
+
+        ``activation`` is one name for every hidden layer or one per hidden layer. The
+        output layer is linear for cross-entropy (softmax lives in the loss) and gets
+        the loss's own output activation otherwise (sigmoid for mse).
+        """
+        sizes = parse_spec(spec)
+        n_hidden = len(sizes) - 2
+        acts = [activation] * n_hidden if isinstance(activation, str) else list(activation)
+        if len(acts) != n_hidden:
+            raise ShapeError(
+                f"got {len(acts)} activations for {n_hidden} hidden layers in {spec!r}"
+            )
+        for name in acts:
+            if name not in ACTIVATIONS:
+                raise ShapeError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+        if loss not in LOSSES:
+            raise ShapeError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+        layers: list[Layer] = []
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
+            layers.append(Dense(d_in, d_out))
+            if i < n_hidden:
+                layers.append(ACTIVATIONS[acts[i]]())
+        out_act = LOSSES[loss].output_activation
+        if out_act is not None:
+            layers.append(ACTIVATIONS[out_act]())
+        net = cls(layers, (sizes[0],), loss=loss, dtype=dtype, meta=meta)
+        net.init(init, rng)
+        return net
+
+    def init(self, scheme: str = "uniform", rng: np.random.Generator | int | None = 0) -> None:
+        """(Re)initialise every parameter in place: weights by ``scheme``, biases to 0."""
+        if scheme not in INITIALIZERS:
+            raise ShapeError(f"unknown init {scheme!r}; known: {', '.join(INITIALIZERS)}")
+        rng = np.random.default_rng(rng)
+        for layer in self.layers:
+            layer.init_params(scheme, rng)
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.size
+
+    @property
+    def n_classes(self) -> int:
+        return int(np.prod(self.output_shape))
+
+    # -- passes ------------------------------------------------------------------------
+
+    def check_input(self, X: Array) -> Array:
+        """X with shape (n, *input_shape) cast to the network's dtype (once, here)."""
+        X = np.asarray(X)
+        if X.ndim != len(self.input_shape) + 1 or X.shape[1:] != self.input_shape:
+            raise ShapeError(
+                f"input of shape {X.shape} does not fit this network, which expects "
+                f"(n, {', '.join(map(str, self.input_shape))})"
+            )
+        if not np.issubdtype(X.dtype, np.number):
+            raise ShapeError(f"input must be numeric, got dtype {X.dtype}")
+        return X.astype(self.dtype, copy=False)
+
+    def check_labels(self, y: Array, n: int) -> Array:
+        """Integer class ids of shape (n,) in [0, n_classes)."""
+        y = np.asarray(y)
+        if y.shape != (n,):
+            raise ShapeError(f"labels must have shape ({n},), got {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ShapeError(f"labels must be integer class ids, got dtype {y.dtype}")
+        if n and (y.min() < 0 or y.max() >= self.n_classes):
+            raise ShapeError(
+                f"labels must lie in [0, {self.n_classes}), got values from {y.min()} to {y.max()}"
+            )
+        return y
+
+    def forward(self, X: Array, training: bool = False) -> Array:
+        """Output (n, k) for input (n, *input_shape): logits for cross-entropy."""
+        A = X
+        for layer in self.layers:
+            A = layer.forward(A, training)
+        return A
+
+    def backward(self, G: Array) -> Array:
+        """Backpropagate G = dL/d(output); fills ``self.grads``; returns dL/dX."""
+        for layer in reversed(self.layers):
+            G = layer.backward(G)
+        return G
+
+    def loss_and_grad(self, X: Array, y: Array) -> float:
+        """One forward and backward pass over (X, y); returns the loss, fills ``grads``.
+
+        X and y are taken as they are (see :meth:`check_input`, :meth:`check_labels`
+        for validation at the boundary).
+        """
+        loss, G = self.loss(self.forward(X, training=True), y)
+        self.backward(G)
+        return loss
+
+    def loss_value(self, X: Array, y: Array, training: bool = False) -> float:
+        """The loss over (X, y) without a backward pass."""
+        return self.loss.value(self.forward(X, training=training), y)
+
+    def predict_proba(self, X: Array, batch_size: int = 8192) -> Array:
+        """Class probabilities (n, k), computed batch by batch to bound memory."""
+        X = self.check_input(X)
+        out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
+        for start in range(0, X.shape[0], batch_size):
+            stop = start + batch_size
+            out[start:stop] = self.loss.probabilities(self.forward(X[start:stop]))
+        return out
+
+    def predict(self, X: Array, batch_size: int = 8192) -> Array:
+        """Class ids (n,) of the most probable class."""
+        return self.predict_proba(X, batch_size).argmax(axis=1)
+
+    # -- description -------------------------------------------------------------------
+
+    def architecture(self) -> dict[str, Any]:
+        """JSON-able description from which :meth:`from_architecture` rebuilds the net."""
+        return {
+            "format": MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            "input_shape": list(self.input_shape),
+            "loss": self.loss_name,
+            "dtype": self.dtype.name,
+            "layers": [{"type": layer.kind, **layer.get_config()} for layer in self.layers],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_architecture(cls, arch: dict[str, Any]) -> Network:
+        """Rebuild an (uninitialised) network from :meth:`architecture`'s output."""
+        layers = []
+        for i, spec in enumerate(arch["layers"]):
+            spec = dict(spec)
+            kind = spec.pop("type")
+            if kind not in LAYERS:
+                raise ShapeError(f"layer {i} has unknown type {kind!r}; known: {', '.join(LAYERS)}")
+            layers.append(LAYERS[kind](**spec))
+        return cls(
+            layers,
+            arch["input_shape"],
+            loss=arch["loss"],
+            dtype=arch["dtype"],
+            meta=arch.get("meta") or {},
+        )
+
+    def summary(self) -> str:
+        """One line per layer with its output shape and parameter count, then the total."""
+        lines = []
+        shape = self.input_shape
+        for i, layer in enumerate(self.layers):
+            shape = layer.output_shape(shape)
+            n = sum(int(np.prod(s)) for s in layer.param_shapes().values())
+            lines.append(f"{i:>3}  {layer!r:<32} -> {shape!s:<14} {n:>10,d} params")
+        lines.append(f"     total {self.n_params:,d} parameters ({self.dtype.name})")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Network({self.layers!r}, input_shape={self.input_shape}, loss={self.loss_name!r})"
+
+
+# -- model files -----------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place,
+    so that no reader ever sees a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(net: Network, path: str | Path) -> None:
+    """Save as .npz: ``params`` (the flat vector) and ``architecture`` (JSON text)."""
+    buf = io.BytesIO()
+    np.savez(buf, params=net.params, architecture=np.array(json.dumps(net.architecture())))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load(path: str | Path) -> Network:
+    """Load a model saved by :func:`save`; refuse anything else with a clear message.
+
+    The file is read with ``allow_pickle=False``: a model file is data, and a pickled
+    object inside one could run code on load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    with path.open("rb") as f:
+        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a .npz is a zip archive
+            raise ModelFileError(f"{path}: not a readable .npz model file (not a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"params", "architecture"} - set(npz.files)
+            if missing:
+                raise ModelFileError(
+                    f"{path}: not a handprop model, missing {', '.join(sorted(missing))}"
+                )
+            params = npz["params"]
+            arch_text = npz["architecture"]
+    except ModelFileError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise ModelFileError(
+                f"{path}: contains pickled objects, which handprop refuses to load"
+            ) from None
+        raise ModelFileError(f"{path}: not a readable .npz model file ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ModelFileError(f"{path}: not a readable .npz model file ({exc})") from None
+
+    if arch_text.shape != () or arch_text.dtype.kind != "U":
+        raise ModelFileError(f"{path}: 'architecture' must be one JSON string")
+    try:
+        arch = json.loads(str(arch_text))
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: architecture is not valid JSON ({exc})") from None
+    if not isinstance(arch, dict) or arch.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path}: architecture does not describe a handprop model")
+    if arch.get("version") != MODEL_VERSION:
+        raise ModelFileError(
+            f"{path}: model format version {arch.get('version')!r} is not supported "
+            f"(this handprop reads version {MODEL_VERSION})"
+        )
+    try:
+        net = Network.from_architecture(arch)
+    except ShapeError as exc:
+        raise ModelFileError(f"{path}: bad architecture: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: bad architecture: {exc!r}") from None
+    if params.ndim != 1 or params.size != net.n_params:
+        raise ModelFileError(
+            f"{path}: the architecture needs {net.n_params} parameters, "
+            f"the file holds an array of shape {params.shape}"
+        )
+    if params.dtype != net.dtype:
+        raise ModelFileError(
+            f"{path}: parameters are {params.dtype}, the architecture says {net.dtype}"
+        )
+    net.params[...] = params
+    return net

@@ -1,0 +1,74 @@
+"""Every layer's backward pass against central differences, on its own."""
+
+import numpy as np
+import pytest
+
+from handprop.nn import ACTIVATIONS, Dense, Flatten, Sigmoid, gradcheck_layer
+
+
+@pytest.mark.parametrize("kind", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", [(6, 5), (3, 2, 4, 4)])
+def test_activation_backward_matches_central_differences(kind, shape, rng):
+    X = rng.normal(size=shape)
+    if kind == "relu":  # keep inputs away from the kink at 0
+        X = np.where(np.abs(X) < 0.05, 0.5, X)
+    errors = gradcheck_layer(ACTIVATIONS[kind](), X, rng)
+    assert errors["X"] < 1e-6, errors
+
+
+@pytest.mark.parametrize("d_in, d_out, n", [(5, 3, 7), (1, 1, 1), (12, 9, 4)])
+def test_dense_backward_matches_central_differences(d_in, d_out, n, rng):
+    errors = gradcheck_layer(Dense(d_in, d_out), rng.normal(size=(n, d_in)), rng)
+    assert set(errors) == {"X", "W", "b"}
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_flatten_round_trips_shape(rng):
+    X = rng.normal(size=(3, 2, 4, 5))
+    layer = Flatten()
+    assert layer.output_shape((2, 4, 5)) == (40,)
+    Y = layer.forward(X, training=True)
+    assert Y.shape == (3, 40)
+    assert layer.backward(Y).shape == X.shape
+    assert gradcheck_layer(layer, X, rng)["X"] < 1e-6
+
+
+def test_dense_worked_example():
+    # Z = X W + b with X = [[1, 2]], W = [[1, 0, -1], [2, 1, 0]], b = [0.5, 0, 0]
+    #   = [[1 + 4 + 0.5, 0 + 2, -1 + 0]] = [[5.5, 2, -1]]
+    layer = Dense(2, 3)
+    W = np.array([[1.0, 0, -1], [2, 1, 0]])
+    b = np.array([0.5, 0, 0])
+    dW, db = np.zeros_like(W), np.zeros_like(b)
+    layer.bind({"W": W, "b": b}, {"W": dW, "b": db})
+    X = np.array([[1.0, 2.0]])
+    np.testing.assert_array_equal(layer.forward(X, training=True), [[5.5, 2, -1]])
+    # G = [[1, 0, 1]]: dW = X^T G = [[1, 0, 1], [2, 0, 2]], db = [1, 0, 1],
+    # dX = G W^T = [[1 - 1, 2 + 0]] = [[0, 2]]
+    dX = layer.backward(np.array([[1.0, 0, 1]]))
+    np.testing.assert_array_equal(dW, [[1, 0, 1], [2, 0, 2]])
+    np.testing.assert_array_equal(db, [1, 0, 1])
+    np.testing.assert_array_equal(dX, [[0, 2]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_extreme_inputs_give_no_overflow_warning(dtype):
+    # pyproject turns RuntimeWarning into an error, so an overflow would fail here
+    Z = np.array([[-1e4, -1000, -50, 0, 50, 1000, 1e4]], dtype=dtype)
+    A = Sigmoid().forward(Z)
+    assert A.dtype == dtype
+    np.testing.assert_allclose(A[0, [0, 1, 3, 5, 6]], [0, 0, 0.5, 1, 1])
+    assert np.all((A >= 0) & (A <= 1))
+
+
+def test_sigmoid_matches_the_textbook_formula(rng):
+    Z = rng.normal(scale=5, size=(20, 3))
+    np.testing.assert_allclose(Sigmoid().forward(Z), 1 / (1 + np.exp(-Z)), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", sorted(ACTIVATIONS))
+def test_activations_keep_float32(kind, rng):
+    layer = ACTIVATIONS[kind]()
+    X = rng.normal(size=(4, 3)).astype(np.float32)
+    assert layer.forward(X, training=True).dtype == np.float32
+    assert layer.backward(np.ones_like(X)).dtype == np.float32

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from handprop.nn import (
+    MeanSquaredError,
+    SoftmaxCrossEntropy,
+    numeric_gradient,
+    relative_error,
+    softmax,
+)
+
+LOSS_CLASSES = [SoftmaxCrossEntropy, MeanSquaredError]
+
+
+@pytest.mark.parametrize("cls", LOSS_CLASSES)
+def test_loss_gradient_matches_central_differences(cls, rng):
+    out = rng.normal(size=(6, 4))
+    if cls is MeanSquaredError:
+        out = 1 / (1 + np.exp(-out))  # sigmoid outputs
+    y = rng.integers(0, 4, size=6)
+    loss = cls()
+    _, G = loss(out, y)
+    numeric = numeric_gradient(lambda: loss.value(out, y), out)
+    assert relative_error(G, numeric) < 1e-6
+
+
+def test_softmax_is_stable_for_huge_logits():
+    Z = np.array([[1000.0, -1000.0, 0.0], [-1000.0, -1000.0, -1000.0]])
+    P = softmax(Z)
+    np.testing.assert_allclose(P, [[1, 0, 0], [1 / 3, 1 / 3, 1 / 3]])
+    loss, G = SoftmaxCrossEntropy()(Z, np.array([0, 2]))
+    # row 0: -log 1 = 0; row 1: -log(1/3) = log 3; mean = log(3) / 2
+    assert loss == pytest.approx(np.log(3) / 2)
+    assert np.all(np.isfinite(G))
+    # the wrong class with a gap of 2000 gives a finite loss of about 2000
+    loss, _ = SoftmaxCrossEntropy()(Z[:1], np.array([1]))
+    assert loss == pytest.approx(2000)
+
+
+def test_cross_entropy_gradient_is_p_minus_y_over_n():
+    Z = np.array([[0.0, 0.0], [np.log(3), 0.0]])
+    y = np.array([0, 1])
+    loss, G = SoftmaxCrossEntropy()(Z, y)
+    # P = [[1/2, 1/2], [3/4, 1/4]]; Y = [[1, 0], [0, 1]]; n = 2
+    np.testing.assert_allclose(G, [[-0.25, 0.25], [0.375, -0.375]])
+    assert loss == pytest.approx((np.log(2) + np.log(4)) / 2)
+
+
+def test_mse_value_and_gradient():
+    A = np.array([[0.5, 0.25]])
+    loss, G = MeanSquaredError()(A, np.array([1]))
+    # (A - Y) = [0.5, -0.75]; L = (0.25 + 0.5625) / 2 = 0.40625
+    assert loss == pytest.approx(0.40625)
+    np.testing.assert_allclose(G, [[0.5, -0.75]])
+
+
+@pytest.mark.parametrize("cls", LOSS_CLASSES)
+def test_losses_keep_float32(cls, rng):
+    out = rng.uniform(size=(5, 3)).astype(np.float32)
+    loss, G = cls()(out, rng.integers(0, 3, size=5))
+    assert G.dtype == np.float32
+    assert isinstance(loss, float)
+    assert cls().probabilities(out).dtype == np.float32

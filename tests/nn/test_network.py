@@ -1,0 +1,187 @@
+import numpy as np
+import pytest
+
+from handprop.errors import ShapeError
+from handprop.nn import GD, INITIALIZERS, Dense, Network, ReLU, gradcheck
+
+
+def relu_margin(net, X):
+    """Smallest |Z| entering a ReLU: finite differences must not step across the kink."""
+    margin, A = np.inf, X
+    for layer in net.layers:
+        if isinstance(layer, ReLU):
+            margin = min(margin, np.abs(A).min())
+        A = layer.forward(A)
+    return margin
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
+@pytest.mark.parametrize("spec", ["5-4-3", "5-4-4-3", "5-6-4-5-3"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_backward_matches_central_differences(activation, spec, loss, rng):
+    net = Network.from_spec(
+        spec, activation=activation, loss=loss, init="glorot_normal", dtype=np.float64, rng=rng
+    )
+    net.params += rng.normal(0, 0.1, size=net.n_params)  # nonzero biases
+    X, y = rng.normal(size=(7, 5)), rng.integers(0, 3, size=7)
+    while relu_margin(net, X) < 0.02:
+        X = rng.normal(size=(7, 5))
+    assert gradcheck(net, X, y) < 1e-6
+
+
+def test_gradcheck_samples_coordinates_of_a_big_net(rng):
+    net = Network.from_spec("784-100-10", dtype=np.float64, init="glorot_uniform", rng=rng)
+    X, y = rng.uniform(size=(4, 784)), rng.integers(0, 10, size=4)
+    assert gradcheck(net, X, y, n_coords=200, rng=rng) < 1e-6
+
+
+def test_gradcheck_catches_a_wrong_backward(rng):
+    net = Network.from_spec("4-3-2", dtype=np.float64, init="glorot_normal", rng=rng)
+    dense = net.layers[0]
+    original = dense.backward
+
+    def wrong_backward(G):
+        dX = original(G)
+        dense.db *= 2  # a deliberately wrong bias gradient
+        return dX
+
+    dense.backward = wrong_backward
+    assert gradcheck(net, rng.normal(size=(5, 4)), rng.integers(0, 2, size=5)) > 0.1
+
+
+def test_params_are_one_flat_vector_and_layers_hold_views(rng):
+    net = Network.from_spec("6-5-4-3", rng=rng)
+    dense = [layer for layer in net.layers if isinstance(layer, Dense)]
+    assert net.n_params == 6 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3
+    assert net.params.shape == net.grads.shape == (net.n_params,)
+    for layer in dense:
+        for name in ("W", "b"):
+            assert np.shares_memory(getattr(layer, name), net.params)
+            assert np.shares_memory(getattr(layer, "d" + name), net.grads)
+    # writing the flat vector changes the layers' W and b
+    net.params[:] = np.arange(net.n_params)
+    assert dense[0].W[0, 0] == 0 and dense[0].W[0, 1] == 1 and dense[0].W[1, 0] == 5
+    assert dense[0].b[0] == 30
+    assert dense[1].W[0, 0] == 35
+    assert dense[2].b[-1] == net.n_params - 1
+    # and the gradient vector has the same layout: backward writes dW where W lives
+    net.loss_and_grad(rng.normal(size=(3, 6)), np.array([0, 1, 2]))
+    slot = net.layout.slots[2]  # layer 2's W
+    assert (slot.layer, slot.name, slot.offset) == (2, "W", 35)
+    np.testing.assert_array_equal(net.grads[35 : 35 + 20].reshape(5, 4), dense[1].dW)
+
+
+def test_weight_mask_excludes_biases(rng):
+    net = Network.from_spec("3-2-2", rng=rng)
+    mask = net.layout.mask(("W",))
+    assert mask.sum() == 3 * 2 + 2 * 2
+    assert not mask[6:8].any()  # first bias
+
+
+def test_one_training_step_in_float32_keeps_every_array_float32(rng):
+    net = Network.from_spec("8-6-4", activation="sigmoid", dtype=np.float32, rng=rng)
+    X = rng.uniform(size=(10, 8))  # float64 in: cast once at the boundary
+    y = rng.integers(0, 4, size=10)
+    Xc = net.check_input(X)
+    assert Xc.dtype == np.float32
+    out = net.forward(Xc, training=True)
+    assert out.dtype == np.float32
+    _, G = net.loss(out, y)
+    assert G.dtype == np.float32
+    assert net.backward(G).dtype == np.float32
+    GD(0.5).step(net.params, net.grads)
+    assert net.params.dtype == np.float32 and net.grads.dtype == np.float32
+    for layer in net.layers:
+        for value in vars(layer).values():
+            if isinstance(value, np.ndarray) and value.dtype != bool:
+                assert value.dtype == np.float32, layer
+    assert net.predict_proba(X).dtype == np.float32
+
+
+def train(net, X, y, lr, epochs):
+    opt = GD(lr)
+    X = net.check_input(X)
+    for _ in range(epochs):
+        net.loss_and_grad(X, y)
+        opt.step(net.params, net.grads)
+
+
+def test_learns_xor_from_a_fixed_seed():
+    X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
+    y = np.array([0, 1, 1, 0])
+    net = Network.from_spec("2-8-2", activation="tanh", init="glorot_uniform", rng=1)
+    train(net, X, y, lr=1.0, epochs=500)
+    np.testing.assert_array_equal(net.predict(X), y)
+    assert net.loss_value(net.check_input(X), y) < 0.05
+
+
+def test_784_100_10_fits_a_separable_synthetic_problem(rng):
+    # 10 well-separated class prototypes in [0, 1]^784 plus noise
+    n, k = 300, 10
+    prototypes = rng.uniform(size=(k, 784)) > 0.7
+    y = rng.integers(0, k, size=n)
+    X = np.clip(prototypes[y] + rng.normal(0, 0.2, size=(n, 784)), 0, 1)
+    net = Network.from_spec("784-100-10", activation="sigmoid", rng=0)
+    train(net, X, y, lr=2.5, epochs=100)
+    assert (net.predict(X) == y).mean() == 1.0
+
+
+def test_predict_proba_rows_sum_to_one(rng):
+    for loss in ("cross_entropy", "mse"):
+        net = Network.from_spec("4-3-5", loss=loss, rng=rng)
+        P = net.predict_proba(rng.normal(size=(9, 4)), batch_size=4)
+        assert P.shape == (9, 5)
+        np.testing.assert_allclose(P.sum(axis=1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", sorted(INITIALIZERS))
+def test_init_is_seeded_and_biases_start_at_zero(scheme):
+    a = Network.from_spec("20-10-3", init=scheme, rng=7)
+    b = Network.from_spec("20-10-3", init=scheme, rng=7)
+    c = Network.from_spec("20-10-3", init=scheme, rng=8)
+    np.testing.assert_array_equal(a.params, b.params)
+    assert not np.array_equal(a.params, c.params)
+    assert not a.layers[0].b.any()
+    assert a.layers[0].W.std() > 0
+
+
+def test_init_scales():
+    rng = np.random.default_rng(0)
+    net = Network.from_spec("400-300-10", init="he_normal", dtype=np.float64, rng=rng)
+    assert net.layers[0].W.std() == pytest.approx(np.sqrt(2 / 400), rel=0.02)
+    net.init("glorot_uniform", rng)
+    a = np.sqrt(6 / 700)
+    assert np.abs(net.layers[0].W).max() <= a
+    assert net.layers[0].W.std() == pytest.approx(a / np.sqrt(3), rel=0.02)
+    net.init("uniform", rng)
+    assert np.abs(net.params).max() <= 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"spec": "784"}, "input and an output"),
+        ({"spec": "784-x-10"}, "sizes joined by '-'"),
+        ({"spec": "784-0-10"}, ">= 1"),
+        ({"spec": "4-3-2", "activation": "softplus"}, "unknown activation 'softplus'"),
+        ({"spec": "4-3-3-2", "activation": ["relu"]}, "1 activations for 2 hidden"),
+        ({"spec": "4-3-2", "loss": "hinge"}, "unknown loss 'hinge'"),
+        ({"spec": "4-3-2", "init": "zeros"}, "unknown init 'zeros'"),
+        ({"spec": "4-3-2", "dtype": "float16"}, "float32 or float64"),
+    ],
+)
+def test_bad_construction_is_refused(kwargs, message):
+    with pytest.raises(ShapeError, match=message):
+        Network.from_spec(**kwargs)
+
+
+def test_bad_input_is_refused(rng):
+    net = Network.from_spec("4-3-2", rng=rng)
+    with pytest.raises(ShapeError, match=r"expects \(n, 4\)"):
+        net.predict(rng.normal(size=(2, 5)))
+    with pytest.raises(ShapeError, match="labels must lie in"):
+        net.check_labels(np.array([0, 2]), 2)
+    with pytest.raises(ShapeError, match="integer class ids"):
+        net.check_labels(np.array([0.0, 1.0]), 2)
+    with pytest.raises(ShapeError, match="expects inputs of shape"):
+        Network([Dense(3, 2)], input_shape=(4,))
