@@ -22,4 +22,6 @@ def test_nn_imports_only_numpy_and_stdlib():
     ).stdout.splitlines()
     assert out[0] == "[]", f"handprop.nn pulled in: {out[0]}"
     loaded = eval(out[1])
-    assert all(m.startswith(("handprop.nn", "handprop.errors")) for m in loaded), loaded
+    assert all(
+        m.startswith(("handprop.nn", "handprop.errors", "handprop.atomic")) for m in loaded
+    ), loaded

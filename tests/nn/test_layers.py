@@ -72,3 +72,25 @@ def test_activations_keep_float32(kind, rng):
     X = rng.normal(size=(4, 3)).astype(np.float32)
     assert layer.forward(X, training=True).dtype == np.float32
     assert layer.backward(np.ones_like(X)).dtype == np.float32
+
+
+def test_dropout_backward_with_a_fixed_mask_matches_central_differences(rng):
+    from handprop.nn import Dropout
+
+    layer = Dropout(0.4)
+    X = rng.normal(size=(6, 5))
+    layer.fixed_mask = rng.uniform(size=X.shape) >= 0.4
+    assert gradcheck_layer(layer, X, rng)["X"] < 1e-6
+
+
+def test_dropout_is_inverted_and_off_at_inference(rng):
+    from handprop.nn import Dropout
+
+    layer = Dropout(0.5)
+    layer.rng = np.random.default_rng(0)
+    X = np.ones((400, 50), dtype=np.float32)
+    A = layer.forward(X, training=True)
+    assert A.dtype == np.float32
+    assert set(np.unique(A)) == {0.0, 2.0}  # kept units scaled by 1 / (1 - p)
+    assert A.mean() == pytest.approx(1.0, abs=0.02)  # the expectation is unchanged
+    np.testing.assert_array_equal(layer.forward(X, training=False), X)

@@ -185,3 +185,14 @@ def test_bad_input_is_refused(rng):
         net.check_labels(np.array([0.0, 1.0]), 2)
     with pytest.raises(ShapeError, match="expects inputs of shape"):
         Network([Dense(3, 2)], input_shape=(4,))
+
+
+def test_network_with_dropout_passes_gradcheck_with_fixed_masks(rng):
+    from handprop.nn import Dropout
+
+    net = Network.from_spec("5-6-4-3", activation="tanh", dropout=0.3, dtype=np.float64, rng=rng)
+    drops = [layer for layer in net.layers if isinstance(layer, Dropout)]
+    assert len(drops) == 2
+    drops[0].fixed_mask = rng.uniform(size=(7, 6)) >= 0.3
+    drops[1].fixed_mask = rng.uniform(size=(7, 4)) >= 0.3
+    assert gradcheck(net, rng.normal(size=(7, 5)), rng.integers(0, 3, size=7)) < 1e-6

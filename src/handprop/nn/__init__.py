@@ -6,11 +6,12 @@ NumPy and the standard library only (a test proves it).
 from handprop.nn.activations import ACTIVATIONS, Identity, ReLU, Sigmoid, Tanh
 from handprop.nn.gradcheck import gradcheck, gradcheck_layer, numeric_gradient, relative_error
 from handprop.nn.init import INITIALIZERS
-from handprop.nn.layers import Dense, Flatten, Layer
+from handprop.nn.layers import Dense, Dropout, Flatten, Layer
 from handprop.nn.losses import LOSSES, Loss, MeanSquaredError, SoftmaxCrossEntropy, softmax
 from handprop.nn.network import LAYERS, Network, load, save
-from handprop.nn.optim import GD, OPTIMIZERS, Optimizer
+from handprop.nn.optim import GD, OPTIMIZERS, SGD, Adam, Momentum, Nesterov, Optimizer, RMSprop
 from handprop.nn.params import ParamLayout, ParamSlot
+from handprop.nn.schedules import SCHEDULES, Schedule
 
 __all__ = [
     "ACTIVATIONS",
@@ -19,17 +20,25 @@ __all__ = [
     "LAYERS",
     "LOSSES",
     "OPTIMIZERS",
+    "SCHEDULES",
+    "SGD",
+    "Adam",
     "Dense",
+    "Dropout",
     "Flatten",
     "Identity",
     "Layer",
     "Loss",
     "MeanSquaredError",
+    "Momentum",
+    "Nesterov",
     "Network",
     "Optimizer",
     "ParamLayout",
     "ParamSlot",
+    "RMSprop",
     "ReLU",
+    "Schedule",
     "Sigmoid",
     "SoftmaxCrossEntropy",
     "Tanh",

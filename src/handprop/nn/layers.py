@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from handprop.errors import ConfigError
+
 Array = np.ndarray
 
 
@@ -109,3 +111,43 @@ class Flatten(Layer):
     def backward(self, G: Array) -> Array:
         """dX = G reshaped to the input's shape."""
         return G.reshape(self._shape)
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, A = X * M / (1 - p) with M_ij ~ Bernoulli(1 - p);
+    at inference, A = X. dA/dX = M / (1 - p).
+
+    Scaling by 1/(1 - p) while training keeps the expected activation unchanged, so
+    inference needs no rescaling. The mask is drawn from ``self.rng``, which the
+    training loop sets (seeded per epoch, so a resumed run draws the same masks);
+    ``fixed_mask`` pins one mask, for gradient checks.
+    """
+
+    kind = "dropout"
+
+    def __init__(self, p: float = 0.5) -> None:
+        p = float(p)
+        if not 0 <= p < 1:
+            raise ConfigError(f"dropout probability must be in [0, 1), got {p!r}")
+        self.p = p
+        self.rng: np.random.Generator = np.random.default_rng(0)
+        self.fixed_mask: Array | None = None
+
+    def forward(self, X: Array, training: bool = False) -> Array:
+        if not training or self.p == 0:
+            self._M = None
+            return X
+        if self.fixed_mask is not None:
+            M = self.fixed_mask.astype(X.dtype)
+        else:
+            M = (self.rng.random(X.shape, dtype=np.float32) >= self.p).astype(X.dtype)
+        M *= X.dtype.type(1.0 / (1.0 - self.p))
+        self._M = M
+        return X * M
+
+    def backward(self, G: Array) -> Array:
+        """dX = G * M / (1 - p)."""
+        return G if self._M is None else G * self._M
+
+    def get_config(self) -> dict[str, Any]:
+        return {"p": self.p}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,15 +12,21 @@ from typing import Any
 
 import numpy as np
 
+from handprop.atomic import atomic_write_bytes
 from handprop.errors import ModelFileError, ShapeError
 from handprop.nn.activations import ACTIVATIONS
 from handprop.nn.init import INITIALIZERS
-from handprop.nn.layers import Array, Dense, Flatten, Layer
+from handprop.nn.layers import Array, Dense, Dropout, Flatten, Layer
 from handprop.nn.losses import LOSSES, Loss
 from handprop.nn.params import ParamLayout
 
 #: layer kind -> class; model files resolve through it (never through getattr)
-LAYERS: dict[str, type[Layer]] = {"dense": Dense, "flatten": Flatten, **ACTIVATIONS}
+LAYERS: dict[str, type[Layer]] = {
+    "dense": Dense,
+    "flatten": Flatten,
+    "dropout": Dropout,
+    **ACTIVATIONS,
+}
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -121,10 +125,12 @@ class Network:
         dtype: Any = np.float32,
         rng: np.random.Generator | int | None = 0,
         meta: dict[str, Any] | None = None,
+        dropout: float | Sequence[float] = 0.0,
     ) -> Network:
         """Build a fully-connected network from "784-100-10".
 
-        ``activation`` is one name for every hidden layer or one per hidden layer. The
+        ``activation`` is one name for every hidden layer or one per hidden layer, and
+        so is ``dropout`` (a probability; 0 puts no dropout layer). The
         output layer is linear for cross-entropy (softmax lives in the loss) and gets
         the loss's own output activation otherwise (sigmoid for mse).
         """
@@ -134,6 +140,11 @@ class Network:
         if len(acts) != n_hidden:
             raise ShapeError(
                 f"got {len(acts)} activations for {n_hidden} hidden layers in {spec!r}"
+            )
+        drops = [dropout] * n_hidden if np.isscalar(dropout) else list(dropout)
+        if len(drops) != n_hidden:
+            raise ShapeError(
+                f"got {len(drops)} dropout probabilities for {n_hidden} hidden layers in {spec!r}"
             )
         for name in acts:
             if name not in ACTIVATIONS:
@@ -145,6 +156,8 @@ class Network:
             layers.append(Dense(d_in, d_out))
             if i < n_hidden:
                 layers.append(ACTIVATIONS[acts[i]]())
+                if drops[i] > 0:
+                    layers.append(Dropout(drops[i]))
         out_act = LOSSES[loss].output_activation
         if out_act is not None:
             layers.append(ACTIVATIONS[out_act]())
@@ -159,6 +172,12 @@ class Network:
         rng = np.random.default_rng(rng)
         for layer in self.layers:
             layer.init_params(scheme, rng)
+
+    def set_rng(self, rng: np.random.Generator) -> None:
+        """The generator the random layers (dropout) draw their masks from."""
+        for layer in self.layers:
+            if isinstance(layer, Dropout):
+                layer.rng = rng
 
     @property
     def n_params(self) -> int:
@@ -283,20 +302,6 @@ class Network:
 
 
 # -- model files -----------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place,
-    so that no reader ever sees a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(net: Network, path: str | Path) -> None:

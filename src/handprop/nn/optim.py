@@ -1,7 +1,13 @@
 """Optimizers over the flat parameter vector: ``step(params, grads)`` updates in place.
 
-An optimizer sees two flat vectors of the same layout and nothing else; its state is
-flat vectors of that layout too, allocated once, so a checkpoint is a few flat arrays.
+An optimizer sees two flat vectors of the same layout and nothing else; its state
+(velocity, moments) is flat vectors of that layout too, allocated once on the first
+step, so a checkpoint is a few flat arrays and no step allocates. Every update is
+written with ``out=`` and in-place operators; hyperparameters are cast to the vector's
+dtype once, so float32 stays float32.
+
+L2 weight decay adds ``weight_decay * W`` to the gradient of the weights (the gradient
+of ``weight_decay / 2 * ||W||^2``), not of the biases: ``decay_mask`` marks the weights.
 """
 
 from __future__ import annotations
@@ -14,42 +20,192 @@ from handprop.errors import ConfigError
 from handprop.nn.layers import Array
 
 
-class Optimizer:
-    kind: str = ""
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
 
-    def __init__(self, lr: float) -> None:
-        if not np.isfinite(lr) or lr <= 0:
-            raise ConfigError(f"learning rate must be a finite number > 0, got {lr!r}")
-        self.lr = float(lr)
+
+def _unit(name: str, value: float) -> float:
+    value = float(value)
+    if not 0 <= value < 1:
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+class Optimizer:
+    """Base: learning rate, step count, weight decay, and flat state vectors."""
+
+    kind: str = ""
+    #: names of the flat state vectors, allocated like ``params`` on the first step
+    state_names: tuple[str, ...] = ()
+
+    def __init__(
+        self, lr: float, weight_decay: float = 0.0, decay_mask: Array | None = None
+    ) -> None:
+        self.lr = _positive("learning rate", lr)
+        self.weight_decay = float(weight_decay)
+        if not np.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0, got {weight_decay!r}")
+        self.decay_mask = decay_mask
         self.t = 0  # steps taken
+        self.state: dict[str, Array] = {}
+        self._decay: Array | None = None  # weight_decay where decayed, else 0
+        self._buf: Array | None = None  # the gradient with weight decay
+        self._tmp: Array | None = None  # a second work vector, for Adam and RMSprop
+
+    def _prepare(self, params: Array) -> None:
+        if self._buf is not None:
+            return
+        self._buf = np.empty_like(params)
+        self._tmp = np.empty_like(params)
+        for name in self.state_names:
+            self.state.setdefault(name, np.zeros_like(params))
+        if self.weight_decay:
+            mask = np.ones(params.shape, bool) if self.decay_mask is None else self.decay_mask
+            self._decay = (mask * self.weight_decay).astype(params.dtype)
+
+    def gradient(self, params: Array, grads: Array) -> Array:
+        """grads plus the weight-decay term, in the work buffer (grads is not touched)."""
+        g = self._buf
+        if self._decay is not None:
+            np.multiply(params, self._decay, out=g)
+            g += grads
+        else:
+            g[...] = grads
+        return g
 
     def step(self, params: Array, grads: Array) -> None:
+        self._prepare(params)
+        self.t += 1
+        self._update(params, self.gradient(params, grads), params.dtype.type)
+
+    def _update(self, params: Array, g: Array, f: type) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """Flat arrays and scalars that, restored, make the next step identical."""
-        return {"t": np.array(self.t)}
+        return {"t": np.array(self.t), **self.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.t = int(state["t"])
+        for name in self.state_names:
+            if name in state:
+                self.state[name] = np.array(state[name])
 
 
 class GD(Optimizer):
-    """Plain gradient descent: params <- params - lr * grads."""
+    """Gradient descent, full-batch or on mini-batches (then called SGD):
+    p <- p - lr g."""
 
     kind = "gd"
 
-    def __init__(self, lr: float) -> None:
-        super().__init__(lr)
-        self._buf: Array | None = None
-
-    def step(self, params: Array, grads: Array) -> None:
-        if self._buf is None or self._buf.shape != grads.shape or self._buf.dtype != grads.dtype:
-            self._buf = np.empty_like(grads)
-        # lr cast to the vector's dtype once, so float32 stays float32
-        np.multiply(grads, params.dtype.type(self.lr), out=self._buf)
-        params -= self._buf
-        self.t += 1
+    def _update(self, params: Array, g: Array, f: type) -> None:
+        g *= f(self.lr)
+        params -= g
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"gd": GD}
+class SGD(GD):
+    kind = "sgd"
+
+
+class Momentum(Optimizer):
+    """Heavy-ball momentum: v <- mu v + g;  p <- p - lr v."""
+
+    kind = "momentum"
+    state_names = ("velocity",)
+
+    def __init__(self, lr: float, momentum: float = 0.9, **kw: Any) -> None:
+        super().__init__(lr, **kw)
+        self.momentum = _unit("momentum", momentum)
+
+    def _update(self, params: Array, g: Array, f: type) -> None:
+        v = self.state["velocity"]
+        v *= f(self.momentum)
+        v += g
+        np.multiply(v, f(self.lr), out=g)
+        params -= g
+
+
+class Nesterov(Momentum):
+    """Nesterov momentum (as in Sutskever et al. 2013, in the form that needs no
+    look-ahead evaluation):  v <- mu v + g;  p <- p - lr (g + mu v)."""
+
+    kind = "nesterov"
+
+    def _update(self, params: Array, g: Array, f: type) -> None:
+        v = self.state["velocity"]
+        v *= f(self.momentum)
+        v += g
+        g *= f(self.lr)  # lr g
+        params -= g
+        np.multiply(v, f(self.lr * self.momentum), out=g)  # lr mu v
+        params -= g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015), bias-corrected:
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    p <- p - lr_t m / (sqrt(v) + eps_t),  lr_t = lr sqrt(1 - b2^t) / (1 - b1^t),
+    eps_t = eps sqrt(1 - b2^t), which is p - lr m_hat / (sqrt(v_hat) + eps) exactly.
+    """
+
+    kind = "adam"
+    state_names = ("m", "v")
+
+    def __init__(
+        self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, **kw: Any
+    ) -> None:
+        super().__init__(lr, **kw)
+        self.beta1 = _unit("beta1", beta1)
+        self.beta2 = _unit("beta2", beta2)
+        self.eps = _positive("eps", eps)
+
+    def _update(self, params: Array, g: Array, f: type) -> None:
+        m, v, tmp = self.state["m"], self.state["v"], self._tmp
+        b1, b2, t = self.beta1, self.beta2, self.t
+        np.multiply(g, f(1 - b1), out=tmp)
+        m *= f(b1)
+        m += tmp  # m = b1 m + (1 - b1) g
+        np.multiply(g, g, out=tmp)
+        tmp *= f(1 - b2)
+        v *= f(b2)
+        v += tmp  # v = b2 v + (1 - b2) g^2
+        c2 = np.sqrt(1 - b2**t)
+        np.sqrt(v, out=tmp)
+        tmp += f(self.eps * c2)
+        np.divide(m, tmp, out=tmp)
+        tmp *= f(self.lr * c2 / (1 - b1**t))
+        params -= tmp
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Tieleman & Hinton 2012): s <- rho s + (1 - rho) g^2;
+    p <- p - lr g / (sqrt(s) + eps)."""
+
+    kind = "rmsprop"
+    state_names = ("s",)
+
+    def __init__(self, lr: float, rho: float = 0.9, eps: float = 1e-8, **kw: Any) -> None:
+        super().__init__(lr, **kw)
+        self.rho = _unit("rho", rho)
+        self.eps = _positive("eps", eps)
+
+    def _update(self, params: Array, g: Array, f: type) -> None:
+        s, tmp = self.state["s"], self._tmp
+        np.multiply(g, g, out=tmp)
+        tmp *= f(1 - self.rho)
+        s *= f(self.rho)
+        s += tmp  # s = rho s + (1 - rho) g^2
+        np.sqrt(s, out=tmp)
+        tmp += f(self.eps)
+        g /= tmp
+        g *= f(self.lr)
+        params -= g
+
+
+#: optimizer name -> class; config strings resolve through it
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    cls.kind: cls for cls in (GD, SGD, Momentum, Nesterov, Adam, RMSprop)
+}

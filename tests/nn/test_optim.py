@@ -1,0 +1,142 @@
+"""Optimizers: first steps against the formulas computed by hand; convergence on a toy."""
+
+import numpy as np
+import pytest
+
+from handprop.errors import ConfigError
+from handprop.nn import OPTIMIZERS, SGD, Adam, Momentum, Nesterov, Network, RMSprop, Schedule
+
+P0 = np.array([1.0, -2.0, 0.5])
+G1 = np.array([0.5, 0.25, -1.0])
+G2 = np.array([-0.5, 0.5, 2.0])
+
+
+def two_steps(opt):
+    p = P0.copy()
+    opt.step(p, G1.copy())
+    first = p.copy()
+    opt.step(p, G2.copy())
+    return first, p
+
+
+def test_sgd():
+    first, second = two_steps(SGD(0.1))
+    np.testing.assert_allclose(first, [0.95, -2.025, 0.6])
+    np.testing.assert_allclose(second, [1.0, -2.075, 0.4])
+
+
+def test_momentum_by_hand():
+    # v1 = g1 = [.5, .25, -1];            p1 = p0 - .1 v1 = [.95, -2.025, .6]
+    # v2 = .9 v1 + g2 = [-.05, .725, 1.1]; p2 = p1 - .1 v2 = [.955, -2.0975, .49]
+    first, second = two_steps(Momentum(0.1, momentum=0.9))
+    np.testing.assert_allclose(first, [0.95, -2.025, 0.6])
+    np.testing.assert_allclose(second, [0.955, -2.0975, 0.49])
+
+
+def test_nesterov_by_hand():
+    # v1 = g1;  p1 = p0 - .1 (g1 + .9 v1) = p0 - .19 g1 = [.905, -2.0475, .69]
+    # v2 = [-.05, .725, 1.1];  p2 = p1 - .1 (g2 + .9 v2) = p1 - .1 [-.545, 1.1525, 2.99]
+    first, second = two_steps(Nesterov(0.1, momentum=0.9))
+    np.testing.assert_allclose(first, [0.905, -2.0475, 0.69])
+    np.testing.assert_allclose(second, [0.9595, -2.16275, 0.391])
+
+
+def test_adam_by_hand():
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    first, second = two_steps(Adam(lr, beta1=b1, beta2=b2, eps=eps))
+    # step 1: m_hat = g1, v_hat = g1^2, so p1 = p0 - lr * g1 / (|g1| + eps) ~ p0 - lr sign(g1)
+    np.testing.assert_allclose(first, P0 - lr * G1 / (np.abs(G1) + eps), rtol=1e-12)
+    m = (1 - b1) * (b1 * G1 + G2)
+    v = (1 - b2) * (b2 * G1**2 + G2**2)
+    m_hat, v_hat = m / (1 - b1**2), v / (1 - b2**2)
+    np.testing.assert_allclose(second, first - lr * m_hat / (np.sqrt(v_hat) + eps), rtol=1e-12)
+
+
+def test_rmsprop_by_hand():
+    lr, rho, eps = 0.01, 0.9, 1e-8
+    first, second = two_steps(RMSprop(lr, rho=rho, eps=eps))
+    s1 = (1 - rho) * G1**2
+    np.testing.assert_allclose(first, P0 - lr * G1 / (np.sqrt(s1) + eps), rtol=1e-12)
+    s2 = rho * s1 + (1 - rho) * G2**2
+    np.testing.assert_allclose(second, first - lr * G2 / (np.sqrt(s2) + eps), rtol=1e-12)
+
+
+def test_weight_decay_applies_to_weights_only():
+    mask = np.array([True, True, False])  # the last entry is a bias
+    p = P0.copy()
+    SGD(0.1, weight_decay=0.5, decay_mask=mask).step(p, G1.copy())
+    # g + 0.5 p on the weights: [.5 + .5, .25 - 1, -1 + 0]
+    np.testing.assert_allclose(p, P0 - 0.1 * np.array([1.0, -0.75, -1.0]))
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_state_round_trips_and_steps_never_touch_grads(kind):
+    a, b = OPTIMIZERS[kind](0.05), OPTIMIZERS[kind](0.05)
+    pa, pb = P0.copy(), P0.copy()
+    g = G1.copy()
+    a.step(pa, g)
+    np.testing.assert_array_equal(g, G1)  # the gradient vector is left as it was
+    b.step(pb, G1.copy())
+    b.load_state_dict({k: np.array(v, copy=True) for k, v in a.state_dict().items()})
+    a.step(pa, G2.copy())
+    b.step(pb, G2.copy())
+    np.testing.assert_array_equal(pa, pb)
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_float32_stays_float32(kind):
+    p = P0.astype(np.float32)
+    opt = OPTIMIZERS[kind](0.05)
+    opt.step(p, G1.astype(np.float32))
+    assert p.dtype == np.float32
+    assert all(v.dtype == np.float32 for v in opt.state.values())
+
+
+@pytest.mark.parametrize(
+    "kind, lr",
+    [("sgd", 0.5), ("momentum", 0.1), ("nesterov", 0.1), ("adam", 0.05), ("rmsprop", 0.02)],
+)
+def test_converges_on_a_toy_problem(kind, lr, rng):
+    X = rng.normal(size=(60, 2))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    net = Network.from_spec("2-8-2", activation="tanh", init="glorot_uniform", rng=1)
+    opt = OPTIMIZERS[kind](lr)
+    X = net.check_input(X)
+    for _ in range(300):
+        net.loss_and_grad(X, y)
+        opt.step(net.params, net.grads)
+    assert (net.predict(X) == y).mean() >= 0.95
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": 0}, "learning rate must be"),
+        ({"lr": float("nan")}, "learning rate must be"),
+        ({"lr": 0.1, "weight_decay": -1}, "weight decay"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SGD(**kwargs)
+    with pytest.raises(ConfigError, match="beta1"):
+        Adam(0.1, beta1=1.0)
+
+
+def test_schedules():
+    assert [Schedule("constant", 5).factor(e) for e in (1, 5)] == [1, 1]
+    step = Schedule("step", 30, gamma=0.5, step_size=10)
+    assert [step.factor(e) for e in (1, 10, 11, 21, 30)] == [1, 1, 0.5, 0.25, 0.25]
+    expo = Schedule("exponential", 10, gamma=0.9)
+    assert expo.factor(3) == pytest.approx(0.81)
+    cos = Schedule("cosine", 11)
+    assert cos.factor(1) == 1 and cos.factor(6) == pytest.approx(0.5) and cos.factor(11) == 0
+    warm = Schedule("cosine", 13, warmup=2)
+    assert [warm.factor(1), warm.factor(2), warm.factor(3)] == [
+        pytest.approx(1 / 3),
+        pytest.approx(2 / 3),
+        1,
+    ]
+    assert warm.factor(13) == pytest.approx(0)
+    with pytest.raises(ConfigError, match="unknown schedule 'linear'"):
+        Schedule("linear", 10)
