@@ -40,8 +40,8 @@ def test_gradcheck_catches_a_wrong_backward(rng):
     dense = net.layers[0]
     original = dense.backward
 
-    def wrong_backward(G):
-        dX = original(G)
+    def wrong_backward(G, need_input_grad=True):
+        dX = original(G, need_input_grad)
         dense.db *= 2  # a deliberately wrong bias gradient
         return dX
 
@@ -88,7 +88,7 @@ def test_one_training_step_in_float32_keeps_every_array_float32(rng):
     assert out.dtype == np.float32
     _, G = net.loss(out, y)
     assert G.dtype == np.float32
-    assert net.backward(G).dtype == np.float32
+    assert net.backward(G, input_grad=True).dtype == np.float32
     GD(0.5).step(net.params, net.grads)
     assert net.params.dtype == np.float32 and net.grads.dtype == np.float32
     for layer in net.layers:
@@ -196,3 +196,28 @@ def test_network_with_dropout_passes_gradcheck_with_fixed_masks(rng):
     drops[0].fixed_mask = rng.uniform(size=(7, 6)) >= 0.3
     drops[1].fixed_mask = rng.uniform(size=(7, 4)) >= 0.3
     assert gradcheck(net, rng.normal(size=(7, 5)), rng.integers(0, 3, size=7)) < 1e-6
+
+
+def test_backward_skips_the_input_gradient_unless_asked(rng):
+    net = Network.from_spec("6-5-3", dtype=np.float64, rng=rng)
+    X, y = rng.normal(size=(4, 6)), np.array([0, 1, 2, 0])
+    loss, G = net.loss(net.forward(X, training=True), y)
+    assert net.backward(G) is None
+    grads = net.grads.copy()
+    dX = net.backward(G, input_grad=True)
+    np.testing.assert_array_equal(net.grads, grads)  # same parameter gradients either way
+    eps = 1e-6
+    X2 = X.copy()
+    X2[1, 2] += eps
+    numeric = (net.loss_value(X2, y) - loss) / eps
+    assert dX[1, 2] == pytest.approx(numeric, rel=1e-4)
+
+
+def test_inference_outputs_are_never_overwritten_by_later_passes(rng):
+    net = Network.from_spec("6-5-3", rng=rng)
+    X = rng.normal(size=(4, 6))
+    first = net.forward(net.check_input(X))
+    kept = first.copy()
+    net.forward(net.check_input(X) * 2)
+    net.loss_and_grad(net.check_input(X) * 3, np.array([0, 1, 2, 0]))
+    np.testing.assert_array_equal(first, kept)

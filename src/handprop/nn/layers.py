@@ -42,8 +42,25 @@ class Layer:
     def forward(self, X: Array, training: bool = False) -> Array:
         raise NotImplementedError
 
-    def backward(self, G: Array) -> Array:
+    def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
+        """Parameter gradients into ``d<name>``; returns dL/dX, or None when the
+        caller says it is not needed (the first layer: nothing consumes dL/dX there)."""
         raise NotImplementedError
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> Array:
+        """A work array kept on the layer and reused while its shape stays the same.
+
+        Training calls forward and backward on same-shaped batches again and again;
+        reusing their outputs' memory saves the allocation and the page faults of a
+        fresh multi-megabyte array per pass. Only training passes use buffers, so an
+        inference result handed to a user is never overwritten later.
+        """
+        key = "_buf_" + name
+        buf = self.__dict__.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = np.empty(shape, dtype=dtype)
+            setattr(self, key, buf)
+        return buf
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
         """Fill this layer's parameters in place (no-op for parameter-free layers)."""
@@ -75,15 +92,20 @@ class Dense(Layer):
     def forward(self, X: Array, training: bool = False) -> Array:
         if training:
             self._X = X  # all that backward needs
-        Z = X @ self.W  # (n, d_out)
+            Z = np.matmul(X, self.W, out=self.buffer("Z", (X.shape[0], self.d_out), X.dtype))
+        else:
+            Z = X @ self.W  # (n, d_out)
         Z += self.b
         return Z
 
-    def backward(self, G: Array) -> Array:
+    def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
         """G = dL/dZ (n, d_out) -> dL/dX (n, d_in)."""
         np.matmul(self._X.T, G, out=self.dW)  # dW = X^T G      (d_in, d_out)
         np.sum(G, axis=0, out=self.db)  # db = sum_rows G (d_out,)
-        return G @ self.W.T  # dX = G W^T      (n, d_in)
+        if not need_input_grad:
+            return None  # skips a GEMM as large as the forward one
+        dX = self.buffer("dX", self._X.shape, G.dtype)
+        return np.matmul(G, self.W.T, out=dX)  # dX = G W^T      (n, d_in)
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
         from handprop.nn.init import INITIALIZERS
@@ -108,7 +130,7 @@ class Flatten(Layer):
             self._shape = X.shape
         return X.reshape(X.shape[0], -1)
 
-    def backward(self, G: Array) -> Array:
+    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX = G reshaped to the input's shape."""
         return G.reshape(self._shape)
 
@@ -145,7 +167,7 @@ class Dropout(Layer):
         self._M = M
         return X * M
 
-    def backward(self, G: Array) -> Array:
+    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX = G * M / (1 - p)."""
         return G if self._M is None else G * self._M
 

@@ -1,0 +1,831 @@
+"""The run config: the seed's 6-line text format and TOML, resolved to one ``RunConfig``.
+
+The original system is driven by six plain-text lines, each a value and an optional
+``# comment``::
+
+    20000 # total samples to load
+    18000 # training samples
+    2000 # test samples
+    100 # hidden layer size
+    2.5 # learning rate
+    1000 # epochs
+
+A ``.toml`` file holds the same six fields under their names (``total``, ``train``,
+``test``, ``hidden``, ``learning_rate``, ``epochs``) plus every other field of
+:class:`RunConfig`, all at the top level. An experiment CSV row goes through
+:func:`config_from_mapping`, which also accepts the original column names ``d``,
+``dtrain``, ``dtest``, ``m`` and ``alpha`` and text cells such as ``"800-800"``.
+
+All three resolve to one frozen, validated :class:`RunConfig`. Every malformed value
+raises :class:`~handprop.errors.ConfigError` naming where it came from (``file line N``,
+or whatever location the caller supplies), the rule, and the value.
+
+The fields are data: each is declared once, in :class:`RunConfig`, with its default,
+its parser, its words for messages, its CSV aliases and its line in the seed format
+(see :func:`option`). Adding a field is adding one line there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from handprop.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "ACTIVATION_NAMES",
+    "DTYPE_NAMES",
+    "INIT_NAMES",
+    "LOSS_NAMES",
+    "SEED_LINES",
+    "SPLIT_NAMES",
+    "FieldSpec",
+    "Kind",
+    "RunConfig",
+    "config_from_mapping",
+    "field_specs",
+    "load_config",
+    "option",
+    "parse_seed_config",
+    "parse_toml_config",
+    "to_toml",
+]
+
+#: names the network's registries must know (a test cross-checks them)
+ACTIVATION_NAMES: tuple[str, ...] = ("sigmoid", "tanh", "relu", "identity")
+#: "cross_entropy": softmax outputs + cross-entropy; "mse": sigmoid outputs + mean squared
+#: error, the original's first version
+LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "mse")
+INIT_NAMES: tuple[str, ...] = (
+    "uniform",
+    "glorot_uniform",
+    "glorot_normal",
+    "he_uniform",
+    "he_normal",
+)
+DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
+#: "original": the first ``total`` samples, permuted by ``seed``, cut into train and test;
+#: "standard": the dataset's official training and test parts
+SPLIT_NAMES: tuple[str, ...] = ("original", "standard")
+#: fields with one value per hidden layer (a single value is broadcast)
+PER_LAYER_FIELDS: tuple[str, ...] = ("activation", "dropout")
+#: "gd" on full batches is the original's gradient descent; with batch_size it is SGD
+OPTIMIZER_NAMES: tuple[str, ...] = ("gd", "sgd", "momentum", "nesterov", "adam", "rmsprop")
+SCHEDULE_NAMES: tuple[str, ...] = ("constant", "step", "exponential", "cosine")
+
+_SPEC_KEY = "handprop.config"
+
+
+# --- value kinds -------------------------------------------------------------------------
+
+
+class _BadValueError(Exception):
+    """Raised by a parser; the caller turns it into a ConfigError naming the location.
+
+    ``wrong_type`` says the value has the wrong type (not merely a bad value), so the
+    message can name the type a TOML user wrote; ``hint`` is appended to the message.
+    """
+
+    def __init__(self, *, wrong_type: bool = False, hint: str = "") -> None:
+        super().__init__(hint)
+        self.wrong_type = wrong_type
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How one field's values are read.
+
+    Attributes
+    ----------
+    expect : str
+        The rule in words, completing "... must be": ``"a positive integer"``.
+    parse : callable
+        A native value (TOML value, Python object) -> the normalized value; raises
+        ``_BadValueError``. It must accept its own output: RunConfig re-validates on creation.
+    from_text : callable or None
+        A text cell (seed line, CSV cell) -> a native value for ``parse``; it returns
+        the text unchanged when it cannot convert it, so that ``parse`` rejects it with
+        the field's own rule. None: text is already the value (string fields).
+    """
+
+    expect: str
+    parse: Callable[[Any], Any]
+    from_text: Callable[[str], Any] | None = None
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, but `epochs = true` is a mistake, not 1
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _text_int(text: str) -> Any:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return text
+
+
+def _text_float(text: str) -> Any:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return text
+
+
+def _integer(minimum: int) -> Kind:
+    expect = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(value: Any) -> int:
+        if not _is_int(value):
+            raise _BadValueError(wrong_type=True)
+        if value < minimum:
+            raise _BadValueError()
+        return int(value)
+
+    return Kind(expect, parse, _text_int)
+
+
+def _positive_real() -> Kind:
+    def parse(value: Any) -> float:
+        if not _is_real(value):
+            raise _BadValueError(wrong_type=True)
+        value = float(value)
+        # NaN fails every comparison, so test finiteness explicitly
+        if not math.isfinite(value) or value <= 0:
+            raise _BadValueError()
+        return value
+
+    return Kind("a finite number > 0", parse, _text_float)
+
+
+def _real(low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> Kind:
+    """A finite number in an interval: [low, high) by default."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def parse(value: Any) -> float:
+        if not _is_real(value):
+            raise _BadValueError(wrong_type=True)
+        value = float(value)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            raise _BadValueError()
+        return value
+
+    bounds = f"{left}{low:g}, {high:g}{right}" if math.isfinite(high) else f">= {low:g}"
+    expect = f"a number in {bounds}" if math.isfinite(high) else f"a finite number {bounds}"
+    return Kind(expect, parse, _text_float)
+
+
+def _per_layer_reals(one: Kind) -> Kind:
+    """One number for every hidden layer, or a list with one per hidden layer."""
+
+    def parse(value: Any) -> float | tuple[float, ...]:
+        if isinstance(value, (list, tuple)):
+            return tuple(one.parse(v) for v in value)
+        return one.parse(value)
+
+    def from_text(text: str) -> Any:
+        parts = [p for p in re.split(r"[\s,;]+", text.strip().strip("[]()")) if p]
+        values = [_text_float(p) for p in parts]
+        return values[0] if len(values) == 1 else values
+
+    return Kind(one.expect + ", or a list of them", parse, from_text)
+
+
+def _optional(kind: Kind) -> Kind:
+    """``kind`` or None (TOML cannot write None: a missing key or an empty cell is None)."""
+
+    def parse(value: Any) -> Any:
+        return None if value is None else kind.parse(value)
+
+    return Kind(kind.expect, parse, kind.from_text)
+
+
+def _suggest(word: str, known: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def _check_name(value: Any, names: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise _BadValueError(wrong_type=True)
+    if value not in names:
+        raise _BadValueError(hint=_suggest(value, names))
+    return value
+
+
+def _choice(names: tuple[str, ...]) -> Kind:
+    return Kind(
+        "one of " + ", ".join(names),
+        lambda value: _check_name(value, names),
+        lambda text: text.strip(),
+    )
+
+
+def _string(*, path: bool = False, folder_name: bool = False) -> Kind:
+    def parse(value: Any) -> str:
+        if path and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise _BadValueError(wrong_type=True)
+        if not value.strip():
+            raise _BadValueError()
+        # a run name becomes a folder under `out`: it must not climb out of it
+        if folder_name and (value in (".", "..") or any(c in value for c in "/\\")):
+            raise _BadValueError()
+        return value
+
+    if folder_name:
+        expect = "a folder name (no '/' or '\\')"
+    elif path:
+        expect = "a non-empty path"
+    else:
+        expect = "a non-empty string"
+    return Kind(expect, parse, lambda text: text.strip())
+
+
+def _hidden_sizes() -> Kind:
+    def parse(value: Any) -> tuple[int, ...]:
+        if _is_int(value):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise _BadValueError(wrong_type=True)
+        for size in value:
+            if not _is_int(size):
+                raise _BadValueError(wrong_type=True)
+            if size < 1:
+                raise _BadValueError()
+        return tuple(int(size) for size in value)
+
+    def from_text(text: str) -> Any:
+        # "100", "800-800", "800,800", "[800, 800]"; "none" or "[]": no hidden layer
+        inner = text.strip().strip("[]()").strip()
+        if inner.lower() == "none" or (not inner and text.strip()):
+            return []
+        if re.fullmatch(r"[+-]?\d+", inner):
+            return int(inner)
+        parts = re.split(r"\s*[,-]\s*|\s+", inner)
+        if parts and all(re.fullmatch(r"\d+", p) for p in parts):
+            return [int(p) for p in parts]
+        return text
+
+    return Kind("a positive integer or a list of positive integers", parse, from_text)
+
+
+def _one_hidden_size() -> Kind:
+    """Line 4 of the seed format: exactly one size m, read as (m,)."""
+    size = _integer(1)
+    return Kind(size.expect, lambda value: (size.parse(value),), _text_int)
+
+
+def _activations() -> Kind:
+    def parse(value: Any) -> str | tuple[str, ...]:
+        # one name is kept as a str and broadcast over the hidden layers once they are known
+        if isinstance(value, str):
+            return _check_name(value, ACTIVATION_NAMES)
+        if not isinstance(value, (list, tuple)):
+            raise _BadValueError(wrong_type=True)
+        return tuple(_check_name(name, ACTIVATION_NAMES) for name in value)
+
+    def from_text(text: str) -> Any:
+        parts = [p for p in re.split(r"[\s,-]+", text.strip()) if p]
+        return parts[0] if len(parts) == 1 else parts
+
+    expect = "one of " + ", ".join(ACTIVATION_NAMES) + ", or a list of them"
+    return Kind(expect, parse, from_text)
+
+
+# --- the field table -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of :class:`RunConfig`: its kind and how messages and inputs name it.
+
+    Attributes
+    ----------
+    kind : Kind
+        How its values are parsed and checked.
+    label : str
+        The value in words, used by messages about the seed format.
+    aliases : tuple of str
+        Other keys accepted by :func:`config_from_mapping` (the original CSV columns).
+    seed_line : int or None
+        Its line (1-6) in the seed format.
+    seed_kind : Kind or None
+        A stricter kind for the seed line, where it differs.
+    """
+
+    kind: Kind
+    label: str
+    aliases: tuple[str, ...] = ()
+    seed_line: int | None = None
+    seed_kind: Kind | None = None
+
+
+def option(
+    default: Any,
+    kind: Kind,
+    label: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    seed_line: int | None = None,
+    seed_kind: Kind | None = None,
+) -> Any:
+    """Declare a :class:`RunConfig` field; ``default=MISSING`` makes it required."""
+    spec = FieldSpec(kind, label, aliases, seed_line, seed_kind)
+    return field(default=default, metadata={_SPEC_KEY: spec})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One validated training run: data, split, network, training, output.
+
+    Create it with :func:`load_config` or :func:`config_from_mapping`; direct construction
+    is validated too (with no file location in its messages). ``activation`` may be given
+    as one name and is stored as one name per hidden layer; ``hidden`` as an int or list
+    and is stored as a tuple.
+    """
+
+    # the seed format's six lines, in order
+    total: int | None = option(
+        None, _optional(_integer(1)), "total samples to load", aliases=("d",), seed_line=1
+    )
+    train: int | None = option(
+        None, _optional(_integer(1)), "training samples", aliases=("dtrain",), seed_line=2
+    )
+    test: int | None = option(
+        None, _optional(_integer(1)), "test samples", aliases=("dtest",), seed_line=3
+    )
+    hidden: tuple[int, ...] = option(
+        (100,),
+        _hidden_sizes(),
+        "hidden layer size",
+        aliases=("m",),
+        seed_line=4,
+        seed_kind=_one_hidden_size(),
+    )
+    learning_rate: float = option(
+        MISSING, _positive_real(), "learning rate", aliases=("alpha",), seed_line=5
+    )
+    epochs: int = option(MISSING, _integer(1), "epochs", seed_line=6)
+    # the rest: TOML and CSV only
+    dataset: str = option("mnist", _string(), "dataset name")
+    data_dir: str | None = option(None, _optional(_string(path=True)), "data directory")
+    seed: int = option(0, _integer(0), "seed")
+    split: str = option("original", _choice(SPLIT_NAMES), "split")
+    activation: tuple[str, ...] = option("sigmoid", _activations(), "activation")
+    loss: str = option("cross_entropy", _choice(LOSS_NAMES), "loss")
+    init: str = option("uniform", _choice(INIT_NAMES), "weight initialisation")
+    dtype: str = option("float32", _choice(DTYPE_NAMES), "dtype")
+    eval_every: int = option(10, _integer(1), "evaluation interval in epochs")
+    out: str = option("runs", _string(path=True), "output directory")
+    name: str | None = option(None, _optional(_string(folder_name=True)), "run name")
+    # optimization (past the original)
+    optimizer: str = option("gd", _choice(OPTIMIZER_NAMES), "optimizer")
+    batch_size: int | None = option(
+        None, _optional(_integer(1)), "mini-batch size (none: the full batch)"
+    )
+    momentum: float = option(0.9, _real(0, 1), "momentum")
+    beta1: float = option(0.9, _real(0, 1), "Adam beta1")
+    beta2: float = option(0.999, _real(0, 1), "Adam beta2")
+    rho: float = option(0.9, _real(0, 1), "RMSprop decay")
+    eps: float = option(1e-8, _positive_real(), "Adam/RMSprop epsilon")
+    schedule: str = option("constant", _choice(SCHEDULE_NAMES), "learning-rate schedule")
+    warmup: int = option(0, _integer(0), "warm-up epochs")
+    step_size: int = option(10, _integer(1), "epochs between step decays")
+    gamma: float = option(0.1, _real(0, 1, low_open=True, high_open=False), "decay factor")
+    # regularization
+    weight_decay: float = option(0.0, _real(0, math.inf), "L2 weight decay")
+    dropout: tuple[float, ...] = option(0.0, _per_layer_reals(_real(0, 1)), "dropout")
+    validation: float = option(0.0, _real(0, 1), "validation fraction of the training set")
+    patience: int | None = option(
+        None, _optional(_integer(1)), "early-stopping patience in evaluations"
+    )
+
+    def __post_init__(self) -> None:
+        given = {f.name: (f.name, getattr(self, f.name)) for f in fields(self)}
+        values = _resolve(given, _Origin("RunConfig"))
+        for name, value in values.items():
+            object.__setattr__(self, name, value)  # frozen: normalize once, here
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied and validated (command-line overrides).
+
+        Changing ``hidden`` alone keeps a single activation used by every layer (or the
+        default, when there were no hidden layers); a per-layer list must be replaced
+        together with ``hidden``. Raises ConfigError naming an unknown field, or the bad
+        value, as "override".
+        """
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = [key for key in changes if key not in values]
+        if unknown:
+            raise ConfigError(_unknown_key_message("override", unknown[0], tuple(values)))
+        values.update(changes)
+        for per_layer in PER_LAYER_FIELDS:
+            if "hidden" in changes and per_layer not in changes:
+                # a new depth with one value throughout keeps that value throughout
+                distinct = set(getattr(self, per_layer))
+                if len(distinct) == 1:
+                    values[per_layer] = distinct.pop()
+                elif not distinct:
+                    values[per_layer] = _DEFAULTS[per_layer]
+        given = {name: (name, value) for name, value in values.items()}
+        return RunConfig(**_resolve(given, _Origin("override", text=True)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-able (tuples as lists), in declaration order."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in fields(self)
+        }
+
+
+def field_specs() -> dict[str, FieldSpec]:
+    """Field name -> :class:`FieldSpec`, in declaration order."""
+    return {f.name: f.metadata[_SPEC_KEY] for f in fields(RunConfig)}
+
+
+_SPECS = field_specs()
+_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+_ALIASES = {alias: name for name, spec in _SPECS.items() for alias in spec.aliases}
+#: the original CSV's column names -> field names (d -> total, alpha -> learning_rate, ...)
+ALIASES: Mapping[str, str] = MappingProxyType(_ALIASES)
+#: the seed format's field names, line 1 first
+SEED_LINES: tuple[str, ...] = tuple(
+    sorted((n for n, s in _SPECS.items() if s.seed_line), key=lambda n: _SPECS[n].seed_line)
+)
+
+
+# --- resolving raw values -----------------------------------------------------------------
+
+Where = Mapping[str, str] | Callable[[str], "str | None"] | None
+
+
+@dataclass
+class _Origin:
+    """Where raw values come from, so that every message can name their location.
+
+    source : the whole input ("run.toml", "grid.csv row 3")
+    where  : raw key -> its own location ("run.toml line 4"), a dict or a callable
+    keys   : field name -> the key the input used for it ("alpha" for learning_rate)
+    text   : strings are text cells to convert (seed lines, CSV cells), not values
+    seed   : the seed format: fields are named in words and use their seed kinds
+    """
+
+    source: str
+    where: Where = None
+    keys: dict[str, str] = field(default_factory=dict)
+    text: bool = False
+    seed: bool = False
+
+    def at(self, name: str | None) -> str:
+        """The location of field ``name`` (or of the whole input)."""
+        key = self.keys.get(name) if name else None
+        return self.at_key(key) if key is not None else self.source
+
+    def at_key(self, key: str) -> str:
+        where = self.where
+        found = where.get(key) if isinstance(where, Mapping) else where(key) if where else None
+        return found or self.source
+
+    def label(self, name: str) -> str:
+        return _SPECS[name].label if self.seed else self.keys.get(name, name)
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if _is_int(value):
+        return "an integer"
+    if _is_real(value):
+        return "a float"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _parse_value(name: str, raw: Any, origin: _Origin) -> Any:
+    spec = _SPECS[name]
+    kind = spec.seed_kind if origin.seed and spec.seed_kind else spec.kind
+    value = raw
+    if origin.text and isinstance(raw, str) and kind.from_text is not None:
+        value = kind.from_text(raw)
+    try:
+        return kind.parse(value)
+    except _BadValueError as bad:
+        message = f"{origin.at(name)}: {origin.label(name)} must be {kind.expect}, got {raw!r}"
+        # "got 'ten'" says enough for a text cell; "got '1000'" in TOML needs "(a string)"
+        if bad.wrong_type and not (origin.text and isinstance(raw, str)):
+            message += f" ({_type_name(raw)})"
+        if bad.hint:
+            message += f"; {bad.hint}"
+        raise ConfigError(message) from None
+
+
+def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
+    """Rules between fields; normalizes ``activation`` to one name per hidden layer."""
+    hidden, activation = values["hidden"], values["activation"]
+    if isinstance(activation, str):
+        values["activation"] = (activation,) * len(hidden)
+    elif len(activation) != len(hidden):
+        raise ConfigError(
+            f"{origin.at('activation')}: {origin.label('activation')} lists "
+            f"{len(activation)} names for {len(hidden)} hidden layers "
+            f"({origin.label('hidden')} = {list(hidden)}); give one name per hidden layer, "
+            "or a single name for all"
+        )
+
+    dropout = values["dropout"]
+    if isinstance(dropout, float):
+        values["dropout"] = (dropout,) * len(hidden)
+    elif len(dropout) != len(hidden):
+        raise ConfigError(
+            f"{origin.at('dropout')}: {origin.label('dropout')} lists {len(dropout)} "
+            f"probabilities for {len(hidden)} hidden layers; give one per hidden layer, "
+            "or a single one for all"
+        )
+    if values["patience"] is not None and values["validation"] == 0:
+        raise ConfigError(
+            f"{origin.at('patience')}: early stopping (patience) needs a validation split; "
+            "set validation to a fraction such as 0.1"
+        )
+
+    total, train, test = values["total"], values["train"], values["test"]
+    if values["split"] == "original":
+        missing = [n for n in ("total", "train", "test") if values[n] is None]
+        if missing:
+            raise ConfigError(
+                f"{origin.source}: split 'original' needs total, train and test sample "
+                f"counts; missing {', '.join(missing)} (or set split = 'standard' to use "
+                "the dataset's official training and test parts)"
+            )
+    if total is not None and train is not None and test is not None and train + test > total:
+        lab = origin.label
+        raise ConfigError(
+            f"{origin.at('test')}: {lab('train')} + {lab('test')} must not exceed "
+            f"{lab('total')}, got {train} + {test} = {train + test} > {total}"
+        )
+
+
+def _resolve(given: dict[str, tuple[str, Any]], origin: _Origin) -> dict[str, Any]:
+    """field name -> (key used, raw value)  ->  field name -> validated value."""
+    origin.keys = {name: key for name, (key, _) in given.items()}
+    values: dict[str, Any] = {}
+    missing = []
+    for name, default in _DEFAULTS.items():
+        if name in given:
+            values[name] = _parse_value(name, given[name][1], origin)
+        elif default is MISSING:
+            missing.append(name)
+        else:
+            values[name] = default
+    if missing:
+        what = "; ".join(f"{n} ({_SPECS[n].label}, {_SPECS[n].kind.expect})" for n in missing)
+        raise ConfigError(f"{origin.source}: missing {what}")
+    _check_relations(values, origin)
+    return values
+
+
+def _unknown_key_message(location: str, key: str, known: tuple[str, ...]) -> str:
+    hint = _suggest(key, known)
+    return (
+        f"{location}: unknown key {key!r}"
+        + (f"; {hint}" if hint else "")
+        + f" (known keys: {', '.join(known)})"
+    )
+
+
+def config_from_mapping(
+    values: Mapping[str, Any],
+    source: str,
+    where: Where = None,
+    *,
+    text: bool = True,
+) -> RunConfig:
+    """Build a RunConfig from raw values, e.g. one row of an experiment CSV.
+
+    Parameters
+    ----------
+    values : mapping of str to value
+        Field name (or an original CSV alias: d, dtrain, dtest, m, alpha) -> value.
+        Absent fields take their defaults; with ``text=True`` an empty string is absent.
+    source : str
+        The input as a whole, for messages: ``"grid.csv row 3"``.
+    where : dict or callable or None
+        The location of one key, for messages about that key: ``{"alpha": "grid.csv
+        row 3 column alpha"}`` or ``lambda key: ...``; keys it does not know (and
+        messages about the input as a whole) fall back to ``source``.
+    text : bool
+        Strings are text cells to convert (``"100"``, ``"2.5"``, ``"800-800"``). TOML
+        passes False: there ``epochs = "1000"`` is a type error.
+
+    Raises
+    ------
+    ConfigError
+        An unknown key (with the closest known one), a key given twice (by name and
+        alias), a bad value, a missing required field, or a rule between fields broken.
+    """
+    origin = _Origin(source, where, text=text)
+    known = tuple(_SPECS) + tuple(_ALIASES)
+    given: dict[str, tuple[str, Any]] = {}
+    for key, raw in values.items():
+        name = _ALIASES.get(key, key)
+        if name not in _SPECS:
+            raise ConfigError(_unknown_key_message(origin.at_key(key), key, known))
+        if name in given:
+            raise ConfigError(
+                f"{origin.at_key(key)}: {given[name][0]!r} and {key!r} both give {name}; keep one"
+            )
+        if text and isinstance(raw, str) and not raw.strip():
+            continue  # an empty CSV cell: use the default
+        given[name] = (key, raw)
+    return RunConfig(**_resolve(given, origin))
+
+
+# --- the seed format -----------------------------------------------------------------------
+
+
+def _seed_layout() -> str:
+    return ", ".join(f"{_SPECS[n].seed_line}: {_SPECS[n].label}" for n in SEED_LINES)
+
+
+def parse_seed_config(text: str, source: str) -> RunConfig:
+    """Parse the original 6-line format: one value per line, then an optional ``# note``.
+
+    Blank lines and whole-line comments are skipped; line numbers in messages are
+    physical lines of the file. Line 4 is one hidden size m, giving ``hidden = (m,)``.
+    Every other field takes its default.
+    """
+    entries: list[tuple[int, str]] = []
+    for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+        value = line.split("#", 1)[0].strip()
+        if value:
+            entries.append((lineno, value))
+    n = len(SEED_LINES)
+    if not entries:
+        raise ConfigError(f"{source}: empty config; expected {n} lines ({_seed_layout()})")
+    if len(entries) > n:
+        lineno, value = entries[n]
+        raise ConfigError(
+            f"{source} line {lineno}: unexpected value {value!r} after the {n} config lines "
+            f"({_seed_layout()}); put notes after '#'"
+        )
+    if len(entries) < n:
+        name = SEED_LINES[len(entries)]
+        spec = _SPECS[name]
+        raise ConfigError(
+            f"{source}: line {spec.seed_line} is missing; it should hold the "
+            f"{spec.label} ({(spec.seed_kind or spec.kind).expect}); the file has only "
+            f"{len(entries)} of {n} lines ({_seed_layout()})"
+        )
+    pairs = list(zip(SEED_LINES, entries, strict=True))
+    lines = {name: f"{source} line {lineno}" for name, (lineno, _) in pairs}
+    given = {name: (name, value) for name, (_, value) in pairs}
+    origin = _Origin(source, lines, text=True, seed=True)
+    return RunConfig(**_resolve(given, origin))
+
+
+# --- TOML ----------------------------------------------------------------------------------
+
+
+def _toml_key_lines(text: str, keys: list[str], source: str) -> dict[str, str]:
+    """Top-level key (or table name) -> "source line N", found by scanning the text."""
+    found: dict[str, str] = {}
+    lines = text.splitlines()
+    for key in keys:
+        name = re.escape(key)
+        quoted = rf"(?:{name}|\"{name}\"|'{name}')"
+        pattern = re.compile(rf"^\s*(?:{quoted}\s*=|\[+\s*{quoted}\s*[\].])")
+        for lineno, line in enumerate(lines, start=1):
+            if pattern.match(line):
+                found[key] = f"{source} line {lineno}"
+                break
+    return found
+
+
+def parse_toml_config(text: str, source: str) -> RunConfig:
+    """Parse a TOML config: the fields of :class:`RunConfig`, at the top level."""
+    try:
+        table = tomllib.loads(text.removeprefix("\ufeff"))
+    except tomllib.TOMLDecodeError as err:
+        # tomllib puts the position in the message: "... (at line 3, column 5)"
+        message = str(err)
+        at = re.search(r"\s*\(at line (\d+), column (\d+)\)", message)
+        if at:
+            reason = message[: at.start()] + message[at.end() :]
+            raise ConfigError(
+                f"{source} line {at[1]}: TOML syntax error: {reason} (column {at[2]})"
+            ) from None
+        raise ConfigError(f"{source}: TOML syntax error: {message}") from None
+    lines = _toml_key_lines(text, list(table), source)
+    return config_from_mapping(table, source, lines, text=False)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a run config: TOML when the name ends with ``.toml``, else the 6-line format.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, a folder, unreadable, not UTF-8, or malformed.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a folder, expected a config file") from None
+    except OSError as err:
+        if path.is_dir():  # Windows reports a folder as PermissionError
+            raise ConfigError(f"{source}: is a folder, expected a config file") from None
+        raise ConfigError(f"{source}: cannot read the config ({err.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{source} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}); save the config as UTF-8"
+        ) from None
+    if path.suffix.lower() == ".toml":
+        return parse_toml_config(text, source)
+    return parse_seed_config(text, source)
+
+
+# --- writing TOML --------------------------------------------------------------------------
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n"}
+_TOML_ESCAPES |= {"\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")  # other control characters are not allowed raw
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_string(value)
+    if _is_int(value):
+        return str(int(value))
+    if _is_real(value):
+        value = float(value)
+        if not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        text = repr(value)  # shortest text that reads back to the same float
+        # TOML needs a fraction or an exponent to see a float
+        return text if any(c in text for c in ".en") else text + ".0"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The config as TOML, every field written out; ``load_config`` reads it back equal.
+
+    Fields that are None (not set) are written as comments.
+    """
+    lines = ["# handprop run config", ""]
+    for name, spec in _SPECS.items():
+        value = getattr(cfg, name)
+        if value is None:
+            lines.append(f"# {name} = (not set)  # {spec.label}")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
