@@ -4,6 +4,7 @@ NumPy and the standard library only (a test proves it).
 """
 
 from handprop.nn.activations import ACTIVATIONS, Identity, ReLU, Sigmoid, Tanh
+from handprop.nn.conv import AvgPool2D, Conv2D, MaxPool2D, col2im, im2col
 from handprop.nn.gradcheck import gradcheck, gradcheck_layer, numeric_gradient, relative_error
 from handprop.nn.init import INITIALIZERS
 from handprop.nn.layers import Dense, Dropout, Flatten, Layer
@@ -23,12 +24,15 @@ __all__ = [
     "SCHEDULES",
     "SGD",
     "Adam",
+    "AvgPool2D",
+    "Conv2D",
     "Dense",
     "Dropout",
     "Flatten",
     "Identity",
     "Layer",
     "Loss",
+    "MaxPool2D",
     "MeanSquaredError",
     "Momentum",
     "Nesterov",
@@ -42,8 +46,10 @@ __all__ = [
     "Sigmoid",
     "SoftmaxCrossEntropy",
     "Tanh",
+    "col2im",
     "gradcheck",
     "gradcheck_layer",
+    "im2col",
     "load",
     "numeric_gradient",
     "relative_error",

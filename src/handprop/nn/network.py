@@ -15,6 +15,7 @@ import numpy as np
 from handprop.atomic import atomic_write_bytes
 from handprop.errors import ModelFileError, ShapeError
 from handprop.nn.activations import ACTIVATIONS
+from handprop.nn.conv import AvgPool2D, Conv2D, MaxPool2D
 from handprop.nn.init import INITIALIZERS
 from handprop.nn.layers import Array, Dense, Dropout, Flatten, Layer
 from handprop.nn.losses import LOSSES, Loss
@@ -25,6 +26,9 @@ LAYERS: dict[str, type[Layer]] = {
     "dense": Dense,
     "flatten": Flatten,
     "dropout": Dropout,
+    "conv2d": Conv2D,
+    "maxpool2d": MaxPool2D,
+    "avgpool2d": AvgPool2D,
     **ACTIVATIONS,
 }
 
@@ -60,6 +64,84 @@ def parse_spec(spec: str | Sequence[int]) -> list[int]:
     if len(sizes) < 2 or any(s < 1 for s in sizes):
         raise ShapeError(f"network spec needs an input and an output size, all >= 1, got {spec!r}")
     return sizes
+
+
+#: layer-spec words -> (layer kind, positional argument names, their types)
+LAYER_WORDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "conv": ("conv2d", ("c_out", "k", "stride", "pad")),
+    "maxpool": ("maxpool2d", ("k", "stride")),
+    "avgpool": ("avgpool2d", ("k", "stride")),
+    "dense": ("dense", ("d_out",)),
+    "dropout": ("dropout", ("p",)),
+    "flatten": ("flatten", ()),
+    **{name: (name, ()) for name in ACTIVATIONS},
+}
+
+
+def parse_layer_item(item: str) -> tuple[str, dict[str, float]]:
+    """One layer-spec item, e.g. "conv 32 3 pad=1", "maxpool 2", "relu", "dropout 0.5".
+
+    Returns the layer kind and its arguments by name (input sizes are left out: they
+    follow from the shapes, so a spec never repeats them).
+    """
+    words = item.replace(":", " ").split()
+    if not words or words[0].lower() not in LAYER_WORDS:
+        raise ShapeError(
+            f"unknown layer {item!r}; known: {', '.join(LAYER_WORDS)} "
+            "(e.g. 'conv 32 3 pad=1', 'maxpool 2', 'dense 128', 'dropout 0.5', 'relu')"
+        )
+    kind, names = LAYER_WORDS[words[0].lower()]
+    args: dict[str, float] = {}
+    positional = [w for w in words[1:] if "=" not in w]
+    if len(positional) > len(names):
+        raise ShapeError(f"layer {item!r} takes at most {len(names)} values ({', '.join(names)})")
+    pairs = list(zip(names, positional, strict=False))
+    pairs += [tuple(w.split("=", 1)) for w in words[1:] if "=" in w]
+    for name, text in pairs:
+        if name not in names:
+            raise ShapeError(f"layer {item!r}: unknown setting {name!r}; known: {', '.join(names)}")
+        try:
+            args[name] = float(text) if name == "p" else int(text)
+        except ValueError:
+            raise ShapeError(f"layer {item!r}: {name} must be a number, got {text!r}") from None
+    required = {"conv2d": 2, "maxpool2d": 1, "avgpool2d": 1, "dense": 1, "dropout": 1}
+    missing = [n for n in names[: required.get(kind, 0)] if n not in args]
+    if missing:
+        raise ShapeError(f"layer {item!r} needs {', '.join(missing)}")
+    return kind, args
+
+
+def build_layers(
+    items: Sequence[str], input_shape: Sequence[int], n_classes: int, loss: str
+) -> list[Layer]:
+    """Layers from a spec list; Flatten goes in before the first dense layer on images,
+    and the output layer (dense to ``n_classes``, then the loss's output activation)
+    is appended."""
+    layers: list[Layer] = []
+    shape = tuple(int(s) for s in input_shape)
+    for item in items:
+        kind, args = parse_layer_item(item)
+        if kind == "dense" and len(shape) > 1:
+            layers.append(Flatten())
+            shape = layers[-1].output_shape(shape)
+        if kind == "conv2d":
+            if len(shape) != 3:
+                raise ShapeError(f"layer {item!r} needs image inputs (c, h, w), got {shape}")
+            layer: Layer = Conv2D(shape[0], **args)
+        elif kind == "dense":
+            layer = Dense(shape[0], **args)
+        else:
+            layer = LAYERS[kind](**args)
+        shape = layer.output_shape(shape)
+        layers.append(layer)
+    if len(shape) > 1:
+        layers.append(Flatten())
+        shape = layers[-1].output_shape(shape)
+    layers.append(Dense(shape[0], n_classes))
+    out_act = LOSSES[loss].output_activation if loss in LOSSES else None
+    if out_act is not None:
+        layers.append(ACTIVATIONS[out_act]())
+    return layers
 
 
 class Network:
@@ -165,6 +247,28 @@ class Network:
         if out_act is not None:
             layers.append(ACTIVATIONS[out_act]())
         net = cls(layers, (sizes[0],), loss=loss, dtype=dtype, meta=meta)
+        net.init(init, rng)
+        return net
+
+    @classmethod
+    def from_layers(
+        cls,
+        items: Sequence[str],
+        input_shape: Sequence[int],
+        n_classes: int,
+        loss: str = "cross_entropy",
+        init: str = "he_normal",
+        dtype: Any = np.float32,
+        rng: np.random.Generator | int | None = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> Network:
+        """Build any network from a list of layer items, e.g. a small CNN on (1, 28, 28):
+        ["conv 32 3", "relu", "maxpool 2", "conv 64 3", "relu", "maxpool 2",
+        "dense 128", "relu", "dropout 0.5"]; the output layer is appended."""
+        if loss not in LOSSES:
+            raise ShapeError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+        layers = build_layers(items, input_shape, n_classes, loss)
+        net = cls(layers, input_shape, loss=loss, dtype=dtype, meta=meta)
         net.init(init, rng)
         return net
 

@@ -66,8 +66,7 @@ def rowwise(fn: Callable[..., None], *arrays: np.ndarray) -> None:
         return
     bounds = np.linspace(0, n, threads + 1).astype(int)
     futures = [
-        _pool.submit(fn, *(a[lo:hi] for a in arrays))
-        for lo, hi in itertools.pairwise(bounds)
+        _pool.submit(fn, *(a[lo:hi] for a in arrays)) for lo, hi in itertools.pairwise(bounds)
     ]
     for f in futures:
         f.result()

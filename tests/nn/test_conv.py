@@ -1,0 +1,131 @@
+"""Convolution and pooling: a nested-loop oracle, gradient checks, ties, a whole CNN."""
+
+import numpy as np
+import pytest
+
+from handprop.errors import ShapeError
+from handprop.nn import AvgPool2D, Conv2D, MaxPool2D, Network, gradcheck, gradcheck_layer
+
+
+def conv_naive(X, W, b, stride, pad):
+    """Direct cross-correlation, one output value at a time."""
+    n, _, h, w = X.shape
+    c_out, _, k, _ = W.shape
+    Xp = np.pad(X, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    Z = np.zeros((n, c_out, ho, wo))
+    for i in range(n):
+        for o in range(c_out):
+            for y in range(ho):
+                for x in range(wo):
+                    patch = Xp[i, :, y * stride : y * stride + k, x * stride : x * stride + k]
+                    Z[i, o, y, x] = np.sum(patch * W[o]) + b[o]
+    return Z
+
+
+def bound(layer, rng):
+    """A layer with its own parameter arrays (outside a network)."""
+    shapes = layer.param_shapes()
+    params = {name: rng.normal(size=shape) for name, shape in shapes.items()}
+    grads = {name: np.zeros(shape) for name, shape in shapes.items()}
+    layer.bind(params, grads)
+    return layer
+
+
+CASES = [(3, 1, 0), (3, 1, 1), (3, 2, 1), (2, 2, 0), (5, 1, 2), (1, 1, 0), (4, 3, 2)]
+
+
+@pytest.mark.parametrize("k, stride, pad", CASES)
+def test_conv_matches_the_nested_loop_reference(k, stride, pad, rng):
+    layer = bound(Conv2D(3, 4, k, stride, pad), rng)
+    X = rng.normal(size=(2, 3, 9, 8))
+    np.testing.assert_allclose(
+        layer.forward(X), conv_naive(X, layer.W, layer.b, stride, pad), rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("k, stride, pad", CASES)
+def test_conv_backward_matches_central_differences(k, stride, pad, rng):
+    errors = gradcheck_layer(Conv2D(2, 3, k, stride, pad), rng.normal(size=(2, 2, 7, 6)), rng)
+    assert set(errors) == {"X", "W", "b"}
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("cls", [MaxPool2D, AvgPool2D])
+@pytest.mark.parametrize("k, stride, size", [(2, None, 6), (3, 2, 7), (2, 1, 5), (3, None, 7)])
+def test_pool_backward_matches_central_differences(cls, k, stride, size, rng):
+    X = rng.permutation(2 * 3 * size * size).reshape(2, 3, size, size) / 10.0  # distinct
+    assert gradcheck_layer(cls(k, stride), X, rng)["X"] < 1e-6
+
+
+def test_max_pool_forward_and_deterministic_ties():
+    X = np.array([[[[1.0, 1.0, 0.0, 2.0], [1.0, 0.0, 2.0, 2.0]]]])  # (1, 1, 2, 4)
+    pool = MaxPool2D(2)
+    np.testing.assert_array_equal(pool.forward(X, training=True), [[[[1.0, 2.0]]]])
+    dX = pool.backward(np.array([[[[5.0, 7.0]]]]))
+    # each window gives its whole gradient to its FIRST maximum in row-major order
+    np.testing.assert_array_equal(dX, [[[[5.0, 0, 0, 7.0], [0, 0, 0, 0]]]])
+
+
+def test_avg_pool_forward():
+    X = np.arange(16.0).reshape(1, 1, 4, 4)
+    np.testing.assert_array_equal(AvgPool2D(2).forward(X), [[[[2.5, 4.5], [10.5, 12.5]]]])
+
+
+def test_a_whole_small_cnn_passes_gradcheck(rng):
+    net = Network.from_layers(
+        [
+            "conv 3 3 pad=1",
+            "tanh",
+            "maxpool 2",
+            "conv 4 3",
+            "relu",
+            "avgpool 2",
+            "dense 5",
+            "sigmoid",
+        ],
+        input_shape=(1, 8, 8),
+        n_classes=3,
+        dtype=np.float64,
+        rng=rng,
+    )
+    X = rng.normal(size=(3, 1, 8, 8))
+    y = np.array([0, 1, 2])
+    assert gradcheck(net, X, y, n_coords=150, rng=rng) < 1e-6
+
+
+def test_cnn_parameters_are_views_and_float32_stays_float32(rng):
+    net = Network.from_layers(["conv 4 3", "relu", "maxpool 2"], (1, 8, 8), 10, rng=rng)
+    conv = net.layers[0]
+    assert np.shares_memory(conv.W, net.params) and np.shares_memory(conv.dW, net.grads)
+    assert net.n_params == 4 * 9 + 4 + 4 * 3 * 3 * 10 + 10
+    X = net.check_input(rng.uniform(size=(5, 1, 8, 8)))
+    loss = net.loss_and_grad(X, np.arange(5))
+    assert np.isfinite(loss) and net.grads.dtype == np.float32
+    assert net.predict_proba(X).dtype == np.float32
+
+
+def test_cnn_save_load_round_trip(tmp_path, rng):
+    from handprop.nn import load, save
+
+    net = Network.from_layers(["conv 2 3 pad=1", "relu", "maxpool 2"], (1, 6, 6), 4, rng=rng)
+    save(net, tmp_path / "cnn.npz")
+    back = load(tmp_path / "cnn.npz")
+    X = rng.uniform(size=(2, 1, 6, 6))
+    np.testing.assert_array_equal(back.predict_proba(X), net.predict_proba(X))
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["conv 32"], "needs k"),
+        (["convolve 32 3"], "unknown layer 'convolve 32 3'"),
+        (["conv 8 3 dilation=2"], "unknown setting 'dilation'"),
+        (["conv 8 x"], "k must be a number"),
+        (["conv 8 30"], "does not fit"),
+        (["dense 10", "conv 8 3"], "needs image inputs"),
+    ],
+)
+def test_bad_layer_specs_are_refused(items, message):
+    with pytest.raises(ShapeError, match=message):
+        Network.from_layers(items, (1, 8, 8), 10)
