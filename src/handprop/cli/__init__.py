@@ -17,7 +17,15 @@ from handprop import __version__
 from handprop.errors import HandpropError
 
 #: modules of this package that each define ``command`` (a click command or group)
-COMMAND_MODULES = ("data",)
+COMMAND_MODULES = (
+    "data",
+    "train",
+    "predict",
+    "experiments",
+    "evaluate",
+    "figures",
+    "report",
+)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -1,0 +1,40 @@
+"""handprop experiments: a CSV of runs to a grid of run folders and a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("experiments")
+@click.argument("csv_file", metavar="FILE.csv", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Grid folder [runs/<FILE>].")
+@click.option(
+    "--jobs", default=1, show_default=True, type=click.IntRange(1), help="Runs side by side."
+)
+@click.option(
+    "--base", type=click.Path(path_type=Path), help="Config whose values fill empty cells."
+)
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Directory holding the data.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def command(csv_file, out, jobs, base, data_dir, quiet) -> None:
+    """Run every row of FILE.csv (run_name,d,dtrain,dtest,m,alpha,epochs,...)."""
+    from handprop.experiments import load_base, read_grid, run_grid, summary_markdown
+
+    rows = read_grid(csv_file, load_base(base))
+    if data_dir is not None:
+        rows = [type(r)(r.name, r.config.replace(data_dir=str(data_dir)), r.line) for r in rows]
+    out = out or Path("runs") / csv_file.stem
+
+    def done(s) -> None:
+        acc = "" if s.accuracy is None else f" accuracy {s.accuracy:.2%}"
+        click.echo(f"{s.name}: {s.status}{acc}" + (f" ({s.message})" if s.message else ""))
+
+    summaries = run_grid(rows, out, jobs=jobs, progress=not quiet and jobs == 1, on_done=done)
+    click.echo("")
+    click.echo(summary_markdown(summaries), nl=False)
+    click.echo(f"summary in {out}/summary.csv and summary.md")
+    failed = [s for s in summaries if s.status not in ("completed", "skipped")]
+    if failed:
+        raise SystemExit(1)

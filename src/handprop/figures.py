@@ -1,0 +1,605 @@
+"""Figures of a run or an experiment grid, as PNG files of fixed pixel size.
+
+Figures are built with matplotlib's object-oriented API on the Agg canvas: no pyplot,
+so no global figure registry, no backend switch and nothing left open; the style is
+applied with ``rc_context`` per figure, so a caller's matplotlib settings are untouched.
+Every figure has a fixed size in inches at a fixed dpi (``STYLE``), so the same run
+gives images of the same pixel size, and each file is written under a temporary name
+and renamed into place.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
+from matplotlib.ticker import MaxNLocator
+
+from handprop.atomic import atomic_write_bytes
+from handprop.errors import ConfigError, DataError, HandpropError
+from handprop.metrics import confusion_matrix, per_class, top_confusions
+from handprop.runs import (
+    HANDPROP,
+    MODEL_LABELS,
+    GridFolder,
+    Predictions,
+    RunFolder,
+    find_key,
+    is_grid,
+)
+
+# --- the one style -----------------------------------------------------------------------
+
+DPI = 100
+
+#: figure sizes in inches; the PNG is (width * DPI) x (height * DPI) pixels
+SIZES: dict[str, tuple[float, float]] = {
+    "confusion": (12.0, 5.4),
+    "per_class": (12.0, 9.0),
+    "training_curves": (12.0, 4.8),
+    "misclassified": (12.0, 8.0),
+    "correct_incorrect": (8.0, 5.0),
+    "top_confusions": (9.0, 6.0),
+    "grid_training_curves": (14.0, 5.2),
+    "grid_accuracy": (13.0, 4.8),
+}
+
+#: one color per model, the same in every figure
+MODEL_COLORS = {
+    HANDPROP: "#1f77b4",
+    "sklearn_default": "#ff7f0e",
+    "sklearn_analogue": "#2ca02c",
+}
+CORRECT_COLOR = "#4c9a5b"
+INCORRECT_COLOR = "#c44e52"
+TRAIN_COLOR = "#7f7f7f"
+CMAP = "Blues"
+IMAGE_CMAP = "gray_r"
+
+RC = {
+    "font.size": 11,
+    "axes.titlesize": 13,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+    "figure.titlesize": 15,
+    "figure.titleweight": "bold",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": False,
+    "grid.alpha": 0.3,
+    "savefig.facecolor": "white",
+    "figure.facecolor": "white",
+}
+
+MISCLASSIFIED_ROWS, MISCLASSIFIED_COLS = 4, 8
+TOP_PAIRS = 10
+#: grid accuracy panels label their points with run names up to this many runs
+MAX_POINT_LABELS = 12
+
+
+def pixel_size(kind: str) -> tuple[int, int]:
+    """(width, height) in pixels of the figures of ``kind`` (a key of ``SIZES``)."""
+    w, h = SIZES[kind]
+    return round(w * DPI), round(h * DPI)
+
+
+@contextmanager
+def _figure(kind: str) -> Iterator[Figure]:
+    """A new Figure of the fixed size of ``kind``, built under the handprop style."""
+    with rc_context(RC):
+        # a margin of 0.1 in keeps tick labels off the image edge
+        layout = ConstrainedLayoutEngine(w_pad=0.1, h_pad=0.1)
+        fig = Figure(figsize=SIZES[kind], dpi=DPI, layout=layout)
+        FigureCanvasAgg(fig)
+        yield fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure rendered as PNG at the style's dpi (no tight bbox: the size stays fixed)."""
+    buf = io.BytesIO()
+    with rc_context(RC):
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically: a temporary file in the same folder, renamed."""
+    atomic_write_bytes(path, png_bytes(fig))
+    return path
+
+
+def _label(model: str) -> str:
+    return MODEL_LABELS.get(model, model)
+
+
+def _tick_rotation(names: list[str]) -> int:
+    # digit names fit flat; Fashion-MNIST's "T-shirt/top" does not
+    return 0 if max(len(n) for n in names) <= 3 else 30
+
+
+def _no_data(ax: Any, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# --- run figures --------------------------------------------------------------------------
+
+
+def _matrix_panel(
+    ax: Any, M: np.ndarray, names: list[str], title: str, fmt: str, vmax: float | None = None
+) -> Any:
+    """One annotated heat map; text turns white on dark cells to stay readable."""
+    k = len(names)
+    norm = Normalize(vmin=0, vmax=vmax if vmax is not None else max(float(M.max()), 1.0))
+    im = ax.imshow(M, cmap=CMAP, norm=norm)
+    ax.set_title(title)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_xticks(
+        range(k),
+        names,
+        rotation=_tick_rotation(names),
+        ha="right" if _tick_rotation(names) else "center",
+    )
+    ax.set_yticks(range(k), names)
+    # annotations stop being legible beyond ~15 classes
+    if k <= 15:
+        size = 9 if k > 10 else 10
+        for i in range(k):
+            for j in range(k):
+                value = M[i, j]
+                if value == 0:
+                    continue
+                color = "white" if norm(value) > 0.55 else "black"
+                ax.text(
+                    j, i, format(value, fmt), ha="center", va="center", fontsize=size, color=color
+                )
+    return im
+
+
+def confusion_figure(P: Predictions, names: list[str], model: str) -> Figure:
+    """Counts and row-normalized confusion matrices of one model, side by side."""
+    C = confusion_matrix(P.y_true, P.y_pred, P.k)
+    support = C.sum(axis=1, keepdims=True)
+    R = np.divide(C, support, out=np.zeros(C.shape), where=support != 0)
+    acc = np.trace(C) / C.sum()
+    with _figure("confusion") as fig:
+        axes = fig.subplots(1, 2)
+        im = _matrix_panel(axes[0], C, names, "counts", "d")
+        fig.colorbar(im, ax=axes[0], shrink=0.85)
+        im = _matrix_panel(axes[1], R, names, "row-normalized (recall)", ".2f", vmax=1.0)
+        fig.colorbar(im, ax=axes[1], shrink=0.85)
+        fig.suptitle(f"Confusion matrix: {_label(model)} (accuracy {100 * acc:.2f}%)")
+    return fig
+
+
+def per_class_figure(models: dict[str, Predictions], names: list[str]) -> Figure:
+    """Per-class precision, recall and F1 as grouped bars, one bar per model."""
+    scores = {m: per_class(confusion_matrix(P.y_true, P.y_pred, P.k)) for m, P in models.items()}
+    k = len(names)
+    x = np.arange(k)
+    width = 0.8 / len(models)
+    with _figure("per_class") as fig:
+        axes = fig.subplots(3, 1, sharex=True)
+        for ax, metric in zip(axes, ("precision", "recall", "f1"), strict=True):
+            for i, model in enumerate(models):
+                ax.bar(
+                    x + (i - (len(models) - 1) / 2) * width,
+                    scores[model][metric],
+                    width,
+                    label=_label(model),
+                    color=MODEL_COLORS.get(model),
+                )
+            values = np.concatenate([scores[m][metric] for m in models])
+            # start the axis near the worst class so small gaps between models show
+            low = max(0.0, min(0.9, float(values.min()) - 0.05))
+            ax.set_ylim(np.floor(low * 20) / 20, 1.0)
+            ax.set_ylabel("F1" if metric == "f1" else metric)
+            ax.grid(axis="y")
+            ax.set_axisbelow(True)
+        # above the panels: inside one, the legend would hide the bars of some class
+        fig.legend(
+            *axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(models)
+        )
+        axes[-1].set_xticks(
+            x,
+            names,
+            rotation=_tick_rotation(names),
+            ha="right" if _tick_rotation(names) else "center",
+        )
+        axes[-1].set_xlabel("class")
+        fig.suptitle("Per-class precision, recall and F1")
+    return fig
+
+
+def training_curves_figure(
+    history: dict[str, np.ndarray], title: str = "Training curves"
+) -> Figure:
+    """Loss per epoch, and train/test accuracy on the epochs that evaluated them."""
+    epoch = history["epoch"]
+    with _figure("training_curves") as fig:
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        loss = history["loss"]
+        ax_loss.plot(epoch, loss, color=MODEL_COLORS[HANDPROP], lw=1.8)
+        finite = loss[np.isfinite(loss)]
+        if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+            ax_loss.set_yscale("log")
+        ax_loss.set_title("loss")
+        ax_loss.set_xlabel("epoch")
+        ax_loss.set_ylabel("cross-entropy" if finite.size else "loss")
+        ax_loss.grid(True)
+        plotted = False
+        for key, label, color in (
+            ("train_acc", "train", TRAIN_COLOR),
+            ("test_acc", "test", MODEL_COLORS[HANDPROP]),
+        ):
+            ok = np.isfinite(history[key])
+            if ok.any():
+                ax_acc.plot(
+                    epoch[ok],
+                    100 * history[key][ok],
+                    label=label,
+                    color=color,
+                    lw=1.8,
+                    marker="o" if ok.sum() <= 30 else None,
+                    ms=4,
+                )
+                plotted = True
+        if plotted:
+            ax_acc.set_title("accuracy")
+            ax_acc.set_xlabel("epoch")
+            ax_acc.set_ylabel("accuracy (%)")
+            ax_acc.grid(True)
+            ax_acc.legend(loc="lower right")
+        else:
+            ax_acc.set_title("accuracy")
+            _no_data(ax_acc, "no accuracy recorded during training")
+        fig.suptitle(title)
+    return fig
+
+
+def misclassified_figure(
+    P: Predictions, images: np.ndarray, names: list[str], model: str = HANDPROP
+) -> Figure:
+    """The most confident mistakes: image, true and predicted class, confidence.
+
+    ``images`` is the dataset's (N, H, W) array; ``P.index`` selects the test samples.
+    """
+    wrong = np.flatnonzero(P.y_true != P.y_pred)
+    wrong = wrong[np.argsort(-P.confidence[wrong], kind="stable")]
+    n_show = MISCLASSIFIED_ROWS * MISCLASSIFIED_COLS
+    with _figure("misclassified") as fig:
+        axes = fig.subplots(MISCLASSIFIED_ROWS, MISCLASSIFIED_COLS)
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for ax, r in zip(axes.flat, wrong[:n_show], strict=False):
+            ax.imshow(images[P.index[r]], cmap=IMAGE_CMAP, interpolation="nearest")
+            confidence = f"{100 * P.confidence[r]:.0f}%"
+            ax.set_title(
+                f"true {names[P.y_true[r]]}\npred {names[P.y_pred[r]]} ({confidence})",
+                fontsize=10,
+                fontweight="normal",
+                color=INCORRECT_COLOR,
+            )
+        if wrong.size == 0:
+            axes.flat[0].text(
+                0, 0.5, "no misclassified test samples", transform=axes.flat[0].transAxes
+            )
+        shown = min(n_show, wrong.size)
+        fig.suptitle(
+            f"Misclassified test samples: {_label(model)} "
+            f"(the {shown} most confident of {wrong.size})"
+        )
+    return fig
+
+
+def correct_incorrect_figure(models: dict[str, Predictions]) -> Figure:
+    """Correct and incorrect test predictions per model, as grouped bars."""
+    labels = [_label(m) for m in models]
+    correct = np.array([int((P.y_true == P.y_pred).sum()) for P in models.values()])
+    total = np.array([P.n for P in models.values()])
+    x = np.arange(len(models))
+    with _figure("correct_incorrect") as fig:
+        ax = fig.subplots()
+        width = 0.38
+        bars_c = ax.bar(x - width / 2, correct, width, label="correct", color=CORRECT_COLOR)
+        bars_i = ax.bar(
+            x + width / 2, total - correct, width, label="incorrect", color=INCORRECT_COLOR
+        )
+        for bars in (bars_c, bars_i):
+            ax.bar_label(bars, padding=3)
+        ax.set_xticks(x, labels)
+        ax.set_ylabel("test samples")
+        ax.set_ylim(0, total.max() * 1.12)
+        ax.legend(loc="upper right")
+        ax.set_title("Correct vs incorrect test predictions")
+    return fig
+
+
+def top_confusions_figure(models: dict[str, Predictions], names: list[str]) -> Figure:
+    """handprop's most frequent confusions, with each model's count for the same pairs."""
+    Cs = {m: confusion_matrix(P.y_true, P.y_pred, P.k) for m, P in models.items()}
+    pairs = top_confusions(Cs[HANDPROP] if HANDPROP in Cs else next(iter(Cs.values())), TOP_PAIRS)
+    with _figure("top_confusions") as fig:
+        ax = fig.subplots()
+        ax.set_title(f"Most confused pairs (top {TOP_PAIRS} of {_label(next(iter(models)))})")
+        if not pairs:
+            _no_data(ax, "no confusions: every test sample is classified correctly")
+            return fig
+        y = np.arange(len(pairs))
+        height = 0.8 / len(models)
+        for i, (model, C) in enumerate(Cs.items()):
+            counts = [C[t, p] for t, p, _ in pairs]
+            bars = ax.barh(
+                y + (i - (len(models) - 1) / 2) * height,
+                counts,
+                height,
+                label=_label(model),
+                color=MODEL_COLORS.get(model),
+            )
+            ax.bar_label(bars, padding=2, fontsize=9)
+        ax.set_yticks(y, [f"{names[t]} → {names[p]}" for t, p, _ in pairs])
+        ax.invert_yaxis()
+        ax.set_xlabel("test samples (true → predicted)")
+        ax.grid(axis="x")
+        ax.set_axisbelow(True)
+        ax.legend(loc="lower right")
+    return fig
+
+
+# --- grid figures -------------------------------------------------------------------------
+
+#: grid parameters plotted against accuracy: (label, config keys holding the value)
+GRID_PARAMETERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("train samples", ("dtrain", "n_train", "train")),
+    ("epochs", ("epochs",)),
+    ("hidden size", ("hidden", "hidden_size", "hidden_sizes", "m")),
+)
+
+
+def run_accuracy(run: RunFolder) -> float | None:
+    """The run's test accuracy: metrics.json's, else recomputed from predictions.csv."""
+    acc = run.metrics.get("accuracy")
+    if isinstance(acc, (int, float)):
+        return float(acc)
+    if run.has("predictions.csv"):
+        P = run.predictions
+        return float((P.y_true == P.y_pred).mean())
+    return None
+
+
+def run_parameter(run: RunFolder, label: str) -> Any:
+    """The value of a grid parameter for one run (None when it cannot be found)."""
+    if label == "train samples":
+        split = run.metrics.get("split")
+        if isinstance(split, dict) and isinstance(split.get("train"), int):
+            return split["train"]
+    keys = dict(GRID_PARAMETERS)[label]
+    value = find_key(run.config, *keys)
+    if label == "epochs" and value is None:
+        value = run.metrics.get("epochs_completed")
+    if isinstance(value, list):
+        # no hidden layer plots as 0; several as a category "100-50"
+        value = (value[0] if len(value) == 1 else "-".join(map(str, value))) if value else 0
+    if isinstance(value, (dict, bool)):  # a TOML table of that name, or a flag: not a size
+        return None
+    return value
+
+
+def grid_training_curves_figure(grid: GridFolder) -> Figure:
+    """Loss and test accuracy per epoch of every run of the grid on shared axes."""
+    runs = [r for r in grid.runs if r.history is not None]
+    with _figure("grid_training_curves") as fig:
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        colors = _run_colors(len(runs))
+        any_acc = False
+        for run, color in zip(runs, colors, strict=True):
+            h = run.history
+            ax_loss.plot(h["epoch"], h["loss"], color=color, lw=1.5, label=run.name)
+            ok = np.isfinite(h["test_acc"])
+            if ok.any():
+                ax_acc.plot(h["epoch"][ok], 100 * h["test_acc"][ok], color=color, lw=1.5)
+                any_acc = True
+        losses = np.concatenate([r.history["loss"] for r in runs]) if runs else np.array([])
+        finite = losses[np.isfinite(losses)]
+        if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+            ax_loss.set_yscale("log")
+        ax_loss.set_title("loss")
+        ax_loss.set_xlabel("epoch")
+        ax_loss.grid(True)
+        ax_acc.set_title("test accuracy")
+        if any_acc:
+            ax_acc.set_xlabel("epoch")
+            ax_acc.set_ylabel("accuracy (%)")
+            ax_acc.grid(True)
+        else:
+            _no_data(ax_acc, "no test accuracy recorded during training")
+        if runs:
+            fig.legend(loc="outside right upper", fontsize=9 if len(runs) > 8 else 10)
+        else:
+            _no_data(ax_loss, "no run has a history.csv")
+        fig.suptitle(f"Training curves: {grid.name}")
+    return fig
+
+
+def _run_colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "viridis"]
+    return [cmap(i) if n <= 10 else cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def grid_varied_parameters(grid: GridFolder) -> dict[str, list[tuple[Any, float, str]]]:
+    """For each parameter taking more than one value in the grid: (value, accuracy, run)."""
+    varied = {}
+    for label, _ in GRID_PARAMETERS:
+        points = []
+        for run in grid.runs:
+            acc, value = run_accuracy(run), run_parameter(run, label)
+            if acc is not None and value is not None:
+                points.append((value, acc, run.name))
+        if len({v for v, _, _ in points}) > 1:
+            varied[label] = points
+    return varied
+
+
+def grid_accuracy_figure(
+    grid: GridFolder, varied: dict[str, list[tuple[Any, float, str]]]
+) -> Figure:
+    """Test accuracy against each parameter the grid varies, one panel each."""
+    with _figure("grid_accuracy") as fig:
+        axes = np.atleast_1d(fig.subplots(1, len(varied)))
+        for ax, (label, points) in zip(axes, varied.items(), strict=True):
+            numeric = all(isinstance(v, (int, float)) for v, _, _ in points)
+            xs = [v if numeric else str(v) for v, _, _ in points]
+            ys = [100 * a for _, a, _ in points]
+            ax.scatter(xs, ys, color=MODEL_COLORS[HANDPROP], s=40, alpha=0.8, zorder=3)
+            if len(points) <= MAX_POINT_LABELS:
+                for x, y, run_name in zip(xs, ys, [r for _, _, r in points], strict=True):
+                    ax.annotate(
+                        run_name,
+                        (x, y),
+                        xytext=(5, 3),
+                        textcoords="offset points",
+                        fontsize=8,
+                        color="0.35",
+                    )
+            # mean accuracy per value: the trend when other parameters vary too
+            values = sorted(set(xs), key=lambda v: (not numeric, v))
+            means = [np.mean([y for x, y in zip(xs, ys, strict=True) if x == v]) for v in values]
+            ax.plot(values, means, color=MODEL_COLORS[HANDPROP], lw=1.5, alpha=0.7)
+            if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+                ax.set_xscale("log")
+            elif numeric:
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+            ax.margins(x=0.15)
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(f"accuracy vs {label}")
+            ax.grid(True)
+        fig.suptitle(f"Test accuracy across the grid: {grid.name}")
+    return fig
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+@dataclass
+class FigureSet:
+    """What a figures call produced: files written (or figures built) and figures skipped."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _load_images(run: RunFolder) -> np.ndarray:
+    """The dataset's images (N, H, W), through handprop.data."""
+    from handprop.data import load_dataset
+
+    if run.dataset is None:
+        raise DataError("the run's config names no dataset")
+    return load_dataset(run.dataset, data_dir=run.data_dir).images
+
+
+def build_run_figures(run: RunFolder) -> tuple[list[tuple[str, Figure]], list[str]]:
+    """All figures of a run folder, as (file stem, Figure), and the reasons for skips.
+
+    Raises
+    ------
+    HandpropError
+        ``predictions.csv`` (or a comparison file) is missing or malformed.
+    """
+    models = run.models
+    names = run.class_names
+    figures: list[tuple[str, Figure]] = []
+    skipped: list[str] = []
+    for model, P in models.items():
+        figures.append((f"confusion_{model}", confusion_figure(P, names, model)))
+    figures.append(("per_class_metrics", per_class_figure(models, names)))
+    if run.history is not None and run.history["epoch"].size:
+        figures.append(("training_curves", training_curves_figure(run.history)))
+    else:
+        skipped.append("training_curves: the run has no history.csv")
+    figures.append(("correct_incorrect", correct_incorrect_figure(models)))
+    figures.append(("top_confusions", top_confusions_figure(models, names)))
+    try:
+        images = _load_images(run)
+        P = models[HANDPROP]
+        if images.ndim != 3 or P.index.min() < 0 or P.index.max() >= len(images):
+            raise DataError(
+                f"the dataset's images {images.shape} do not match the indices in {P.path}"
+            )
+        figures.append(("misclassified", misclassified_figure(P, images, names)))
+    except (HandpropError, ImportError, OSError, KeyError, ValueError) as exc:
+        skipped.append(f"misclassified: cannot load the dataset's images: {exc}")
+    return figures, skipped
+
+
+def build_grid_figures(grid: GridFolder) -> tuple[list[tuple[str, Figure]], list[str]]:
+    """The figures of an experiment grid, as (file stem, Figure), and the reasons for skips."""
+    figures: list[tuple[str, Figure]] = []
+    skipped: list[str] = []
+    if any(r.history is not None for r in grid.runs):
+        figures.append(("grid_training_curves", grid_training_curves_figure(grid)))
+    else:
+        skipped.append("grid_training_curves: no run of the grid has a history.csv")
+    varied = grid_varied_parameters(grid)
+    if varied:
+        figures.append(("grid_accuracy", grid_accuracy_figure(grid, varied)))
+    else:
+        skipped.append("grid_accuracy: the grid varies neither data size, epochs nor hidden size")
+    return figures, skipped
+
+
+def build_figures(path: str | Path) -> tuple[list[tuple[str, Figure]], list[str]]:
+    """Figures of a run folder or of an experiment grid (whichever ``path`` is)."""
+    if is_grid(path):
+        return build_grid_figures(GridFolder(path))
+    return build_run_figures(RunFolder(path))
+
+
+def write_figures(
+    path: str | Path,
+    out: str | Path | None = None,
+    on_figure: Callable[[Path], None] | None = None,
+) -> FigureSet:
+    """Write every figure of a run folder or grid as PNG into ``out`` (default PATH/figures).
+
+    Parameters
+    ----------
+    path : the run folder or experiment grid
+    out : the folder for the PNG files; created if needed
+    on_figure : called with each file's path as soon as it is written
+
+    Returns
+    -------
+    FigureSet
+        The files written, in order, and one message per figure skipped.
+    """
+    figures, skipped = build_figures(path)
+    folder = Path(out) if out is not None else Path(path) / "figures"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{folder}: cannot create the figures folder: {exc.strerror}") from None
+    result = FigureSet(skipped=skipped)
+    for stem, fig in figures:
+        written = save_png(fig, folder / f"{stem}.png")
+        result.written.append(written)
+        if on_figure is not None:
+            on_figure(written)
+    return result

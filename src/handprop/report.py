@@ -1,0 +1,300 @@
+"""One self-contained HTML page for a run folder or an experiment grid.
+
+Everything the page shows is inside it: figures as base64 ``data:`` PNGs, CSS inline,
+no script, font or link to another file, so the page can be mailed, archived or opened
+offline and still show the whole run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from handprop import __version__
+from handprop.atomic import atomic_write_text
+from handprop.errors import ConfigError
+from handprop.evaluate import (
+    COMPARISON_HEADER,
+    PER_CLASS_HEADER,
+    comparison_rows,
+    evaluate_run,
+    overall_rows,
+)
+from handprop.figures import (
+    build_grid_figures,
+    build_run_figures,
+    png_bytes,
+    run_accuracy,
+    training_curves_figure,
+)
+from handprop.runs import MODEL_LABELS, GridFolder, RunFolder, is_grid
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1250px; margin: 2em auto; padding: 0 1.5em; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; }
+h2 { font-size: 1.3em; margin-top: 2em; border-bottom: 2px solid #1f77b4; padding-bottom: 0.2em; }
+h3 { font-size: 1.05em; margin-top: 1.4em; }
+.meta { color: #666; font-size: 0.9em; }
+.status { display: inline-block; padding: 0.1em 0.6em; border-radius: 0.8em; color: white;
+          background: #4c9a5b; font-size: 0.9em; }
+.status.bad { background: #c44e52; }
+nav a { margin-right: 1.2em; color: #1f77b4; text-decoration: none; }
+table { border-collapse: collapse; margin: 0.6em 0 1em; font-size: 0.92em; }
+th, td { padding: 0.3em 0.8em; border-bottom: 1px solid #ddd; text-align: right; }
+th { background: #f3f6fa; }
+th:first-child, td:first-child { text-align: left; }
+tr.avg td { font-style: italic; background: #fafafa; }
+figure { margin: 1.2em 0 2em; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
+.accuracy { font-size: 2.2em; font-weight: bold; color: #1f77b4; }
+.columns { display: flex; flex-wrap: wrap; gap: 2.5em; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def html_table(
+    header: Sequence[Any],
+    rows: Sequence[Sequence[Any]],
+    row_classes: Sequence[str] | None = None,
+) -> str:
+    """An HTML table with every cell escaped."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{_esc(row_classes[i])}"' if row_classes and row_classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested config dict as (dotted key, value) pairs, in file order."""
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items.extend(flatten(value, f"{name}."))
+        else:
+            items.append((name, value))
+    return items
+
+
+def figure_html(fig: Figure, caption: str, anchor: str) -> str:
+    """A <figure> with the PNG embedded as a base64 data: URI."""
+    data = base64.b64encode(png_bytes(fig)).decode("ascii")
+    return (
+        f'<figure id="{_esc(anchor)}"><img alt="{_esc(caption)}" '
+        f'src="data:image/png;base64,{data}"><figcaption>{_esc(caption)}</figcaption></figure>'
+    )
+
+
+FIGURE_CAPTIONS = {
+    "per_class_metrics": "Per-class precision, recall and F1 of every model.",
+    "training_curves": "Loss and accuracy per epoch (history.csv).",
+    "correct_incorrect": "Correct and incorrect test predictions per model.",
+    "top_confusions": "The most frequent confusions, counted for every model.",
+    "misclassified": "The most confident mistakes on the test set.",
+    "grid_training_curves": "Loss and test accuracy per epoch of every run.",
+    "grid_accuracy": "Test accuracy against each parameter the grid varies.",
+}
+
+
+def _caption(stem: str) -> str:
+    if stem.startswith("confusion_"):
+        model = stem.removeprefix("confusion_")
+        return f"Confusion matrix of {MODEL_LABELS.get(model, model)}: counts and row-normalized."
+    return FIGURE_CAPTIONS.get(stem, stem)
+
+
+def _figures_section(figures: list[tuple[str, Figure]], skipped: list[str]) -> str:
+    parts = ['<h2 id="figures">Figures</h2>']
+    parts += [figure_html(fig, _caption(stem), f"fig-{stem}") for stem, fig in figures]
+    if skipped:
+        parts.append("<p class='meta'>Not shown: " + "; ".join(_esc(s) for s in skipped) + "</p>")
+    return "\n".join(parts)
+
+
+def _page(title: str, nav: list[tuple[str, str]], body: str) -> str:
+    links = "".join(f'<a href="#{_esc(a)}">{_esc(t)}</a>' for a, t in nav)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n"
+        f"<h1>{_esc(title)}</h1>\n"
+        f'<p class="meta">handprop {_esc(__version__)} · generated {stamp}</p>\n'
+        f"<nav>{links}</nav>\n{body}\n</body></html>\n"
+    )
+
+
+def _status_html(metrics: dict[str, Any]) -> str:
+    status = metrics.get("status") or "unknown"
+    cls = "status" if status == "completed" else "status bad"
+    text = f'<span class="{cls}">{_esc(status)}</span>'
+    if metrics.get("message"):
+        text += f" <span class='meta'>{_esc(metrics['message'])}</span>"
+    return f"<p>{text}</p>"
+
+
+def _run_facts(metrics: dict[str, Any]) -> list[list[str]]:
+    """Training facts from metrics.json worth a row of their own."""
+    facts = []
+    for key, label in (
+        ("dataset", "dataset"),
+        ("epochs_completed", "epochs completed"),
+        ("final_loss", "final loss"),
+        ("train_seconds", "training time (s)"),
+        ("n_params", "parameters"),
+    ):
+        if metrics.get(key) is not None:
+            value = metrics[key]
+            facts.append([label, f"{value:.4g}" if isinstance(value, float) else str(value)])
+    split = metrics.get("split")
+    if isinstance(split, dict):
+        facts.append(["split", ", ".join(f"{k} {v}" for k, v in split.items())])
+    return facts
+
+
+def _per_class_html(m: dict[str, Any]) -> str:
+    pc = m["per_class"]
+    rows: list[list[Any]] = [
+        [name, f"{p:.4f}", f"{r:.4f}", f"{f:.4f}", s]
+        for name, p, r, f, s in zip(
+            m["class_names"], pc["precision"], pc["recall"], pc["f1"], pc["support"], strict=True
+        )
+    ]
+    classes = [""] * len(rows)
+    for avg in ("macro", "weighted"):
+        a = m["averages"][avg]
+        rows.append(
+            [f"{avg} avg", f"{a['precision']:.4f}", f"{a['recall']:.4f}", f"{a['f1']:.4f}", m["n"]]
+        )
+        classes.append("avg")
+    return html_table(PER_CLASS_HEADER, rows, classes)
+
+
+def run_report_html(run: RunFolder | str | Path) -> str:
+    """The HTML page of one run folder (a string)."""
+    if not isinstance(run, RunFolder):
+        run = RunFolder(run)
+    if not run.has("predictions.csv") and run.metrics.get("status") in ("diverged", "interrupted"):
+        return _unfinished_report_html(run)
+    result = evaluate_run(run)
+    hp = result["models"]["handprop"]
+    figures, skipped = build_run_figures(run)
+    nav = [("summary", "Summary")]
+    parts = [
+        '<h2 id="summary">Summary</h2>',
+        _status_html(run.metrics),
+        f'<p><span class="accuracy">{100 * hp["accuracy"]:.2f}%</span> '
+        f"test accuracy ({hp['n_correct']} of {hp['n']} correct)</p>",
+    ]
+    facts = _run_facts(run.metrics)
+    if facts:
+        parts.append(html_table(("fact", "value"), facts))
+    if len(result["models"]) > 1:
+        nav.append(("comparison", "Comparison"))
+        parts += [
+            '<h2 id="comparison">Comparison with scikit-learn</h2>',
+            "<p>Every model scored on the same test samples.</p>",
+            html_table(COMPARISON_HEADER, comparison_rows(result)),
+        ]
+    nav += [("config", "Config"), ("metrics", "Metrics"), ("figures", "Figures")]
+    parts.append('<h2 id="config">Config</h2>')
+    if run.config:
+        parts.append(html_table(("setting", "value"), flatten(run.config)))
+    else:
+        parts.append("<p class='meta'>The run folder has no config.toml.</p>")
+    pairs = [[c["true"], c["pred"], c["count"]] for c in hp["top_confusions"]]
+    parts += [
+        '<h2 id="metrics">Metrics</h2><div class="columns"><div>',
+        "<h3>Overall</h3>",
+        html_table(("metric", "value"), overall_rows(hp)),
+        "</div><div><h3>Most confused pairs</h3>",
+        html_table(("true", "predicted", "count"), pairs) if pairs else "<p>None.</p>",
+        "</div></div><h3>Per class</h3>",
+        _per_class_html(hp),
+    ]
+    parts.append(_figures_section(figures, skipped))
+    return _page(f"handprop run: {run.name}", nav, "\n".join(parts))
+
+
+def _unfinished_report_html(run: RunFolder) -> str:
+    """A diverged or interrupted run has no predictions: show why, its config and curves."""
+    parts = ['<h2 id="summary">Summary</h2>', _status_html(run.metrics)]
+    facts = _run_facts(run.metrics)
+    if facts:
+        parts.append(html_table(("fact", "value"), facts))
+    parts.append('<h2 id="config">Config</h2>')
+    parts.append(html_table(("setting", "value"), flatten(run.config)) if run.config else "")
+    figures, skipped = [], ["every figure of the test predictions: the run wrote none"]
+    if run.history is not None and run.history["epoch"].size:
+        figures.append(("training_curves", training_curves_figure(run.history)))
+    parts.append(_figures_section(figures, skipped))
+    nav = [("summary", "Summary"), ("config", "Config"), ("figures", "Figures")]
+    return _page(f"handprop run: {run.name}", nav, "\n".join(parts))
+
+
+def _grid_runs_table(grid: GridFolder) -> str:
+    rows = []
+    for run in grid.runs:
+        m = run.metrics
+        acc = run_accuracy(run)
+        rows.append(
+            [
+                run.name,
+                m.get("status") or "unknown",
+                f"{100 * acc:.2f}%" if acc is not None else "",
+                m.get("epochs_completed", ""),
+                f"{m['train_seconds']:.1f}"
+                if isinstance(m.get("train_seconds"), (int, float))
+                else "",
+            ]
+        )
+    return html_table(("run", "status", "accuracy", "epochs", "training time (s)"), rows)
+
+
+def grid_report_html(grid: GridFolder | str | Path) -> str:
+    """The HTML page of an experiment grid (a string)."""
+    if not isinstance(grid, GridFolder):
+        grid = GridFolder(grid)
+    figures, skipped = build_grid_figures(grid)
+    parts = ['<h2 id="summary">Summary</h2>']
+    if grid.summary is not None:
+        header, rows = grid.summary
+        parts.append(html_table(header, rows))
+    else:
+        parts.append("<p class='meta'>The grid folder has no summary.csv.</p>")
+    parts += ['<h2 id="runs">Runs</h2>', _grid_runs_table(grid)]
+    parts.append(_figures_section(figures, skipped))
+    nav = [("summary", "Summary"), ("runs", "Runs"), ("figures", "Figures")]
+    return _page(f"handprop experiment grid: {grid.name}", nav, "\n".join(parts))
+
+
+def report_html(path: str | Path) -> str:
+    """The HTML page of a run folder or of an experiment grid (whichever ``path`` is)."""
+    return grid_report_html(path) if is_grid(path) else run_report_html(path)
+
+
+def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report of a run folder or grid to ``out`` (default PATH/report.html).
+
+    The page is written under a temporary name in the same folder and renamed into
+    place, so a reader never sees half a page.
+    """
+    page = report_html(path)
+    out = Path(out) if out is not None else Path(path) / "report.html"
+    try:
+        atomic_write_text(out, page)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write the report: {exc.strerror}") from None
+    return out

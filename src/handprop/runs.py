@@ -1,0 +1,434 @@
+"""Reading run folders and experiment grids written by ``handprop train``/``experiments``.
+
+The layout is the contract in ``docs/formats.md``. Readers validate at this boundary, so
+that evaluate, figures and report can trust the arrays: a malformed file raises
+:class:`~handprop.errors.DataError` (or :class:`~handprop.errors.ConfigError` for the
+config and for a folder named on the command line) naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handprop.errors import ConfigError, DataError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+#: the model whose predictions are ``predictions.csv``
+HANDPROP = "handprop"
+
+#: comparison models (``handprop compare``): name -> file name in the run folder
+COMPARISON_FILES = {
+    "sklearn_default": "predictions_sklearn_default.csv",
+    "sklearn_analogue": "predictions_sklearn_analogue.csv",
+}
+
+#: how each model is named in tables and legends
+MODEL_LABELS = {
+    HANDPROP: "handprop",
+    "sklearn_default": "scikit-learn (default)",
+    "sklearn_analogue": "scikit-learn (analogue)",
+}
+
+HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_acc", "seconds")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The rows of one ``predictions.csv``.
+
+    Attributes
+    ----------
+    index : ndarray of shape (n,) int64    each test sample's index into the dataset
+    y_true : ndarray of shape (n,) int64   true class ids in [0, k)
+    y_pred : ndarray of shape (n,) int64   predicted class ids in [0, k)
+    P : ndarray of shape (n, k) float64    predicted probability of every class
+    path : Path                            the file read
+    """
+
+    index: np.ndarray
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    P: np.ndarray
+    path: Path
+
+    @property
+    def k(self) -> int:
+        """Number of classes (probability columns)."""
+        return int(self.P.shape[1])
+
+    @property
+    def n(self) -> int:
+        """Number of test samples."""
+        return int(self.y_true.shape[0])
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """(n,) the probability given to the predicted class."""
+        return self.P[np.arange(self.n), self.y_pred]
+
+
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of every non-blank line of a CSV file."""
+    try:
+        f = path.open(newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    with f:
+        reader = csv.reader(f)
+        try:
+            for cells in reader:
+                if cells and any(c.strip() for c in cells):
+                    yield reader.line_num, [c.strip() for c in cells]
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} line {reader.line_num + 1}: not valid CSV: {exc}") from None
+
+
+def _int(path: Path, line: int, column: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise DataError(
+            f"{path} line {line}, column {column}: expected an integer, got {text!r}"
+        ) from None
+
+
+def _float(path: Path, line: int, column: str, text: str, allow_empty: bool = False) -> float:
+    if allow_empty and text == "":
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+        text_ok = False
+    else:
+        text_ok = math.isfinite(value)
+    if not text_ok:
+        raise DataError(
+            f"{path} line {line}, column {column}: expected a finite number, got {text!r}"
+        )
+    return value
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """Read and validate a ``predictions.csv`` (``index,true,pred,p0,...,p{k-1}``).
+
+    Raises
+    ------
+    DataError
+        The file is missing or empty, its header is not the contract's, a row has the
+        wrong number of columns, a cell is not a number, or a class id is out of [0, k).
+    """
+    path = Path(path)
+    rows = _rows(path)
+    try:
+        line, header = next(rows)
+    except StopIteration:
+        raise DataError(f"{path}: file is empty, expected header index,true,pred,p0,...") from None
+    k = len(header) - 3
+    expected = ["index", "true", "pred"] + [f"p{j}" for j in range(max(k, 0))]
+    if k < 1 or header != expected:
+        raise DataError(
+            f"{path} line {line}: expected header index,true,pred,p0,...,p{{k-1}}, "
+            f"got {','.join(header)!r}"
+        )
+    ints: list[tuple[int, int, int]] = []
+    probs: list[list[float]] = []
+    for line, cells in rows:
+        if len(cells) != k + 3:
+            raise DataError(f"{path} line {line}: expected {k + 3} columns, got {len(cells)}")
+        i, t, p = (_int(path, line, name, c) for name, c in zip(header[:3], cells[:3], strict=True))
+        for name, value in (("true", t), ("pred", p)):
+            if not 0 <= value < k:
+                raise DataError(
+                    f"{path} line {line}, column {name}: class id must be in [0, {k}), got {value}"
+                )
+        ints.append((i, t, p))
+        probs.append([_float(path, line, header[3 + j], c) for j, c in enumerate(cells[3:])])
+    if not ints:
+        raise DataError(f"{path}: no prediction rows after the header")
+    ids = np.array(ints, dtype=np.int64)
+    return Predictions(
+        index=ids[:, 0],
+        y_true=ids[:, 1],
+        y_pred=ids[:, 2],
+        P=np.array(probs, dtype=np.float64),
+        path=path,
+    )
+
+
+def read_history(path: str | Path) -> dict[str, np.ndarray]:
+    """Read ``history.csv`` into float64 columns (NaN where a cell is empty).
+
+    ``epoch`` and ``loss`` are required; ``train_acc``, ``test_acc`` and ``seconds`` are
+    NaN-filled when the column is absent, so plots need not special-case old runs.
+
+    Raises
+    ------
+    DataError
+        Missing file, missing required column, wrong column count or a non-number.
+    """
+    path = Path(path)
+    rows = _rows(path)
+    try:
+        line, header = next(rows)
+    except StopIteration:
+        raise DataError(
+            f"{path}: file is empty, expected header {','.join(HISTORY_COLUMNS)}"
+        ) from None
+    for required in ("epoch", "loss"):
+        if required not in header:
+            raise DataError(
+                f"{path} line {line}: header lacks column {required!r}, got {','.join(header)!r}"
+            )
+    columns: dict[str, list[float]] = {name: [] for name in header}
+    for line, cells in rows:
+        if len(cells) != len(header):
+            raise DataError(f"{path} line {line}: expected {len(header)} columns, got {len(cells)}")
+        for name, cell in zip(header, cells, strict=True):
+            required = name in ("epoch", "loss")
+            # a diverged run logs its non-finite loss: keep it readable as NaN
+            if name == "loss" and cell.lower() in ("nan", "inf", "-inf"):
+                columns[name].append(math.nan)
+                continue
+            columns[name].append(_float(path, line, name, cell, allow_empty=not required))
+    n = len(columns["epoch"])
+    history = {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
+    for name in HISTORY_COLUMNS:
+        history.setdefault(name, np.full(n, np.nan))
+    return history
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object (``metrics.json``); DataError names the line of a syntax error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Read ``config.toml`` as a plain dict; ConfigError names the line of a syntax error."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        # the message ends with "(at line L, column C)"
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def read_table(path: str | Path) -> tuple[list[str], list[list[str]]]:
+    """A CSV file (``summary.csv``) as its header and its rows of text cells."""
+    path = Path(path)
+    rows = list(_rows(path))
+    if not rows:
+        raise DataError(f"{path}: file is empty")
+    header = rows[0][1]
+    body = []
+    for line, cells in rows[1:]:
+        if len(cells) != len(header):
+            raise DataError(f"{path} line {line}: expected {len(header)} columns, got {len(cells)}")
+        body.append(cells)
+    return header, body
+
+
+def find_key(tree: Any, *names: str) -> Any:
+    """The value of the first of ``names`` found in a nested dict, depth-first; else None.
+
+    The config is read as a plain dict whose table layout belongs to ``handprop.config``;
+    looking keys up by name keeps this module working whether a field sits at the top
+    level or in a ``[data]``/``[model]`` table.
+    """
+    if not isinstance(tree, dict):
+        return None
+    for name in names:
+        if name in tree:
+            return tree[name]
+    for value in tree.values():
+        found = find_key(value, *names)
+        if found is not None:
+            return found
+    return None
+
+
+def _require_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: {what} not found")
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a folder; expected a {what}")
+    return path
+
+
+class RunFolder:
+    """A run folder written by ``handprop train``; each file is read once, on first use.
+
+    Parameters
+    ----------
+    path : str or Path   the folder
+
+    Raises
+    ------
+    ConfigError
+        ``path`` does not exist or is not a folder.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = _require_dir(path, "run folder")
+
+    @property
+    def name(self) -> str:
+        """The folder's name (the run's name in a grid)."""
+        return self.path.name
+
+    def has(self, filename: str) -> bool:
+        """Whether the folder holds ``filename``."""
+        return (self.path / filename).is_file()
+
+    @cached_property
+    def metrics(self) -> dict[str, Any]:
+        """``metrics.json``, or {} when the run has none (yet)."""
+        return read_json(self.path / "metrics.json") if self.has("metrics.json") else {}
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """``config.toml`` as a dict, or {} when absent."""
+        return read_config(self.path / "config.toml") if self.has("config.toml") else {}
+
+    @cached_property
+    def history(self) -> dict[str, np.ndarray] | None:
+        """``history.csv`` columns, or None when absent."""
+        return read_history(self.path / "history.csv") if self.has("history.csv") else None
+
+    @cached_property
+    def predictions(self) -> Predictions:
+        """``predictions.csv``; DataError when missing, naming the run's status if known."""
+        if not self.has("predictions.csv"):
+            status = self.metrics.get("status") if self.has("metrics.json") else None
+            hint = f" (metrics.json says the run is {status})" if status else ""
+            if (self.path / "summary.csv").is_file():
+                hint = " (this is an experiment grid; name one of its run folders)"
+            raise DataError(f"{self.path / 'predictions.csv'}: file not found{hint}")
+        return read_predictions(self.path / "predictions.csv")
+
+    @cached_property
+    def comparisons(self) -> dict[str, Predictions]:
+        """Predictions of the scikit-learn comparison models present, in a fixed order."""
+        found = {}
+        for model, filename in COMPARISON_FILES.items():
+            if self.has(filename):
+                P = read_predictions(self.path / filename)
+                self._check_same_test_set(P)
+                found[model] = P
+        return found
+
+    @property
+    def models(self) -> dict[str, Predictions]:
+        """handprop's predictions first, then every comparison model's."""
+        return {HANDPROP: self.predictions, **self.comparisons}
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """From ``metrics.json`` when it names k classes, else "0" ... "k-1"."""
+        k = self.predictions.k
+        names = self.metrics.get("class_names")
+        if isinstance(names, list) and len(names) == k:
+            return [str(name) for name in names]
+        return [str(j) for j in range(k)]
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset's name from the config (or metrics.json)."""
+        name = find_key(self.config, "dataset")
+        if isinstance(name, dict):  # a [dataset] table
+            name = find_key(name, "name")
+        if name is None:
+            name = self.metrics.get("dataset")
+        return str(name) if name is not None else None
+
+    @property
+    def data_dir(self) -> str | None:
+        """The config's data directory, or None for the default."""
+        value = find_key(self.config, "data_dir")
+        return str(value) if value not in (None, "") else None
+
+    def _check_same_test_set(self, other: Predictions) -> None:
+        # side-by-side numbers only mean something on the very same test samples
+        own = self.predictions
+        if other.k != own.k or not np.array_equal(other.index, own.index):
+            raise DataError(
+                f"{other.path}: not the same test samples as {own.path} "
+                f"({other.n} rows of {other.k} classes vs {own.n} rows of {own.k})"
+            )
+
+
+def is_run(path: str | Path) -> bool:
+    """Whether ``path`` looks like a run folder (holds a run's config, metrics or predictions)."""
+    path = Path(path)
+    return path.is_dir() and any(
+        (path / f).is_file() for f in ("predictions.csv", "metrics.json", "config.toml")
+    )
+
+
+def is_grid(path: str | Path) -> bool:
+    """Whether ``path`` is an experiment grid: a summary.csv or run folders inside."""
+    path = Path(path)
+    if not path.is_dir() or (path / "predictions.csv").is_file():
+        return False
+    return (path / "summary.csv").is_file() or any(is_run(sub) for sub in path.iterdir())
+
+
+class GridFolder:
+    """An experiment grid written by ``handprop experiments``: run folders and summary.csv.
+
+    Raises
+    ------
+    ConfigError
+        ``path`` does not exist, is not a folder, or holds no run folder.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = _require_dir(path, "experiment grid folder")
+        self.runs = [RunFolder(sub) for sub in sorted(self.path.iterdir()) if is_run(sub)]
+        if not self.runs:
+            raise ConfigError(f"{self.path}: no run folders inside; expected an experiment grid")
+
+    @property
+    def name(self) -> str:
+        """The folder's name."""
+        return self.path.name
+
+    @cached_property
+    def summary(self) -> tuple[list[str], list[list[str]]] | None:
+        """``summary.csv`` as (header, rows), or None when absent."""
+        path = self.path / "summary.csv"
+        return read_table(path) if path.is_file() else None

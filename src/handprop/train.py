@@ -1,0 +1,567 @@
+"""The training loop and the run folder.
+
+``train_run`` turns one validated :class:`~handprop.config.RunConfig` into a run folder
+(see ``docs/formats.md``): it loads and splits the data, builds the network, runs
+gradient descent with a live progress bar, guards against divergence, checkpoints on
+Ctrl-C, and writes the model, history, predictions and metrics, each file atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handprop import nn
+from handprop.atomic import atomic_write_bytes, atomic_write_text
+from handprop.config import RunConfig, load_config, to_toml
+from handprop.errors import ConfigError, DivergenceError
+from handprop.metrics import classification_metrics
+
+HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_acc", "seconds")
+
+CONFIG_FILE = "config.toml"
+MODEL_FILE = "model.npz"
+SPLIT_FILE = "split.npz"
+HISTORY_FILE = "history.csv"
+PREDICTIONS_FILE = "predictions.csv"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.npz"
+
+
+@dataclass
+class Split:
+    """The data of one run: normalized features and labels, with their dataset indices."""
+
+    X_train: np.ndarray  # (n_train, features) in the network's dtype
+    y_train: np.ndarray  # (n_train,) int64
+    X_test: np.ndarray  # (n_test, features)
+    y_test: np.ndarray  # (n_test,)
+    train_idx: np.ndarray  # (n_train,) indices into the dataset
+    test_idx: np.ndarray  # (n_test,)
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, ...]
+    pixel_max: float
+    source: str
+    X_val: np.ndarray | None = None  # held out of training for early stopping
+    y_val: np.ndarray | None = None
+    val_idx: np.ndarray | None = None
+
+
+@dataclass
+class RunResult:
+    """What a finished (or failed) run reports back."""
+
+    run_dir: Path
+    status: str  # "completed", "diverged" or "interrupted"
+    epochs_completed: int
+    accuracy: float | None = None
+    final_loss: float | None = None
+    train_seconds: float = 0.0
+    message: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def split_indices(cfg: RunConfig, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices into ``dataset`` as the config asks."""
+    from handprop.data import original_split, standard_split
+
+    if cfg.split == "standard":
+        train_idx, test_idx = standard_split(dataset)
+        if cfg.train is not None:
+            train_idx = train_idx[: cfg.train]
+        if cfg.test is not None:
+            test_idx = test_idx[: cfg.test]
+        return train_idx, test_idx
+    return original_split(len(dataset.labels), cfg.total, cfg.train, cfg.test, cfg.seed)
+
+
+def carve_validation(cfg: RunConfig, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``cfg.validation`` of the training indices off, at random from the seed."""
+    n_val = round(cfg.validation * len(train_idx))
+    if cfg.validation and not 1 <= n_val < len(train_idx):
+        raise ConfigError(
+            f"validation = {cfg.validation} of {len(train_idx)} training samples leaves "
+            f"{n_val} for validation and {len(train_idx) - n_val} for training; both need >= 1"
+        )
+    order = np.random.default_rng([cfg.seed, 1]).permutation(len(train_idx))
+    return np.sort(train_idx[order[n_val:]]), np.sort(train_idx[order[:n_val]])
+
+
+def load_split(cfg: RunConfig, progress: bool = True) -> Split:
+    """Load the config's dataset, split it, and normalize only the samples used."""
+    from handprop.data import load_dataset, normalize
+
+    ds = load_dataset(cfg.dataset, cfg.data_dir, progress=progress)
+    train_idx, test_idx = split_indices(cfg, ds)
+    train_idx, test_idx = np.asarray(train_idx, np.int64), np.asarray(test_idx, np.int64)
+    val_idx = None
+    if cfg.validation:
+        train_idx, val_idx = carve_validation(cfg, train_idx)
+    dtype = nn.network.resolve_dtype(cfg.dtype)
+
+    def features(idx: np.ndarray | None) -> np.ndarray | None:
+        return None if idx is None else normalize(ds.images[idx], ds.pixel_max, dtype=dtype)
+
+    def labels(idx: np.ndarray | None) -> np.ndarray | None:
+        return None if idx is None else ds.labels[idx].astype(np.int64)
+
+    return Split(
+        X_train=features(train_idx),
+        y_train=labels(train_idx),
+        X_test=features(test_idx),
+        y_test=labels(test_idx),
+        train_idx=train_idx,
+        test_idx=test_idx,
+        class_names=tuple(ds.class_names),
+        image_shape=tuple(ds.image_shape),
+        pixel_max=float(ds.pixel_max),
+        source=str(ds.source),
+        X_val=features(val_idx),
+        y_val=labels(val_idx),
+        val_idx=val_idx,
+    )
+
+
+def build_network(cfg: RunConfig, data: Split) -> nn.Network:
+    """The network the config describes, sized for the data, initialised from the seed."""
+    spec = [data.X_train.shape[1], *cfg.hidden, len(data.class_names)]
+    meta = {
+        "dataset": cfg.dataset,
+        "class_names": list(data.class_names),
+        "image_shape": list(data.image_shape),
+        "pixel_max": data.pixel_max,
+    }
+    return nn.Network.from_spec(
+        spec,
+        activation=list(cfg.activation),
+        loss=cfg.loss,
+        init=cfg.init,
+        dtype=cfg.dtype,
+        rng=np.random.default_rng(cfg.seed),
+        meta=meta,
+        dropout=list(cfg.dropout),
+    )
+
+
+def build_optimizer(cfg: RunConfig, net: nn.Network) -> nn.Optimizer:
+    """The config's optimizer over ``net``'s flat vectors; weight decay spares biases."""
+    kwargs: dict[str, Any] = {"weight_decay": cfg.weight_decay}
+    if cfg.weight_decay:
+        kwargs["decay_mask"] = net.layout.mask(("W",))
+    if cfg.optimizer in ("momentum", "nesterov"):
+        kwargs["momentum"] = cfg.momentum
+    elif cfg.optimizer == "adam":
+        kwargs.update(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
+    elif cfg.optimizer == "rmsprop":
+        kwargs.update(rho=cfg.rho, eps=cfg.eps)
+    return nn.OPTIMIZERS[cfg.optimizer](cfg.learning_rate, **kwargs)
+
+
+def build_schedule(cfg: RunConfig) -> nn.Schedule:
+    return nn.Schedule(
+        cfg.schedule, cfg.epochs, gamma=cfg.gamma, step_size=cfg.step_size, warmup=cfg.warmup
+    )
+
+
+# -- run folder files ------------------------------------------------------------------
+
+
+def new_run_dir(cfg: RunConfig, default_name: str) -> Path:
+    """A fresh folder under ``cfg.out``: NAME, or NAME-2, NAME-3, ... if taken."""
+    base = Path(cfg.out)
+    name = cfg.name or default_name
+    candidate, k = base / name, 1
+    while candidate.exists():
+        k += 1
+        candidate = base / f"{name}-{k}"
+    return candidate
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return format(value, fmt)
+
+
+def history_csv(history: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """history.csv: one row per epoch; empty cells where nothing was measured."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    formats = {"epoch": "d", "loss": "r", "val_loss": "r", "seconds": ".4f"}
+    for row in history:
+        writer.writerow(
+            [
+                repr(float(row[c]))
+                if formats.get(c) == "r" and row.get(c) is not None
+                else _cell(row.get(c), formats.get(c, ".6f"))
+                for c in columns
+            ]
+        )
+    return buf.getvalue()
+
+
+def predictions_csv(test_idx: np.ndarray, y: np.ndarray, P: np.ndarray) -> str:
+    """``index,true,pred,p0..p{k-1}``: one row per test sample."""
+    k = P.shape[1]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["index", "true", "pred", *(f"p{j}" for j in range(k))])
+    pred = P.argmax(axis=1)
+    for i in range(len(y)):
+        writer.writerow(
+            [int(test_idx[i]), int(y[i]), int(pred[i]), *(f"{p:.6g}" for p in P[i].tolist())]
+        )
+    return buf.getvalue()
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def split_description(cfg: RunConfig, data: Split) -> dict[str, Any]:
+    return {
+        "kind": cfg.split,
+        "total": cfg.total,
+        "train": len(data.y_train),
+        "test": len(data.y_test),
+        "validation": 0 if data.y_val is None else len(data.y_val),
+        "seed": cfg.seed,
+    }
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+class Trainer:
+    """One run: data, network, optimizer, history, and the folder they are written to.
+
+    Each epoch draws its randomness (the mini-batch order, the dropout masks) from a
+    generator seeded by (seed, epoch), so that a run resumed from a checkpoint draws
+    exactly what the uninterrupted run would have.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.data = load_split(cfg, progress=progress)
+        self.net = build_network(cfg, self.data)
+        self.opt = build_optimizer(cfg, self.net)
+        self.schedule = build_schedule(cfg)
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0  # epochs completed
+        self.seconds = 0.0  # training time so far (evaluation included)
+        # early stopping: the best parameters seen on the validation set
+        self.best_params: np.ndarray | None = None
+        self.best_val_loss = math.inf
+        self.best_epoch = 0
+        self.bad_evals = 0  # evaluations since the best one
+        self.stopped_early = False
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        if self.data.y_val is None:
+            return HISTORY_COLUMNS
+        return (*HISTORY_COLUMNS, "val_loss", "val_acc")
+
+    # -- checkpoints
+
+    def save_checkpoint(self) -> None:
+        state = {f"opt_{k}": np.asarray(v) for k, v in self.opt.state_dict().items()}
+        if self.best_params is not None:
+            state["best_params"] = self.best_params
+        save_npz(
+            self.run_dir / CHECKPOINT_FILE,
+            params=self.net.params,
+            epoch=np.array(self.epoch),
+            seconds=np.array(self.seconds),
+            best=np.array([self.best_val_loss, self.best_epoch, self.bad_evals]),
+            **state,
+        )
+        self.write_history()
+
+    def load_checkpoint(self) -> None:
+        from handprop.runs import read_history
+
+        path = self.run_dir / CHECKPOINT_FILE
+        try:
+            with np.load(path, allow_pickle=False) as ck:
+                params = ck["params"]
+                if params.shape != self.net.params.shape or params.dtype != self.net.params.dtype:
+                    raise ConfigError(
+                        f"{path}: checkpoint does not match the run's config "
+                        f"({params.shape} {params.dtype} vs {self.net.params.shape} "
+                        f"{self.net.params.dtype})"
+                    )
+                self.net.params[...] = params
+                self.epoch = int(ck["epoch"])
+                self.seconds = float(ck["seconds"])
+                self.best_val_loss, best_epoch, bad_evals = ck["best"].tolist()
+                self.best_epoch, self.bad_evals = int(best_epoch), int(bad_evals)
+                if "best_params" in ck.files:
+                    self.best_params = ck["best_params"]
+                self.opt.load_state_dict({k[4:]: ck[k] for k in ck.files if k.startswith("opt_")})
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a usable checkpoint ({exc})") from None
+        columns = read_history(self.run_dir / HISTORY_FILE)
+        self.history = [
+            {c: None if np.isnan(v[i]) else float(v[i]) for c, v in columns.items()}
+            for i in range(len(columns["epoch"]))
+            if columns["epoch"][i] <= self.epoch
+        ]
+        for row in self.history:
+            row["epoch"] = int(row["epoch"])
+
+    def write_history(self) -> None:
+        atomic_write_text(self.run_dir / HISTORY_FILE, history_csv(self.history, self.columns))
+
+    # -- training
+
+    def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
+        return float((self.net.predict(X) == y).mean()) if len(y) else float("nan")
+
+    def train_epoch(self, epoch: int) -> tuple[float, float | None]:
+        """One pass over the training set; returns the mean loss and, when it comes
+        for free (full batch, no dropout), the training accuracy before the update."""
+        cfg, net, opt = self.cfg, self.net, self.opt
+        X, y = self.data.X_train, self.data.y_train
+        n = len(y)
+        rng = np.random.default_rng([cfg.seed, epoch])
+        net.set_rng(rng)
+        opt.lr = cfg.learning_rate * self.schedule.factor(epoch)
+        batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
+        total = 0.0
+        train_acc = None
+        if batch == n:
+            # full batch: the original's gradient descent, no shuffling needed
+            out = net.forward(X, training=True)
+            loss, G = net.loss(out, y)
+            self.check_loss(loss, epoch)
+            if not any(isinstance(layer, nn.Dropout) for layer in net.layers):
+                train_acc = float((out.argmax(axis=1) == y).mean())
+            net.backward(G)
+            opt.step(net.params, net.grads)
+            return loss, train_acc
+        order = rng.permutation(n)
+        Xb = np.empty((batch, *X.shape[1:]), dtype=X.dtype)
+        for start in range(0, n, batch):
+            idx = order[start : start + batch]
+            xb = Xb[: len(idx)]
+            np.take(X, idx, axis=0, out=xb)  # into a reused buffer: no allocation
+            yb = y[idx]
+            loss, G = net.loss(net.forward(xb, training=True), yb)
+            self.check_loss(loss, epoch)
+            net.backward(G)
+            opt.step(net.params, net.grads)
+            total += loss * len(idx)
+        return total / n, train_acc
+
+    def check_loss(self, loss: float, epoch: int) -> None:
+        if not math.isfinite(loss):
+            lr = self.cfg.learning_rate
+            raise DivergenceError(
+                f"the loss became {loss} at epoch {epoch} with learning rate {lr:g}; "
+                f"try a smaller learning rate (e.g. {lr / 10:g})",
+                epoch=epoch,
+            )
+
+    def evaluate(self, row: dict[str, Any], train_acc: float | None) -> None:
+        """Accuracies (and validation loss) into ``row``; early-stopping bookkeeping."""
+        data, net = self.data, self.net
+        row["train_acc"] = (
+            train_acc if train_acc is not None else self.accuracy(data.X_train, data.y_train)
+        )
+        row["test_acc"] = self.accuracy(data.X_test, data.y_test)
+        if data.y_val is None:
+            return
+        out = net.forward(net.check_input(data.X_val))
+        row["val_loss"] = val_loss = net.loss.value(out, data.y_val)
+        row["val_acc"] = float((out.argmax(axis=1) == data.y_val).mean())
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_epoch, self.bad_evals = val_loss, row["epoch"], 0
+            if self.best_params is None:
+                self.best_params = np.empty_like(net.params)
+            self.best_params[...] = net.params
+        else:
+            self.bad_evals += 1
+            if self.cfg.patience is not None and self.bad_evals >= self.cfg.patience:
+                self.stopped_early = True
+
+    def run(self) -> None:
+        """Train from ``self.epoch`` to ``cfg.epochs``; Ctrl-C checkpoints and re-raises."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.epochs,
+            initial=self.epoch,
+            desc="train",
+            unit="epoch",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        postfix: dict[str, str] = {}
+        try:
+            # overflow on the way to a NaN loss is reported by check_loss, by epoch
+            with np.errstate(over="ignore", invalid="ignore"):
+                while self.epoch < cfg.epochs and not self.stopped_early:
+                    epoch = self.epoch + 1
+                    start = time.perf_counter()
+                    loss, train_acc = self.train_epoch(epoch)
+                    row: dict[str, Any] = {"epoch": epoch, "loss": loss}
+                    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                        self.evaluate(row, train_acc)
+                    self.seconds += time.perf_counter() - start
+                    row["seconds"] = self.seconds
+                    self.history.append(row)
+                    self.epoch = epoch
+                    postfix["loss"] = f"{loss:.4f}"
+                    for key in ("train_acc", "test_acc", "val_acc"):
+                        if row.get(key) is not None:
+                            postfix[key.removesuffix("_acc")] = f"{row[key]:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+        finally:
+            bar.close()
+        if self.best_params is not None:
+            # early stopping ends on the best validated parameters, not the last ones
+            self.net.params[...] = self.best_params
+
+    # -- results
+
+    def finish(self) -> RunResult:
+        """Write model, predictions, history and metrics of a completed run."""
+        d, data, net = self.run_dir, self.data, self.net
+        P = net.predict_proba(data.X_test)
+        metrics = classification_metrics(data.y_test, P.argmax(axis=1), data.class_names)
+        final_loss = self.history[-1]["loss"] if self.history else None
+        metrics.update(self.summary_fields("completed", None, final_loss))
+        nn.save(net, d / MODEL_FILE)
+        atomic_write_text(d / PREDICTIONS_FILE, predictions_csv(data.test_idx, data.y_test, P))
+        self.write_history()
+        write_json(d / METRICS_FILE, metrics)
+        (d / CHECKPOINT_FILE).unlink(missing_ok=True)
+        return RunResult(
+            d, "completed", self.epoch, metrics["accuracy"], final_loss, self.seconds, None, metrics
+        )
+
+    def fail(self, status: str, message: str) -> RunResult:
+        """Record a diverged or interrupted run: history, checkpoint and metrics.json."""
+        final_loss = self.history[-1]["loss"] if self.history else None
+        metrics = self.summary_fields(status, message, final_loss)
+        if status == "interrupted":
+            self.save_checkpoint()
+        else:
+            self.write_history()
+        write_json(self.run_dir / METRICS_FILE, metrics)
+        return RunResult(
+            self.run_dir, status, self.epoch, None, final_loss, self.seconds, message, metrics
+        )
+
+    def summary_fields(self, status: str, message: str | None, final_loss: float | None) -> dict:
+        fields = {
+            "status": status,
+            "message": message,
+            "train_seconds": round(self.seconds, 4),
+            "epochs_completed": self.epoch,
+            "final_loss": final_loss,
+            "n_params": self.net.n_params,
+            "dataset": self.cfg.dataset,
+            "data_source": self.data.source,
+            "split": split_description(self.cfg, self.data),
+        }
+        if self.data.y_val is not None:
+            fields["early_stopping"] = {
+                "best_epoch": self.best_epoch,
+                "best_val_loss": self.best_val_loss,
+                "stopped_early": self.stopped_early,
+            }
+        return fields
+
+
+def train_run(
+    cfg: RunConfig,
+    run_dir: str | Path | None = None,
+    *,
+    default_name: str = "run",
+    progress: bool = True,
+) -> RunResult:
+    """Train one config into a new run folder and return how it ended.
+
+    A diverged run is recorded in its folder and returned with status "diverged"; a
+    Ctrl-C is recorded with a checkpoint and re-raised as KeyboardInterrupt after the
+    folder is consistent, so :func:`resume_run` can continue it.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg, default_name)
+    trainer = Trainer(cfg, run_dir, progress=progress)  # data errors before any folder
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, to_toml(cfg))
+    indices = {"train_idx": trainer.data.train_idx, "test_idx": trainer.data.test_idx}
+    if trainer.data.val_idx is not None:
+        indices["val_idx"] = trainer.data.val_idx
+    save_npz(run_dir / SPLIT_FILE, **indices)
+    return _run(trainer)
+
+
+def resume_run(run_dir: str | Path, progress: bool = True) -> RunResult:
+    """Continue an interrupted run from its checkpoint to the same result."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        if (run_dir / METRICS_FILE).is_file() and (run_dir / MODEL_FILE).is_file():
+            raise ConfigError(f"{run_dir}: this run is already complete; nothing to resume")
+        raise ConfigError(f"{run_dir}: no {CHECKPOINT_FILE} to resume from")
+    cfg = load_config(run_dir / CONFIG_FILE)
+    trainer = Trainer(cfg, run_dir, progress=progress)
+    trainer.load_checkpoint()
+    return _run(trainer)
+
+
+def _run(trainer: Trainer) -> RunResult:
+    try:
+        trainer.run()
+    except DivergenceError as exc:
+        return trainer.fail("diverged", str(exc))
+    except KeyboardInterrupt:
+        trainer.fail(
+            "interrupted",
+            f"interrupted after epoch {trainer.epoch}; continue with "
+            f"`handprop train --resume {trainer.run_dir}`",
+        )
+        raise
+    return trainer.finish()
+
+
+def is_complete(run_dir: Path) -> bool:
+    """True when the folder holds a completed run (metrics.json says so)."""
+    try:
+        return json.loads((run_dir / METRICS_FILE).read_text())["status"] == "completed"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+__all__ = [
+    "RunResult",
+    "Split",
+    "Trainer",
+    "build_network",
+    "is_complete",
+    "load_split",
+    "resume_run",
+    "train_run",
+]

@@ -1,0 +1,179 @@
+"""``handprop report``: one HTML page that parses and depends on no other file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from html.parser import HTMLParser
+
+import pytest
+from click.testing import CliRunner
+
+import handprop.figures as figures
+from handprop.errors import ConfigError, DataError
+from handprop.figures import pixel_size
+from handprop.report import flatten, html_table, report_html, write_report
+from test_runs import fake_images, write_grid, write_run
+
+
+class PageParser(HTMLParser):
+    """Collects tags, every URL-carrying attribute, the text, and unclosed tags."""
+
+    VOID = frozenset({"meta", "img", "br", "hr", "link", "input"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.urls: list[tuple[str, str, str]] = []
+        self.text: list[str] = []
+        self.open: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag not in self.VOID:
+            self.open.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "action", "data", "poster", "background"):
+                self.urls.append((tag, name, value or ""))
+
+    def handle_endtag(self, tag):
+        if self.open and self.open[-1] == tag:
+            self.open.pop()
+        else:
+            raise AssertionError(f"</{tag}> closes <{self.open[-1] if self.open else None}>")
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(page: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def assert_self_contained(page: str) -> PageParser:
+    p = parse(page)
+    assert p.open == [], f"unclosed tags: {p.open}"
+    for tag, name, url in p.urls:
+        assert url.startswith(("data:", "#")), f"<{tag} {name}={url[:40]!r}> leaves the page"
+    assert not {"script", "link", "iframe", "object", "embed"} & set(p.tags)
+    # no url() in the inline CSS (fonts, images) and no other document referenced
+    assert "url(" not in page and "@import" not in page
+    assert "http://" not in page and "https://" not in page
+    return p
+
+
+def embedded_png_sizes(p: PageParser) -> list[tuple[int, int]]:
+    sizes = []
+    for tag, _, url in p.urls:
+        if tag == "img":
+            assert url.startswith("data:image/png;base64,")
+            data = base64.b64decode(url.split(",", 1)[1])
+            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+            sizes.append(struct.unpack(">II", data[16:24]))
+    return sizes
+
+
+@pytest.fixture(autouse=True)
+def images(monkeypatch):
+    monkeypatch.setattr(figures, "_load_images", lambda run: fake_images())
+
+
+def test_run_report_is_self_contained(tmp_path):
+    folder = write_run(tmp_path / "run", comparisons=True)
+    # one comparison model is enough here and keeps the test fast
+    (folder / "predictions_sklearn_default.csv").unlink()
+    out = write_report(folder)
+    assert out == folder / "report.html"
+    page = out.read_text(encoding="utf-8")
+    p = assert_self_contained(page)
+    text = " ".join(p.text)
+    assert "50.00%" in text  # handprop's accuracy
+    assert "100.00%" in text  # the scikit-learn analogue's, in the comparison table
+    assert "Comparison with scikit-learn" in text
+    assert "learning_rate" in text and "cross_entropy" in text  # the config table
+    assert "bar" in text and "macro avg" in text  # per class
+    sizes = embedded_png_sizes(p)
+    assert len(sizes) == 7  # 2 confusion matrices + 5 other figures
+    assert pixel_size("misclassified") in sizes
+    # internal links point at anchors that exist
+    anchors = {url[1:] for tag, name, url in p.urls if name == "href"}
+    assert anchors and all(f'id="{a}"' in page for a in anchors)
+    # written atomically: nothing but the run's files and the report
+    assert not [f for f in folder.iterdir() if f.name.startswith(".")]
+
+
+def test_report_of_a_run_without_comparisons_config_or_dataset(tmp_path, monkeypatch):
+    def fail(run):
+        raise DataError("no such dataset")
+
+    monkeypatch.setattr(figures, "_load_images", fail)
+    folder = write_run(tmp_path / "run")
+    (folder / "config.toml").unlink()
+    page = report_html(folder)
+    p = assert_self_contained(page)
+    text = " ".join(p.text)
+    assert "Comparison" not in text
+    assert "has no config.toml" in text
+    assert "Not shown: misclassified: cannot load the dataset" in text
+    assert len(embedded_png_sizes(p)) == 5
+
+
+def test_grid_report(tmp_path):
+    grid = write_grid(tmp_path / "grid", {"e4": {"epochs": 4}, "e8": {"epochs": 8}})
+    out = write_report(grid, tmp_path / "page.html")
+    p = assert_self_contained(out.read_text(encoding="utf-8"))
+    text = " ".join(p.text)
+    assert "run_name" in text and "e4" in text and "e8" in text  # summary.csv
+    assert "50.00%" in text  # each run's accuracy
+    assert sorted(embedded_png_sizes(p)) == sorted(
+        [pixel_size("grid_training_curves"), pixel_size("grid_accuracy")]
+    )
+
+
+def test_text_is_escaped():
+    table = html_table(["<b>"], [["a & <script>"]])
+    assert "<script>" not in table and "&lt;script&gt;" in table
+    assert flatten({"a": {"b": 1}, "c": 2}) == [("a.b", 1), ("c", 2)]
+
+
+def test_cli_writes_the_page(tmp_path, monkeypatch):
+    import handprop.report
+    from handprop.cli.report import command
+
+    # the figures are tested above; here only the command's wiring
+    monkeypatch.setattr(handprop.report, "build_run_figures", lambda run: ([], []))
+
+    folder = write_run(tmp_path / "run")
+    result = CliRunner().invoke(command, [str(folder), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(tmp_path / "r.html")
+    assert (tmp_path / "r.html").is_file()
+
+
+def test_cli_user_errors(tmp_path):
+    from handprop.cli.report import command
+
+    result = CliRunner().invoke(command, [str(tmp_path / "missing")])
+    assert result.exit_code == 1 and isinstance(result.exception, ConfigError)
+    folder = write_run(tmp_path / "run")
+    (folder / "predictions.csv").write_text("index,true,pred,p0,p1,p2\n1,0,0,0.5,0.5\n")
+    result = CliRunner().invoke(command, [str(folder)])
+    assert result.exit_code == 1 and isinstance(result.exception, DataError)
+    assert "line 2: expected 6 columns, got 5" in str(result.exception)
+    assert not (folder / "report.html").exists()
+
+
+def test_report_of_a_diverged_run_shows_why(tmp_path):
+    folder = write_run(tmp_path / "run")
+    (folder / "predictions.csv").unlink()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.update(status="diverged", message="epoch 3: loss is nan at learning rate 50")
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    p = assert_self_contained(report_html(folder))
+    text = " ".join(p.text)
+    assert "diverged" in text and "loss is nan at learning rate 50" in text
+    assert embedded_png_sizes(p) == [pixel_size("training_curves")]

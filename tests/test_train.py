@@ -1,0 +1,121 @@
+"""The training pipeline end to end on scikit-learn's bundled digits (offline, seconds)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from handprop import nn
+from handprop.config import parse_toml_config
+from handprop.train import resume_run, train_run
+
+DIGITS = """
+dataset = "digits"
+total = 1797
+train = 1500
+test = 297
+hidden = [24]
+activation = "sigmoid"
+learning_rate = 2.0
+epochs = 60
+eval_every = 20
+seed = 3
+"""
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return parse_toml_config(DIGITS + f'out = "{tmp_path / "runs"}"\n', "digits.toml")
+
+
+def test_train_writes_a_complete_run_folder(cfg):
+    result = train_run(cfg, default_name="digits", progress=False)
+    d = result.run_dir
+    assert d.name == "digits" and result.status == "completed"
+    names = {p.name for p in d.iterdir()}
+    assert names == {
+        "config.toml",
+        "model.npz",
+        "split.npz",
+        "history.csv",
+        "predictions.csv",
+        "metrics.json",
+    }
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert metrics["accuracy"] > 0.85
+    assert metrics["epochs_completed"] == 60
+    assert metrics["n_params"] == 64 * 24 + 24 + 24 * 10 + 10
+    assert metrics["split"] == {
+        "kind": "original",
+        "total": 1797,
+        "train": 1500,
+        "test": 297,
+        "validation": 0,
+        "seed": 3,
+    }
+    assert np.array(metrics["confusion_matrix"]).sum() == 297
+
+    with (d / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 61))
+    assert [r["epoch"] for r in rows if r["test_acc"]] == ["20", "40", "60"]
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+    with (d / "predictions.csv").open() as f:
+        preds = list(csv.reader(f))
+    assert preds[0] == ["index", "true", "pred", *(f"p{j}" for j in range(10))]
+    assert len(preds) == 298
+    split = np.load(d / "split.npz")
+    assert [int(r[0]) for r in preds[1:]] == split["test_idx"].tolist()
+    assert not set(split["train_idx"]) & set(split["test_idx"])
+    acc = np.mean([r[1] == r[2] for r in preds[1:]])
+    assert acc == pytest.approx(metrics["accuracy"])
+
+    net = nn.load(d / "model.npz")
+    assert net.meta["class_names"] == [str(i) for i in range(10)]
+    assert net.meta["image_shape"] == [8, 8]
+
+    again = train_run(cfg, default_name="digits", progress=False)
+    assert again.run_dir.name == "digits-2"  # a second run never overwrites the first
+    assert again.metrics["accuracy"] == metrics["accuracy"]  # same config, same numbers
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(cfg, monkeypatch):
+    full = train_run(cfg, default_name="full", progress=False)
+    expected = nn.load(full.run_dir / "model.npz").params
+
+    real_step = nn.GD.step
+
+    def step_then_interrupt(self, params, grads):
+        if self.t == 25:  # Ctrl-C during epoch 26
+            raise KeyboardInterrupt
+        real_step(self, params, grads)
+
+    monkeypatch.setattr(nn.GD, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, default_name="cut", progress=False)
+    run_dir = full.run_dir.parent / "cut"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["epochs_completed"] == 25
+    assert "--resume" in metrics["message"]
+    assert (run_dir / "checkpoint.npz").is_file() and not (run_dir / "model.npz").exists()
+    monkeypatch.setattr(nn.GD, "step", real_step)
+
+    resumed = resume_run(run_dir, progress=False)
+    assert resumed.status == "completed"
+    assert not (run_dir / "checkpoint.npz").exists()
+    np.testing.assert_array_equal(nn.load(run_dir / "model.npz").params, expected)
+    with (run_dir / "history.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 61))
+
+
+def test_divergence_stops_the_run_and_is_recorded(cfg):
+    cfg = cfg.replace(learning_rate=1e30, activation=("identity",))
+    result = train_run(cfg, default_name="boom", progress=False)
+    assert result.status == "diverged"
+    assert "at epoch" in result.message and "smaller learning rate" in result.message
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["message"] == result.message
+    assert not (result.run_dir / "model.npz").exists()
