@@ -1,0 +1,89 @@
+"""The handprop command: exit codes and one-line messages for user errors."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from handprop.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(map(str, args)), catch_exceptions=False)
+
+
+def test_help_lists_every_command():
+    out = run("--help").output
+    for name in ("train", "predict", "data", "experiments", "evaluate", "figures", "report"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "absent.cfg"], "absent.cfg"),
+        (["train"], "missing CONFIG"),
+        (["data", "fetch", "cifar"], "unknown dataset 'cifar'"),
+        (["predict", "absent.npz", "x.png"], "no such model file"),
+        (["train", "--resume", "nowhere"], "nowhere: no checkpoint.npz"),
+    ],
+)
+def test_user_errors_exit_1_with_one_line(args, message):
+    result = run(*args)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("handprop: error: ")
+    assert message in lines[0]
+
+
+def test_bad_config_line_is_named(tmp_path):
+    cfg = tmp_path / "run.cfg"
+    cfg.write_text("20000\n18000\n2000\nten # hidden\n2.5\n1000\n")
+    result = run("train", cfg)
+    assert result.exit_code == 1
+    assert "run.cfg line 4" in result.output and "'ten'" in result.output
+
+
+def test_train_then_predict_on_digits(tmp_path):
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(
+        'dataset = "digits"\ntotal = 600\ntrain = 500\ntest = 100\nhidden = 16\n'
+        f'learning_rate = 2.0\nepochs = 100\nout = "{tmp_path / "runs"}"\n'
+    )
+    result = run("train", cfg, "-q", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "results in" in result.output
+    run_dir = tmp_path / "runs" / "d"
+    assert (run_dir / "model.npz").is_file()
+
+    from handprop.data import load_dataset, write_idx
+
+    ds = load_dataset("digits")
+    write_idx(tmp_path / "x.idx", ds.images[:3])
+    result = run("predict", run_dir / "model.npz", tmp_path / "x.idx")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3 and all("->" in line for line in lines)
+
+
+def test_predict_reads_an_image_like_mnist(tmp_path):
+    from PIL import Image
+
+    from handprop.nn import Network, save
+    from handprop.predict import prepare_image
+
+    # a dark "1" on a white page, off centre
+    page = np.full((60, 40), 255, dtype=np.uint8)
+    page[10:40, 8:12] = 0
+    Image.fromarray(page).save(tmp_path / "one.png")
+    img = prepare_image(tmp_path / "one.png", (28, 28))
+    assert img.shape == (28, 28) and img.max() == pytest.approx(1.0)
+    assert img[0].max() == 0 and img[:, 0].max() == 0  # background is black
+    rows = np.nonzero(img.max(axis=1) > 0.5)[0]
+    assert rows.max() - rows.min() + 1 == 20  # longer side fitted to 20 pixels
+    cy, cx = np.argwhere(img > 0.5).mean(axis=0)
+    assert abs(cy - 13.5) <= 1 and abs(cx - 13.5) <= 1  # centred by mass
+
+    net = Network.from_spec("784-10-10", rng=0, meta={"image_shape": [28, 28]})
+    save(net, tmp_path / "m.npz")
+    result = run("predict", tmp_path / "m.npz", tmp_path / "one.png")
+    assert result.exit_code == 0 and "one.png" in result.output
