@@ -466,7 +466,8 @@ def test_to_toml_round_trip(tmp_path, changes):
 def test_to_toml_writes_every_field():
     cfg = parse_toml_config(
         MINIMAL_TOML
-        + 'name = "x"\ndata_dir = "d"\nbatch_size = 32\nvalidation = 0.1\npatience = 3\n',
+        + 'name = "x"\ndata_dir = "d"\nbatch_size = 32\nvalidation = 0.1\npatience = 3\n'
+        + 'layers = ["conv 8 3", "relu", "maxpool 2"]\n',
         "r.toml",
     )
     text = to_toml(cfg)

@@ -119,3 +119,54 @@ def test_divergence_stops_the_run_and_is_recorded(cfg):
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["status"] == "diverged" and metrics["message"] == result.message
     assert not (result.run_dir / "model.npz").exists()
+
+
+def test_a_small_cnn_trains_with_augmentation_and_resumes_exactly(tmp_path, monkeypatch):
+    cfg = parse_toml_config(
+        'dataset = "digits"\ntotal = 600\ntrain = 500\ntest = 100\n'
+        'layers = ["conv 4 3 pad=1", "relu", "maxpool 2", "dense 16", "relu", "dropout 0.2"]\n'
+        'init = "he_normal"\noptimizer = "adam"\nlearning_rate = 0.003\nbatch_size = 50\n'
+        "epochs = 12\neval_every = 6\naugment_shift = 1\naugment_rotate = 5\n"
+        f'out = "{tmp_path}"\n',
+        "cnn.toml",
+    )
+    full = train_run(cfg, default_name="full", progress=False)
+    assert full.status == "completed" and full.accuracy > 0.5
+    net = nn.load(full.run_dir / "model.npz")
+    assert net.input_shape == (1, 8, 8) and net.layers[0].kind == "conv2d"
+
+    real_step = nn.Adam.step
+
+    def interrupt(self, params, grads):
+        if self.t == 55:  # in the sixth epoch (10 batches per epoch)
+            raise KeyboardInterrupt
+        real_step(self, params, grads)
+
+    monkeypatch.setattr(nn.Adam, "step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, default_name="cut", progress=False)
+    monkeypatch.setattr(nn.Adam, "step", real_step)
+    resumed = resume_run(tmp_path / "cut", progress=False)
+    np.testing.assert_array_equal(nn.load(resumed.run_dir / "model.npz").params, net.params)
+
+
+def test_early_stopping_restores_the_best_parameters(tmp_path):
+    cfg = parse_toml_config(
+        DIGITS.replace("epochs = 60", "epochs = 400")
+        .replace("eval_every = 20", "eval_every = 5")
+        .replace("learning_rate = 2.0", "learning_rate = 0.05")
+        + f'validation = 0.2\npatience = 3\nout = "{tmp_path}"\n'
+        + 'optimizer = "adam"\nbatch_size = 32\n',
+        "es.toml",
+    )
+    result = train_run(cfg, default_name="es", progress=False)
+    es = result.metrics["early_stopping"]
+    assert es["stopped_early"] and result.epochs_completed < 400
+    assert result.metrics["split"]["validation"] == 300
+    assert set(np.load(result.run_dir / "split.npz")) == {"train_idx", "test_idx", "val_idx"}
+    import csv as _csv
+
+    with (result.run_dir / "history.csv").open() as f:
+        rows = [r for r in _csv.DictReader(f) if r["val_loss"]]
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert int(best["epoch"]) == es["best_epoch"]

@@ -212,6 +212,23 @@ def _per_layer_reals(one: Kind) -> Kind:
     return Kind(one.expect + ", or a list of them", parse, from_text)
 
 
+def _layer_items() -> Kind:
+    """A network as a list of layer items ("conv 32 3", "relu", "maxpool 2", ...)."""
+
+    def parse(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise _BadValueError(wrong_type=True)
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise _BadValueError()
+        return tuple(v.strip() for v in value)
+
+    def from_text(text: str) -> Any:
+        # a CSV cell: "conv 32 3; relu; maxpool 2" (commas work too inside quotes)
+        return [p.strip() for p in re.split(r"[;,]", text.strip().strip("[]")) if p.strip()]
+
+    return Kind("a non-empty list of layer items such as 'conv 32 3'", parse, from_text)
+
+
 def _optional(kind: Kind) -> Kind:
     """``kind`` or None (TOML cannot write None: a missing key or an empty cell is None)."""
 
@@ -401,6 +418,10 @@ class RunConfig:
     eval_every: int = option(10, _integer(1), "evaluation interval in epochs")
     out: str = option("runs", _string(path=True), "output directory")
     name: str | None = option(None, _optional(_string(folder_name=True)), "run name")
+    # any network, as layer items; the output layer is appended (replaces hidden)
+    layers: tuple[str, ...] | None = option(
+        None, _optional(_layer_items()), "layers ('conv 32 3', 'relu', 'maxpool 2', ...)"
+    )
     # optimization (past the original)
     optimizer: str = option("gd", _choice(OPTIMIZER_NAMES), "optimizer")
     batch_size: int | None = option(
@@ -422,6 +443,9 @@ class RunConfig:
     patience: int | None = option(
         None, _optional(_integer(1)), "early-stopping patience in evaluations"
     )
+    # data augmentation of image mini-batches
+    augment_shift: int = option(0, _integer(0), "largest random shift in pixels")
+    augment_rotate: float = option(0.0, _real(0, 180), "largest random rotation in degrees")
 
     def __post_init__(self) -> None:
         given = {f.name: (f.name, getattr(self, f.name)) for f in fields(self)}
@@ -568,6 +592,11 @@ def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
             f"{origin.at('dropout')}: {origin.label('dropout')} lists {len(dropout)} "
             f"probabilities for {len(hidden)} hidden layers; give one per hidden layer, "
             "or a single one for all"
+        )
+    if (values["augment_shift"] or values["augment_rotate"]) and values["batch_size"] is None:
+        raise ConfigError(
+            f"{origin.at('augment_shift' if values['augment_shift'] else 'augment_rotate')}: "
+            "augmentation is applied per mini-batch; set batch_size too"
         )
     if values["patience"] is not None and values["validation"] == 0:
         raise ConfigError(

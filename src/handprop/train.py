@@ -132,13 +132,24 @@ def load_split(cfg: RunConfig, progress: bool = True) -> Split:
 
 def build_network(cfg: RunConfig, data: Split) -> nn.Network:
     """The network the config describes, sized for the data, initialised from the seed."""
-    spec = [data.X_train.shape[1], *cfg.hidden, len(data.class_names)]
     meta = {
         "dataset": cfg.dataset,
         "class_names": list(data.class_names),
         "image_shape": list(data.image_shape),
         "pixel_max": data.pixel_max,
     }
+    if cfg.layers is not None:
+        return nn.Network.from_layers(
+            cfg.layers,
+            (1, *data.image_shape),  # grayscale images: one channel
+            len(data.class_names),
+            loss=cfg.loss,
+            init=cfg.init,
+            dtype=cfg.dtype,
+            rng=np.random.default_rng(cfg.seed),
+            meta=meta,
+        )
+    spec = [data.X_train.shape[1], *cfg.hidden, len(data.class_names)]
     return nn.Network.from_spec(
         spec,
         activation=list(cfg.activation),
@@ -261,6 +272,7 @@ class Trainer:
         self.progress = progress
         self.data = load_split(cfg, progress=progress)
         self.net = build_network(cfg, self.data)
+        self.shape_inputs()
         self.opt = build_optimizer(cfg, self.net)
         self.schedule = build_schedule(cfg)
         self.history: list[dict[str, Any]] = []
@@ -272,6 +284,24 @@ class Trainer:
         self.best_epoch = 0
         self.bad_evals = 0  # evaluations since the best one
         self.stopped_early = False
+        self._snapshot: dict[str, np.ndarray] | None = None  # state at the last epoch end
+
+    def shape_inputs(self) -> None:
+        """Give the feature rows the network's input shape ((n, 784) or (n, 1, 28, 28));
+        a reshape of a contiguous array is a view, so nothing is copied."""
+        d, shape = self.data, self.net.input_shape
+        for name in ("X_train", "X_test", "X_val"):
+            X = getattr(d, name)
+            if X is not None:
+                setattr(d, name, X.reshape(len(X), *shape))
+
+    def augment(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A mini-batch with random shifts and rotations, as the config asks."""
+        from handprop.augment import shift_rotate
+
+        images = X.reshape(len(X), 1, *self.data.image_shape)
+        out = shift_rotate(images, rng, self.cfg.augment_shift, self.cfg.augment_rotate)
+        return out.reshape(X.shape)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -281,13 +311,29 @@ class Trainer:
 
     # -- checkpoints
 
+    def snapshot(self) -> None:
+        """Copy the parameters and optimizer state at an epoch boundary.
+
+        Ctrl-C can land in the middle of an epoch, after some of its mini-batch steps;
+        the checkpoint must hold the state at the end of the last whole epoch, or the
+        resumed run would take those steps twice.
+        """
+        state = {"params": self.net.params, **self.opt.state_dict()}
+        if self._snapshot is None or self._snapshot.keys() != state.keys():
+            # state vectors appear on the first step: (re)allocate when they do
+            self._snapshot = {k: np.array(v, copy=True) for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                np.copyto(self._snapshot[k], v)
+
     def save_checkpoint(self) -> None:
-        state = {f"opt_{k}": np.asarray(v) for k, v in self.opt.state_dict().items()}
+        saved = self._snapshot or {"params": self.net.params, **self.opt.state_dict()}
+        state = {f"opt_{k}": np.asarray(v) for k, v in saved.items() if k != "params"}
         if self.best_params is not None:
             state["best_params"] = self.best_params
         save_npz(
             self.run_dir / CHECKPOINT_FILE,
-            params=self.net.params,
+            params=saved["params"],
             epoch=np.array(self.epoch),
             seconds=np.array(self.seconds),
             best=np.array([self.best_val_loss, self.best_epoch, self.bad_evals]),
@@ -358,11 +404,14 @@ class Trainer:
             opt.step(net.params, net.grads)
             return loss, train_acc
         order = rng.permutation(n)
+        augmenting = bool(cfg.augment_shift or cfg.augment_rotate)
         Xb = np.empty((batch, *X.shape[1:]), dtype=X.dtype)
         for start in range(0, n, batch):
             idx = order[start : start + batch]
             xb = Xb[: len(idx)]
             np.take(X, idx, axis=0, out=xb)  # into a reused buffer: no allocation
+            if augmenting:
+                xb = self.augment(xb, rng)
             yb = y[idx]
             loss, G = net.loss(net.forward(xb, training=True), yb)
             self.check_loss(loss, epoch)
@@ -422,6 +471,7 @@ class Trainer:
             with np.errstate(over="ignore", invalid="ignore"):
                 while self.epoch < cfg.epochs and not self.stopped_early:
                     epoch = self.epoch + 1
+                    self.snapshot()
                     start = time.perf_counter()
                     loss, train_acc = self.train_epoch(epoch)
                     row: dict[str, Any] = {"epoch": epoch, "loss": loss}
