@@ -166,27 +166,40 @@ class MaxPool2D(_Pool2D):
     """A = max over each k x k window.  dA/dX = 1 at the window's maximum, else 0.
 
     Ties go to the first maximum in row-major order within the window, so the gradient
-    is deterministic and a window passes back exactly one G value.
+    is deterministic and a window passes back exactly one G value. The maximum is found
+    by visiting the k * k window offsets as strided slices of X (each an
+    (n, c, h_out, w_out) view), so no window array is ever copied.
     """
 
     kind = "maxpool2d"
 
+    def offsets(self, X: Array, ho: int, wo: int):
+        s = self.stride
+        for i in range(self.k):
+            for j in range(self.k):
+                yield i * self.k + j, X[:, :, i : i + s * ho : s, j : j + s * wo : s]
+
     def forward(self, X: Array, training: bool = False) -> Array:
-        V = windows(X, self.k, self.stride)  # (n, c, ho, wo, k, k)
-        n, c, ho, wo = V.shape[:4]
-        flat = V.reshape(n, c, ho, wo, self.k * self.k)  # a copy when windows overlap
-        arg = flat.argmax(axis=-1)  # first maximum: deterministic ties
-        A = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+        _, ho, wo = self.output_shape(X.shape[1:])
+        slices = self.offsets(X, ho, wo)
+        A = np.array(next(slices)[1])  # offset 0 holds the maximum until beaten
+        arg = np.zeros(A.shape, dtype=np.uint8) if training else None
+        for o, V in slices:
+            beats = V > A  # strictly: an equal value later keeps the first maximum
+            np.maximum(A, V, out=A)
+            if training:
+                arg[beats] = o
         if training:
             self._arg, self._shape = arg, X.shape
         return A
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX[window max] = G; every other position of the window gets 0."""
-        k = self.k
-        onehot = self._arg[..., None] == np.arange(k * k)  # (n, c, ho, wo, k k)
-        parts = (onehot * G[..., None]).reshape(*G.shape, k, k)
-        return self.scatter(parts, self._shape)
+        dX = np.zeros(self._shape, dtype=G.dtype)
+        _, _, ho, wo = G.shape
+        for o, V in self.offsets(dX, ho, wo):
+            V += np.where(self._arg == o, G, 0)  # V is a view into dX
+        return dX
 
 
 class AvgPool2D(_Pool2D):
