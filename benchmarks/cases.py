@@ -1,0 +1,619 @@
+"""The benchmark cases of issue 6, each a function ``Context -> CaseResult``.
+
+handprop is measured through its public API only (``Network.from_spec``,
+``net.forward``/``net.loss``/``net.backward``, ``optimizer.step``,
+``net.predict_proba``, ``handprop.train.train_run``), so the harness keeps working
+while the hot path inside changes. The ``profile`` case alone steps through
+``net.layers`` one by one (the documented layer protocol) to split an epoch's time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import torch_ref
+from benchmarks.common import (
+    REPO_ROOT,
+    CaseResult,
+    Row,
+    Target,
+    median,
+    spread,
+    time_side_by_side,
+)
+from benchmarks.data import Mnist, load_mnist
+
+BASELINE_CFG = REPO_ROOT / "experiments" / "baseline.cfg"
+
+#: the original's epoch: 18000 training samples through 784-100-10
+EPOCH_N, D_IN, HIDDEN, N_CLASSES = 18000, 784, 100, 10
+EPOCH_LR = 2.5
+#: the mini-batch case
+BATCH, ADAM_LR = 128, 1e-3
+#: epochs of the baseline and RSS runs in --quick mode
+QUICK_EPOCHS = 50
+
+TARGETS = {
+    "epoch_floor": Target("<=", 1.15),
+    "epoch_torch": Target("<=", 0.85),
+    "baseline_time": Target("<=", 0.35),
+    "baseline_acc": Target(">=", 1.0),
+    "minibatch": Target(">=", 1.0),
+    "inference": Target(">=", 1.0),
+    "rss": Target("<=", 300, "MB"),
+}
+#: what each target bounds, for the report
+TARGET_LABELS = {
+    "epoch_floor": "epoch time / GEMM floor",
+    "epoch_torch": "epoch time / PyTorch (same algorithm by hand)",
+    "baseline_time": "baseline run time / scikit-learn MLPClassifier",
+    "baseline_acc": "baseline test accuracy / scikit-learn's",
+    "minibatch": "mini-batch samples/s / PyTorch's",
+    "inference": "inference images/s / PyTorch's",
+    "rss": "peak RSS of the baseline run (and no sklearn/matplotlib imported)",
+}
+
+
+@dataclass
+class Context:
+    """Settings and lazily loaded shared things (MNIST, torch) for the cases."""
+
+    data_dir: Path
+    quick: bool = False
+    repeats: int | None = None
+    threads: int | None = None
+    torch: Any = None
+    torch_why: str = "PyTorch not loaded"
+    _mnist: tuple[Mnist | None, str] | None = field(default=None, repr=False)
+
+    def reps(self, full: int, quick: int) -> int:
+        """``--repeats`` when given, else the case's own default for this mode."""
+        if self.repeats is not None:
+            return max(1, self.repeats)
+        return quick if self.quick else full
+
+    def loaded_mnist(self) -> Mnist | None:
+        """MNIST if a case has loaded it already (never loads it)."""
+        return None if self._mnist is None else self._mnist[0]
+
+    def mnist(self) -> tuple[Mnist | None, str]:
+        if self._mnist is None:
+            self._mnist = load_mnist(self.data_dir)
+        return self._mnist
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def dense_params(net: Any) -> list[np.ndarray]:
+    """[W1, b1, W2, b2, ...] of a network's layers, as copies."""
+    out: list[np.ndarray] = []
+    for layer in net.layers:
+        for name in layer.param_shapes():
+            out.append(np.array(getattr(layer, name)))
+    return out
+
+
+def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded float32 inputs in [0, 1] (n, 784) and labels (n,)."""
+    rng = np.random.default_rng(seed)
+    return rng.random((n, D_IN), dtype=np.float32), rng.integers(0, N_CLASSES, n)
+
+
+def train_data(ctx: Context, n: int | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The first ``n`` MNIST training samples (all when None), or synthetic data."""
+    mnist, why = ctx.mnist()
+    if mnist is None:
+        X, y = synthetic(n or 60000)
+        return X, y, f"synthetic (MNIST not loaded: {why})"
+    X, y = mnist.train
+    if n is not None:
+        X, y = X[:n], y[:n]
+    return np.ascontiguousarray(X), np.ascontiguousarray(y), "MNIST"
+
+
+def handprop_epoch(net: Any, opt: Any, X: np.ndarray, y: np.ndarray) -> Callable[[], float]:
+    """One full-batch training step through handprop's public API."""
+
+    def epoch() -> float:
+        out = net.forward(X, training=True)
+        loss, G = net.loss(out, y)
+        net.backward(G)
+        opt.step(net.params, net.grads)
+        return float(loss)
+
+    return epoch
+
+
+def no_torch_row(ctx: Context, case: str, metric: str, hp: float) -> Row:
+    return Row(case, metric, hp, "PyTorch", note=f"skipped: {ctx.torch_why}")
+
+
+# -- 1. the original's epoch ------------------------------------------------------------
+
+
+def case_epoch(ctx: Context) -> CaseResult:
+    """Full-batch epoch of 784-100-10 sigmoid + softmax CE on 18000 samples:
+    handprop vs the GEMM floor vs PyTorch by hand."""
+    from handprop.nn import GD, Network
+
+    res = CaseResult("epoch")
+    X, y, source = train_data(ctx, EPOCH_N)
+    net = Network.from_spec(f"{D_IN}-{HIDDEN}-{N_CLASSES}", activation="sigmoid", rng=0)
+    opt = GD(EPOCH_LR)
+    init = dense_params(net)
+    hp = handprop_epoch(net, opt, X, y)
+
+    # the floor: the epoch's two (n x 784)-sized products alone, outputs preallocated
+    W1 = init[0]
+    Z1 = np.empty((EPOCH_N, HIDDEN), np.float32)
+    dZ1 = np.random.default_rng(1).standard_normal((EPOCH_N, HIDDEN), dtype=np.float32)
+    dW1 = np.empty((D_IN, HIDDEN), np.float32)
+
+    def floor() -> None:
+        np.matmul(X, W1, out=Z1)  # forward, layer 1
+        np.matmul(X.T, dZ1, out=dW1)  # backward, layer 1
+
+    fns: dict[str, Callable[[], object]] = {"handprop": hp, "floor": floor}
+    check = ""
+    if ctx.torch is not None:
+        tepoch, _ = torch_ref.hand_written_epoch(ctx.torch, X, y, init, EPOCH_LR)
+        # same algorithm, same start: two epochs must give the same losses
+        hp_losses = [hp(), hp(), hp()]
+        t_losses = [tepoch(), tepoch(), tepoch()]
+        diff = max(abs(a - b) for a, b in zip(hp_losses, t_losses, strict=True))
+        check = f"losses of 3 epochs match torch within {diff:.1e}; "
+        fns["torch"] = tepoch
+
+    reps = ctx.reps(9, 5)
+    times = time_side_by_side(fns, reps, warmup=2)
+    hp_ms, floor_ms = median(times["handprop"]) * 1e3, median(times["floor"]) * 1e3
+    gflop = 2 * 2 * EPOCH_N * D_IN * HIDDEN / 1e9
+    res.rows.append(
+        Row.compare(
+            "epoch",
+            "ms/epoch",
+            hp_ms,
+            "GEMM floor",
+            floor_ms,
+            TARGETS["epoch_floor"],
+            f"{source}, {EPOCH_N}x{D_IN} float32, median of {reps}; floor = X@W1 + X.T@dZ1 "
+            f"({gflop / floor_ms * 1e3:.0f} GFLOP/s); handprop {spread(times['handprop'])}",
+        )
+    )
+    if "torch" in times:
+        t_ms = median(times["torch"]) * 1e3
+        res.rows.append(
+            Row.compare(
+                "epoch",
+                "ms/epoch",
+                hp_ms,
+                "PyTorch (by hand)",
+                t_ms,
+                TARGETS["epoch_torch"],
+                f"{check}torch {spread(times['torch'])} = {t_ms / floor_ms:.2f}x floor",
+            )
+        )
+    else:
+        res.rows.append(no_torch_row(ctx, "epoch", "ms/epoch", hp_ms))
+    return res
+
+
+# -- profile: where one epoch's time goes --------------------------------------------------
+
+
+def case_profile(ctx: Context) -> CaseResult:
+    """One full-batch epoch split per layer (forward, loss, backward, step), beside the
+    cost of its GEMMs alone and of single elementwise passes of the same sizes."""
+    from handprop.nn import GD, Network
+
+    res = CaseResult("profile")
+    X, y, source = train_data(ctx, EPOCH_N)
+    net = Network.from_spec(f"{D_IN}-{HIDDEN}-{N_CLASSES}", activation="sigmoid", rng=0)
+    opt = GD(EPOCH_LR)
+    layers = list(net.layers)
+    first = next((i for i, layer in enumerate(layers) if layer.param_shapes()), 0)
+    parts: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        out = fn()
+        parts.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    def backward(layer: Any, G: np.ndarray, need: bool) -> Any:
+        try:
+            return layer.backward(G, need_input_grad=need)
+        except TypeError:  # a layer protocol without the flag
+            return layer.backward(G)
+
+    def split_epoch() -> None:
+        A = X
+        for i, layer in enumerate(layers):
+            A = timed(f"forward  {i} {layer.kind}", lambda L=layer, A=A: L.forward(A, True))
+        loss_G = timed("loss     softmax CE", lambda: net.loss(A, y))
+        G = loss_G[1]
+        for i in range(len(layers) - 1, first - 1, -1):
+            layer = layers[i]
+            G = timed(
+                f"backward {i} {layer.kind}",
+                lambda L=layer, G=G, i=i: backward(L, G, i > first),
+            )
+        timed("step     GD", lambda: opt.step(net.params, net.grads))
+
+    whole = handprop_epoch(net, opt, X, y)
+    reps = ctx.reps(9, 5)
+    for _ in range(2):
+        split_epoch()
+        whole()
+    parts.clear()
+    whole_times = []
+    for _ in range(reps):
+        split_epoch()
+        start = time.perf_counter()
+        whole()
+        whole_times.append(time.perf_counter() - start)
+
+    # reference costs of the building blocks, same shapes, outputs preallocated
+    rng = np.random.default_rng(2)
+    W1 = dense_params(net)[0]
+    W2 = dense_params(net)[2]
+    H = rng.random((EPOCH_N, HIDDEN), dtype=np.float32)
+    H2 = np.empty_like(H)
+    K = np.empty((EPOCH_N, N_CLASSES), np.float32)
+    dW1 = np.empty((D_IN, HIDDEN), np.float32)
+    refs = {
+        "GEMM X@W1 (n,784)@(784,100)": lambda: np.matmul(X, W1, out=H2),
+        "GEMM X.T@dZ1 (784,n)@(n,100)": lambda: np.matmul(X.T, H, out=dW1),
+        "GEMM A1@W2 (n,100)@(100,10)": lambda: np.matmul(H, W2, out=K),
+        "1 elementwise pass (n,100): multiply out=": lambda: np.multiply(H, H, out=H2),
+        "exp (n,100) out=": lambda: np.exp(H, out=H2),
+        "new (n,100) array + 1 pass: H * H": lambda: H * H,
+        "row sum (n,100) -> (100,)": lambda: H.sum(axis=0),
+    }
+    ref_times = time_side_by_side(refs, reps, warmup=2, settle=0.0)  # NumPy only
+
+    whole_ms = median(whole_times) * 1e3
+    split_total = sum(median(v) for v in parts.values()) * 1e3
+    lines = [
+        f"### Profile of one handprop epoch ({source}, {EPOCH_N}x{D_IN}, float32, "
+        f"median of {reps})",
+        "",
+        f"Whole epoch through the public API: {whole_ms:.1f} ms; the parts below, timed "
+        f"layer by layer, add up to {split_total:.1f} ms.",
+        "",
+        "| part | median ms | share |",
+        "|---|---|---|",
+    ]
+    for name, values in parts.items():
+        ms = median(values) * 1e3
+        lines.append(f"| `{name}` | {ms:.2f} | {ms / split_total:.0%} |")
+    lines += ["", "Reference operations (same sizes, n = 18000):", ""]
+    lines += ["| operation | median ms |", "|---|---|"]
+    for name, values in ref_times.items():
+        lines.append(f"| {name} | {median(values) * 1e3:.2f} |")
+    res.sections.append("\n".join(lines))
+    res.rows.append(
+        Row(
+            "profile",
+            "ms/epoch",
+            whole_ms,
+            note=f"split by layer: {split_total:.1f} ms; see the profile section",
+        )
+    )
+    return res
+
+
+# -- 2. the baseline run vs scikit-learn ---------------------------------------------------
+
+
+def case_baseline(ctx: Context) -> CaseResult:
+    """experiments/baseline.cfg end to end (train_run) vs sklearn's MLPClassifier."""
+    from handprop.config import load_config
+    from handprop.train import SPLIT_FILE, train_run
+
+    res = CaseResult("baseline")
+    cfg = load_config(BASELINE_CFG)
+    epochs = QUICK_EPOCHS if ctx.quick else cfg.epochs
+    tmp = tempfile.TemporaryDirectory(prefix="handprop-bench-")
+    cfg = cfg.replace(data_dir=str(ctx.data_dir), out=tmp.name, name="baseline", epochs=epochs)
+
+    def run_handprop() -> tuple[float, Any]:
+        start = time.perf_counter()
+        result = train_run(cfg, progress=False)  # a new folder each time: baseline-2, ...
+        return time.perf_counter() - start, result
+
+    with tmp:
+        first, result = run_handprop()
+        hp_times = [first]
+        if result.status != "completed":
+            res.rows.append(Row.skipped("baseline", f"handprop run {result.status}"))
+            return res
+        with np.load(Path(result.run_dir) / SPLIT_FILE, allow_pickle=False) as split:
+            train_idx, test_idx = split["train_idx"], split["test_idx"]
+        hp_acc = float(result.accuracy)
+        note = f"{epochs} epochs, {len(train_idx)}/{len(test_idx)} split"
+        sk = _sklearn_baseline(ctx, cfg, epochs, train_idx, test_idx)
+        if isinstance(sk, str):
+            res.rows.append(Row("baseline", "s/run", hp_times[0], note=f"{note}; {sk}"))
+            return res
+        # a second handprop run after sklearn's: the mean of the two brackets sklearn's
+        # run in time, so a load change during the minutes this takes hits both sides
+        hp_times.append(run_handprop()[0])
+    hp_s = sum(hp_times) / len(hp_times)
+    sk_s, sk_acc, sk_info = sk
+    res.rows.append(
+        Row.compare(
+            "baseline",
+            "s/run",
+            hp_s,
+            "scikit-learn MLP",
+            sk_s,
+            TARGETS["baseline_time"],
+            f"{note}; handprop = mean of runs before and after sklearn's "
+            f"({', '.join(f'{t:.1f}' for t in hp_times)} s), each load + train + eval + "
+            f"files (train {result.train_seconds:.1f} s in the first); sklearn: fit + predict",
+        )
+    )
+    res.rows.append(
+        Row.compare(
+            "baseline",
+            "test accuracy",
+            hp_acc,
+            "scikit-learn MLP",
+            sk_acc,
+            TARGETS["baseline_acc"],
+            sk_info,
+        )
+    )
+    return res
+
+
+def _sklearn_baseline(
+    ctx: Context, cfg: Any, epochs: int, train_idx: np.ndarray, test_idx: np.ndarray
+) -> tuple[float, float, str] | str:
+    """(seconds, test accuracy, note) of MLPClassifier in the baseline's closest
+    setting, or why it could not run."""
+    try:
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.neural_network import MLPClassifier
+    except ImportError as exc:
+        return f"scikit-learn skipped: not installed ({exc})"
+    mnist, why = ctx.mnist()
+    if mnist is None:
+        return f"scikit-learn skipped: {why}"
+    X_train, y_train = mnist.X[train_idx], mnist.y[train_idx]
+    X_test, y_test = mnist.X[test_idx], mnist.y[test_idx]
+    clf = MLPClassifier(
+        hidden_layer_sizes=tuple(cfg.hidden),
+        activation="logistic",
+        solver="sgd",
+        batch_size=len(train_idx),
+        learning_rate="constant",
+        learning_rate_init=cfg.learning_rate,
+        momentum=0.0,
+        nesterovs_momentum=False,
+        alpha=0.0,
+        max_iter=epochs,
+        shuffle=False,
+        n_iter_no_change=epochs,
+        random_state=cfg.seed,
+    )
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(X_train, y_train)  # float32 X: sklearn keeps float32 throughout
+    sk_acc = float((clf.predict(X_test) == y_test).mean())
+    sk_s = time.perf_counter() - start
+    return sk_s, sk_acc, f"sklearn dtype {clf.coefs_[0].dtype}, {clf.n_iter_} iterations"
+
+
+# -- 3. mini-batch training -------------------------------------------------------------
+
+
+def case_minibatch(ctx: Context) -> CaseResult:
+    """One shuffled epoch, batch 128, 784-100-10 ReLU, Adam: samples/s vs PyTorch."""
+    from handprop.nn import Adam, Network
+
+    res = CaseResult("minibatch")
+    X, y, source = train_data(ctx, 10000 if ctx.quick else None)
+    n = len(y)
+    net = Network.from_spec(
+        f"{D_IN}-{HIDDEN}-{N_CLASSES}", activation="relu", init="he_uniform", rng=0
+    )
+    opt = Adam(ADAM_LR)
+    rng = np.random.default_rng(0)
+    Xb = np.empty((BATCH, D_IN), dtype=np.float32)
+
+    def hp_epoch() -> float:
+        order = rng.permutation(n)
+        total = 0.0
+        for start in range(0, n, BATCH):
+            idx = order[start : start + BATCH]
+            xb = Xb[: len(idx)]
+            np.take(X, idx, axis=0, out=xb)
+            yb = y[idx]
+            loss, G = net.loss(net.forward(xb, training=True), yb)
+            net.backward(G)
+            opt.step(net.params, net.grads)
+            total += float(loss) * len(idx)
+        return total / n
+
+    fns: dict[str, Callable[[], object]] = {"handprop": hp_epoch}
+    t_predict = None
+    if ctx.torch is not None:
+        fns["torch"], t_predict = torch_ref.minibatch_epoch(
+            ctx.torch, X, y, (D_IN, HIDDEN, N_CLASSES), BATCH, ADAM_LR, seed=0
+        )
+    reps = ctx.reps(3, 2)
+    times = time_side_by_side(fns, reps, warmup=1)
+    hp_rate = n / median(times["handprop"])
+    note = f"{source}, {n} samples x {1 + reps} epochs each, median of {reps}"
+    mnist, _ = ctx.mnist()
+    if mnist is not None:
+        Xte, yte = mnist.test
+        note += f"; test acc after: handprop {(net.predict(Xte) == yte).mean():.4f}"
+        if t_predict is not None:
+            note += f", torch {(t_predict(Xte) == yte).mean():.4f}"
+    if "torch" in times:
+        res.rows.append(
+            Row.compare(
+                "minibatch",
+                "samples/s",
+                hp_rate,
+                "PyTorch (autograd, Adam)",
+                n / median(times["torch"]),
+                TARGETS["minibatch"],
+                note,
+            )
+        )
+    else:
+        res.rows.append(no_torch_row(ctx, "minibatch", "samples/s", hp_rate))
+    return res
+
+
+# -- 4. inference -------------------------------------------------------------------------
+
+
+def case_inference(ctx: Context) -> CaseResult:
+    """The 10000 test images through 784-100-10 sigmoid: images/s vs PyTorch."""
+    from handprop.nn import Network
+
+    res = CaseResult("inference")
+    mnist, why = ctx.mnist()
+    if mnist is None:
+        X, _ = synthetic(10000, seed=3)
+        source = f"synthetic (MNIST not loaded: {why})"
+    else:
+        X, source = np.ascontiguousarray(mnist.test[0]), "MNIST test set"
+    n = len(X)
+    net = Network.from_spec(f"{D_IN}-{HIDDEN}-{N_CLASSES}", activation="sigmoid", rng=0)
+    fns: dict[str, Callable[[], object]] = {"handprop": lambda: net.predict_proba(X)}
+    check = ""
+    if ctx.torch is not None:
+        t_predict = torch_ref.inference(ctx.torch, X, dense_params(net))
+        diff = float(np.max(np.abs(net.predict_proba(X) - t_predict())))
+        check = f"; probabilities match torch within {diff:.1e}"
+        fns["torch"] = t_predict
+    reps = ctx.reps(21, 11)
+    times = time_side_by_side(fns, reps, warmup=3)
+    hp_rate = n / median(times["handprop"])
+    note = f"{source}, {n} images, median of {reps}; handprop {spread(times['handprop'])}{check}"
+    if "torch" in times:
+        res.rows.append(
+            Row.compare(
+                "inference",
+                "images/s",
+                hp_rate,
+                "PyTorch (no_grad)",
+                n / median(times["torch"]),
+                TARGETS["inference"],
+                note,
+            )
+        )
+    else:
+        res.rows.append(no_torch_row(ctx, "inference", "images/s", hp_rate))
+    return res
+
+
+# -- 5. peak RSS ----------------------------------------------------------------------------
+
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, tempfile
+    from handprop.config import load_config
+    from handprop.train import train_run
+    cfg_path, data_dir, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with tempfile.TemporaryDirectory(prefix="handprop-rss-") as out:
+        cfg = load_config(cfg_path).replace(data_dir=data_dir, out=out, name="rss")
+        if epochs:
+            cfg = cfg.replace(epochs=epochs)
+        result = train_run(cfg, progress=False)
+    watched = ("sklearn", "matplotlib", "scipy", "torch", "pandas")
+    hwm_kb = None
+    try:
+        with open("/proc/self/status") as f:
+            hwm_kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    print(json.dumps({
+        "vmhwm_kb": hwm_kb,
+        "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "status": result.status,
+        "accuracy": result.accuracy,
+        "epochs": cfg.epochs,
+        "imported": [m for m in watched if m in sys.modules],
+    }))
+    """
+)
+
+
+def case_rss(ctx: Context) -> CaseResult:
+    """Peak RSS of the baseline run in a fresh interpreter, and what it imported."""
+    res = CaseResult("rss")
+    epochs = QUICK_EPOCHS if ctx.quick else 0  # 0: the config's own
+    env = dict(os.environ)
+    src = str(REPO_ROOT / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
+    proc = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(BASELINE_CFG), str(ctx.data_dir), str(epochs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        res.rows.append(Row.skipped("rss", f"baseline run failed: {tail}"))
+        return res
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Linux reports both in KiB. ru_maxrss is not trusted alone: the kernel carries the
+    # parent's peak into it across fork/vfork + exec (seen here: 625 MB reported for a
+    # 181 MB run started from a benchmark process holding MNIST and torch), while VmHWM
+    # belongs to the new address space only.
+    maxrss_mb = info["maxrss_kb"] / 1024
+    mb = info["vmhwm_kb"] / 1024 if info.get("vmhwm_kb") else maxrss_mb
+    bad = [m for m in info["imported"] if m in ("sklearn", "matplotlib")]
+    target = TARGETS["rss"]
+    passed = target.check(mb) and not bad
+    res.rows.append(
+        Row(
+            "rss",
+            "peak MB",
+            mb,
+            target=str(target) + ", no sklearn/matplotlib",
+            passed=passed,
+            note=f"{info['epochs']} epochs, status {info['status']}, "
+            f"acc {info['accuracy']:.4f}; imported: {', '.join(info['imported']) or 'none'} "
+            "(of sklearn, matplotlib, scipy, torch, pandas); peak = VmHWM of the child "
+            f"(its ru_maxrss says {maxrss_mb:.0f} MB, which can include the parent's peak)",
+        )
+    )
+    return res
+
+
+#: case name -> function, in the order a full run measures them (the long one last)
+CASES: dict[str, Callable[[Context], CaseResult]] = {
+    "epoch": case_epoch,
+    "profile": case_profile,
+    "minibatch": case_minibatch,
+    "inference": case_inference,
+    "rss": case_rss,
+    "baseline": case_baseline,
+}
+#: cases that compare against PyTorch (torch is imported only when one of them runs)
+TORCH_CASES = frozenset({"epoch", "minibatch", "inference"})

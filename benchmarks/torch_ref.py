@@ -1,0 +1,147 @@
+"""PyTorch-CPU references: the same algorithms as handprop, float32, same thread count.
+
+Imported only by the benchmark cases, and only when torch is installed; handprop itself
+never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def import_torch() -> tuple[Any, str]:
+    """(torch, "") or (None, why not)."""
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"PyTorch not installed ({exc})"
+    return torch, ""
+
+
+def hand_written_epoch(
+    torch: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    params: list[np.ndarray],
+    lr: float,
+) -> tuple[Callable[[], float], list[Any]]:
+    """One full-batch GD epoch of 784-h-10 sigmoid + softmax CE, written out by hand.
+
+    No autograd: ``torch.no_grad`` and the backward pass spelled out, exactly the
+    algorithm handprop runs (including the loss value, which handprop computes too).
+
+    Parameters
+    ----------
+    X : float32 (n, d)      y : int64 (n,)
+    params : [W1 (d, h), b1 (h,), W2 (h, k), b2 (k,)], copied (the originals stay)
+    lr : learning rate
+
+    Returns
+    -------
+    epoch : callable running one epoch in place on the copies, returning the loss
+    tensors : the parameter tensors [W1, b1, W2, b2]
+    """
+    Xt = torch.from_numpy(np.ascontiguousarray(X))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    W1, b1, W2, b2 = (torch.from_numpy(np.array(p, dtype=np.float32)) for p in params)
+    n = Xt.shape[0]
+    rows = torch.arange(n)
+
+    def epoch() -> float:
+        with torch.no_grad():
+            Z1 = torch.addmm(b1, Xt, W1)  # (n, h)
+            A1 = torch.sigmoid(Z1)
+            Z2 = torch.addmm(b2, A1, W2)  # (n, k)
+            logP = torch.log_softmax(Z2, dim=1)
+            loss = -logP[rows, yt].mean()
+            G2 = logP.exp_()  # P
+            G2[rows, yt] -= 1  # P - Y
+            G2.mul_(1.0 / n)  # dL/dZ2
+            dW2 = A1.t() @ G2
+            db2 = G2.sum(0)
+            dZ1 = G2 @ W2.t()  # dL/dA1
+            dZ1.mul_(A1).mul_(1 - A1)  # dL/dZ1 = dA1 * A1 (1 - A1)
+            dW1 = Xt.t() @ dZ1
+            db1 = dZ1.sum(0)
+            W1.sub_(dW1, alpha=lr)
+            b1.sub_(db1, alpha=lr)
+            W2.sub_(dW2, alpha=lr)
+            b2.sub_(db2, alpha=lr)
+        return float(loss)
+
+    return epoch, [W1, b1, W2, b2]
+
+
+def minibatch_epoch(
+    torch: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    sizes: tuple[int, int, int],
+    batch: int,
+    lr: float,
+    seed: int,
+) -> tuple[Callable[[], float], Callable[[np.ndarray], np.ndarray]]:
+    """One shuffled epoch of Linear-ReLU-Linear with autograd, CrossEntropyLoss, Adam.
+
+    The idiomatic PyTorch loop: ``randperm``, index the batch, ``zero_grad``, forward,
+    ``loss.backward()``, ``opt.step()``. Returns a callable running one epoch and
+    returning its mean loss, and one predicting class ids (n,) for inputs (n, d).
+    """
+    torch.manual_seed(seed)
+    d, h, k = sizes
+    model = torch.nn.Sequential(
+        torch.nn.Linear(d, h), torch.nn.ReLU(), torch.nn.Linear(h, k)
+    ).float()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    n = Xt.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+
+    def epoch() -> float:
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, batch):
+            idx = order[start : start + batch]
+            xb, yb = Xt[idx], yt[idx]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+        return total / n
+
+    def predict(X_new: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.ascontiguousarray(X_new))).argmax(1).numpy()
+
+    return epoch, predict
+
+
+def inference(
+    torch: Any, X: np.ndarray, params: list[np.ndarray], activation: str = "sigmoid"
+) -> Callable[[], np.ndarray]:
+    """Forward pass + softmax of a 2-layer net under ``no_grad``; returns probabilities."""
+    W1, b1, W2, b2 = (torch.from_numpy(np.array(p, dtype=np.float32)) for p in params)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(W1.shape[0], W1.shape[1]),
+        torch.nn.Sigmoid() if activation == "sigmoid" else torch.nn.ReLU(),
+        torch.nn.Linear(W2.shape[0], W2.shape[1]),
+    ).float()
+    with torch.no_grad():
+        model[0].weight.copy_(W1.t())  # torch stores (out, in)
+        model[0].bias.copy_(b1)
+        model[2].weight.copy_(W2.t())
+        model[2].bias.copy_(b2)
+    model.eval()
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+
+    def predict() -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(model(Xt), dim=1).numpy()
+
+    return predict
