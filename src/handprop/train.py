@@ -475,12 +475,15 @@ class Trainer:
                     start = time.perf_counter()
                     loss, train_acc = self.train_epoch(epoch)
                     row: dict[str, Any] = {"epoch": epoch, "loss": loss}
-                    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                    evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+                    if evaluated:
                         self.evaluate(row, train_acc)
                     self.seconds += time.perf_counter() - start
                     row["seconds"] = self.seconds
                     self.history.append(row)
                     self.epoch = epoch
+                    if evaluated:
+                        self.write_history()  # so a long run can be followed as it goes
                     postfix["loss"] = f"{loss:.4f}"
                     for key in ("train_acc", "test_acc", "val_acc"):
                         if row.get(key) is not None:
