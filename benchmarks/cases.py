@@ -54,6 +54,7 @@ TARGETS = {
     "minibatch": Target(">=", 1.0),
     "inference": Target(">=", 1.0),
     "rss": Target("<=", 300, "MB"),
+    "cnn": Target("<=", 2.5),
 }
 #: what each target bounds, for the report
 TARGET_LABELS = {
@@ -64,6 +65,7 @@ TARGET_LABELS = {
     "minibatch": "mini-batch samples/s / PyTorch's",
     "inference": "inference images/s / PyTorch's",
     "rss": "peak RSS of the baseline run (and no sklearn/matplotlib imported)",
+    "cnn": "CNN training epoch time / PyTorch's (autograd, Adam)",
 }
 
 
@@ -606,6 +608,70 @@ def case_rss(ctx: Context) -> CaseResult:
     return res
 
 
+# -- 6. the reference CNN ---------------------------------------------------------------
+
+#: issue 8's reference CNN; the 10-way output layer is appended by handprop
+CNN_LAYERS = [
+    "conv 32 3",
+    "relu",
+    "maxpool 2",
+    "conv 64 3",
+    "relu",
+    "maxpool 2",
+    "dense 128",
+    "relu",
+]
+#: batches timed per repetition (an epoch of 60000 images is 469 batches of 128)
+CNN_BATCHES, CNN_EPOCH_BATCHES = 40, 469
+
+
+def case_cnn(ctx: Context) -> CaseResult:
+    """Training steps of the reference CNN, batch 128, Adam: epoch time vs PyTorch.
+
+    Both run the same batches of MNIST in the same order; the time of ``CNN_BATCHES``
+    batches is scaled to a 469-batch epoch of the 60000 training images.
+    """
+    from handprop.nn import Adam, Network
+
+    res = CaseResult("cnn")
+    n_batches = 10 if ctx.quick else CNN_BATCHES
+    X, y, source = train_data(ctx, n_batches * BATCH)
+    X = X.reshape(len(X), 1, 28, 28)
+    net = Network.from_layers(CNN_LAYERS, (1, 28, 28), N_CLASSES, init="he_uniform", rng=0)
+    opt = Adam(ADAM_LR)
+
+    def hp_batches() -> float:
+        total = 0.0
+        for start in range(0, len(y), BATCH):
+            xb, yb = X[start : start + BATCH], y[start : start + BATCH]
+            loss, G = net.loss(net.forward(xb, training=True), yb)
+            net.backward(G)
+            opt.step(net.params, net.grads)
+            total += float(loss)
+        return total
+
+    fns: dict[str, Callable[[], object]] = {"handprop": hp_batches}
+    if ctx.torch is not None:
+        fns["torch"] = torch_ref.cnn_batches(ctx.torch, X, y, BATCH, ADAM_LR, seed=0)
+    reps = ctx.reps(3, 2)
+    times = time_side_by_side(fns, reps, warmup=1)
+    scale = CNN_EPOCH_BATCHES / n_batches
+    hp = median(times["handprop"]) * scale
+    note = (
+        f"{source}, {n_batches} batches of {BATCH} per repetition scaled to "
+        f"{CNN_EPOCH_BATCHES}, median of {reps}; {', '.join(CNN_LAYERS)}, dense 10"
+    )
+    if "torch" in times:
+        torch_s = median(times["torch"]) * scale
+        row = Row.compare(
+            "cnn", "s/epoch", hp, "PyTorch (autograd, Adam)", torch_s, TARGETS["cnn"], note
+        )
+        res.rows.append(row)
+    else:
+        res.rows.append(no_torch_row(ctx, "cnn", "s/epoch", hp))
+    return res
+
+
 #: case name -> function, in the order a full run measures them (the long one last)
 CASES: dict[str, Callable[[Context], CaseResult]] = {
     "epoch": case_epoch,
@@ -613,7 +679,8 @@ CASES: dict[str, Callable[[Context], CaseResult]] = {
     "minibatch": case_minibatch,
     "inference": case_inference,
     "rss": case_rss,
+    "cnn": case_cnn,
     "baseline": case_baseline,
 }
 #: cases that compare against PyTorch (torch is imported only when one of them runs)
-TORCH_CASES = frozenset({"epoch", "minibatch", "inference"})
+TORCH_CASES = frozenset({"epoch", "minibatch", "inference", "cnn"})

@@ -122,6 +122,40 @@ def minibatch_epoch(
     return epoch, predict
 
 
+def cnn_batches(
+    torch: Any, X: np.ndarray, y: np.ndarray, batch: int, lr: float, seed: int
+) -> Callable[[], float]:
+    """Mini-batch steps of the reference CNN, the idiomatic PyTorch way (autograd, Adam).
+
+    conv 32@3x3, ReLU, max pool 2, conv 64@3x3, ReLU, max pool 2, dense 128, ReLU,
+    dense 10 on X (n, 1, 28, 28); one call is one pass over X in order, batch by batch.
+    """
+    torch.manual_seed(seed)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10),
+    ).float()  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+    def run() -> float:
+        total = 0.0
+        for start in range(0, len(yt), batch):
+            xb, yb = Xt[start : start + batch], yt[start : start + batch]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss)
+        return total
+
+    return run
+
+
 def inference(
     torch: Any, X: np.ndarray, params: list[np.ndarray], activation: str = "sigmoid"
 ) -> Callable[[], np.ndarray]:

@@ -56,12 +56,16 @@ def evaluate_run(run: RunFolder | str | Path, top: int = TOP_CONFUSIONS) -> dict
     if not isinstance(run, RunFolder):
         run = RunFolder(run)
     names = run.class_names
+    models = {model: evaluate_predictions(P, names, top) for model, P in run.models.items()}
+    for model, seconds in run.train_seconds.items():
+        if model in models:
+            models[model]["train_seconds"] = seconds
     return {
         "run": str(run.path),
         "status": run.metrics.get("status"),
         "recorded_accuracy": run.metrics.get("accuracy"),
         "class_names": names,
-        "models": {model: evaluate_predictions(P, names, top) for model, P in run.models.items()},
+        "models": models,
     }
 
 
@@ -130,8 +134,13 @@ def per_class_rows(m: dict[str, Any]) -> list[list[str]]:
 PER_CLASS_HEADER = ("class", "precision", "recall", "f1", "support")
 
 
+def _seconds(m: dict[str, Any]) -> str:
+    seconds = m.get("train_seconds")
+    return f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-"
+
+
 def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
-    """(model, accuracy, macro F1, correct, incorrect) rows, one per model."""
+    """(model, accuracy, macro F1, correct, incorrect, training time) rows, one per model."""
     return [
         [
             MODEL_LABELS.get(model, model),
@@ -139,12 +148,13 @@ def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
             f"{m['averages']['macro']['f1']:.4f}",
             str(m["n_correct"]),
             str(m["n_incorrect"]),
+            _seconds(m),
         ]
         for model, m in result["models"].items()
     ]
 
 
-COMPARISON_HEADER = ("model", "accuracy", "macro f1", "correct", "incorrect")
+COMPARISON_HEADER = ("model", "accuracy", "macro f1", "correct", "incorrect", "time (s)")
 
 
 def format_confusion(m: dict[str, Any]) -> str:

@@ -42,6 +42,9 @@ MODEL_LABELS = {
     "sklearn_analogue": "scikit-learn (analogue)",
 }
 
+#: the side-by-side summary ``handprop compare`` writes (times, parameters, notes)
+COMPARISON_FILE = "comparison.json"
+
 HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_acc", "seconds")
 
 
@@ -349,6 +352,21 @@ class RunFolder:
                 P = read_predictions(self.path / filename)
                 self._check_same_test_set(P)
                 found[model] = P
+        return found
+
+    @cached_property
+    def train_seconds(self) -> dict[str, float]:
+        """Training time of each model: handprop's from metrics.json, the comparison
+        models' from ``comparison.json`` (written by ``handprop compare``)."""
+        found = {}
+        if isinstance(self.metrics.get("train_seconds"), (int, float)):
+            found[HANDPROP] = float(self.metrics["train_seconds"])
+        if self.has(COMPARISON_FILE):
+            models = read_json(self.path / COMPARISON_FILE).get("models")
+            for model, entry in (models if isinstance(models, dict) else {}).items():
+                seconds = entry.get("train_seconds") if isinstance(entry, dict) else None
+                if model in COMPARISON_FILES and isinstance(seconds, (int, float)):
+                    found[model] = float(seconds)
         return found
 
     @property

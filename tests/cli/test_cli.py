@@ -13,7 +13,8 @@ def run(*args):
 
 def test_help_lists_every_command():
     out = run("--help").output
-    for name in ("train", "predict", "data", "experiments", "evaluate", "figures", "report"):
+    names = ("train", "predict", "data", "experiments", "evaluate", "compare", "figures", "report")
+    for name in names:
         assert name in out
 
 
@@ -25,6 +26,7 @@ def test_help_lists_every_command():
         (["data", "fetch", "cifar"], "unknown dataset 'cifar'"),
         (["predict", "absent.npz", "x.png"], "no such model file"),
         (["train", "--resume", "nowhere"], "nowhere: no checkpoint.npz"),
+        (["compare", "nowhere"], "nowhere"),
     ],
 )
 def test_user_errors_exit_1_with_one_line(args, message):

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "predict",
     "experiments",
     "evaluate",
+    "compare",
     "figures",
     "report",
 )

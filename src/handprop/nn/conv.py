@@ -1,10 +1,14 @@
 """Convolution and pooling on batch-first images (n, c, h, w), backward passes by hand.
 
-Conv2D is lowered to one large matrix product (im2col): every k x k x c_in patch of the
-padded input becomes a row of a matrix ``cols`` (n * h_out * w_out, c_in * k * k), read
-through a strided window view and copied once, and the convolution is ``cols @ W_mat``.
-Its backward pass is two more products and col2im, the scatter-add of patch gradients
-back onto the overlapping input positions, done as k * k strided additions.
+Conv2D is lowered to matrix products (im2col): for every image, each k x k x c_in patch
+of the padded input becomes a column of ``cols[i]`` (c_in * k * k, h_out * w_out), and the
+convolution is ``W_mat @ cols[i]`` with ``W_mat`` (c_out, c_in * k * k), one BLAS product
+per image of the batch. The columns are laid out so that both the output and the copies
+keep the images' own (channel, row, column) order: ``cols`` is filled by k * k strided
+slice copies whose inner rows are contiguous, and the output is already (n, c_out, h_out,
+w_out), with no transpose. The backward pass is two more products and col2im, the
+scatter-add of patch gradients back onto the overlapping input positions, done as the
+k * k strided additions that mirror the copies.
 """
 
 from __future__ import annotations
@@ -28,29 +32,35 @@ def windows(Xp: Array, k: int, stride: int) -> Array:
     return sliding_window_view(Xp, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
 
 
-def im2col(X: Array, k: int, stride: int, pad: int) -> tuple[Array, int, int]:
-    """cols (n * h_out * w_out, c * k * k): row (i, y, x) is the patch under output y, x."""
-    n, c = X.shape[:2]
+def offset(X: Array, i: int, j: int, ho: int, wo: int, stride: int) -> Array:
+    """View (n, c, ho, wo) of the input element at offset (i, j) of every window."""
+    return X[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]
+
+
+def im2col(X: Array, k: int, stride: int, pad: int, out: Array | None = None) -> tuple:
+    """cols (n, c * k * k, h_out * w_out): column (y, x) of cols[i] is the patch under
+    output y, x, its rows in (channel, ki, kj) order, the order of W's last three axes."""
+    n, c, h, w = X.shape
+    ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
     Xp = np.pad(X, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else X
-    V = windows(Xp, k, stride)  # (n, c, ho, wo, k, k), a view
-    ho, wo = V.shape[2], V.shape[3]
-    cols = np.empty((n, ho, wo, c, k, k), dtype=X.dtype)
-    np.copyto(cols, V.transpose(0, 2, 3, 1, 4, 5))  # the one copy
-    return cols.reshape(n * ho * wo, c * k * k), ho, wo
+    cols = np.empty((n, c, k, k, ho, wo), dtype=X.dtype) if out is None else out
+    cols = cols.reshape(n, c, k, k, ho, wo)
+    for i in range(k):
+        for j in range(k):
+            cols[:, :, i, j] = offset(Xp, i, j, ho, wo, stride)
+    return cols.reshape(n, c * k * k, ho * wo), ho, wo
 
 
 def col2im(dcols: Array, shape: tuple[int, int, int, int], k: int, stride: int, pad: int) -> Array:
-    """Adjoint of im2col: sum each patch-row gradient back onto the input (n, c, h, w)."""
+    """Adjoint of im2col: sum each patch gradient back onto the input (n, c, h, w)."""
     n, c, h, w = shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    D = dcols.reshape(n, ho, wo, c, k, k)
+    D = dcols.reshape(n, c, k, k, ho, wo)
     dXp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dcols.dtype)
     for i in range(k):
         for j in range(k):
             # window offset (i, j) of every output position lands on a strided grid
-            dXp[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += D[
-                :, :, :, :, i, j
-            ].transpose(0, 3, 1, 2)
+            offset(dXp, i, j, ho, wo, stride)[...] += D[:, :, i, j]
     return dXp[:, :, pad : pad + h, pad : pad + w] if pad else dXp
 
 
@@ -90,27 +100,39 @@ class Conv2D(Layer):
 
     def forward(self, X: Array, training: bool = False) -> Array:
         n = X.shape[0]
-        cols, ho, wo = im2col(X, self.k, self.stride, self.pad)
-        W_mat = self.W.reshape(self.c_out, -1)  # (c_out, c k k)
-        Z = cols @ W_mat.T  # (n ho wo, c_out)
-        Z += self.b
+        _, ho, wo = self.output_shape(X.shape[1:])
+        patch = self.c_in * self.k * self.k
+        buf = self.buffer("cols", (n, patch, ho * wo), X.dtype) if training else None
+        cols, ho, wo = im2col(X, self.k, self.stride, self.pad, out=buf)
+        W_mat = self.W.reshape(self.c_out, patch)
+        # Z[i] = W_mat @ cols[i]: (c_out, ho wo) per image, already channel-first
+        out = self.buffer("Z", (n, self.c_out, ho * wo), X.dtype) if training else None
+        Z = np.matmul(W_mat, cols, out=out)
+        Z += self.b[:, None]
         if training:
             self._cols, self._shape = cols, X.shape
-        # NHWC -> NCHW, contiguous for the layers after
-        return np.ascontiguousarray(Z.reshape(n, ho, wo, self.c_out).transpose(0, 3, 1, 2))
+        return Z.reshape(n, self.c_out, ho, wo)
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
         """G (n, c_out, ho, wo) -> dX (n, c_in, h, w).
 
-        With G_mat (n ho wo, c_out) the rows of G:  dW_mat = G_mat^T cols,
-        db = sum of G over n, ho, wo,  dcols = G_mat W_mat,  dX = col2im(dcols).
+        With G_i (c_out, ho wo) image i's slice of G:  dW_mat = sum_i G_i cols_i^T,
+        db = sum of G over n, ho, wo,  dcols_i = W_mat^T G_i,  dX = col2im(dcols).
         """
-        G_mat = G.transpose(0, 2, 3, 1).reshape(-1, self.c_out)  # (n ho wo, c_out)
-        np.matmul(G_mat.T, self._cols, out=self.dW.reshape(self.c_out, -1))
-        np.sum(G, axis=(0, 2, 3), out=self.db)
+        n = G.shape[0]
+        G_mat = np.ascontiguousarray(G).reshape(n, self.c_out, -1)  # (n, c_out, ho wo)
+        patch = self._cols.shape[1]
+        per_image = np.matmul(
+            G_mat,
+            self._cols.transpose(0, 2, 1),
+            out=self.buffer("dW_i", (n, self.c_out, patch), G.dtype),
+        )
+        np.sum(per_image, axis=0, out=self.dW.reshape(self.c_out, patch))
+        np.sum(G_mat, axis=(0, 2), out=self.db)
         if not need_input_grad:
             return None
-        dcols = G_mat @ self.W.reshape(self.c_out, -1)  # (n ho wo, c k k)
+        W_mat = self.W.reshape(self.c_out, patch)
+        dcols = np.matmul(W_mat.T, G_mat, out=self.buffer("dcols", self._cols.shape, G.dtype))
         return col2im(dcols, self._shape, self.k, self.stride, self.pad)
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
@@ -174,21 +196,29 @@ class MaxPool2D(_Pool2D):
     kind = "maxpool2d"
 
     def offsets(self, X: Array, ho: int, wo: int):
-        s = self.stride
         for i in range(self.k):
             for j in range(self.k):
-                yield i * self.k + j, X[:, :, i : i + s * ho : s, j : j + s * wo : s]
+                yield i * self.k + j, offset(X, i, j, ho, wo, self.stride)
 
     def forward(self, X: Array, training: bool = False) -> Array:
         _, ho, wo = self.output_shape(X.shape[1:])
         slices = self.offsets(X, ho, wo)
         A = np.array(next(slices)[1])  # offset 0 holds the maximum until beaten
-        arg = np.zeros(A.shape, dtype=np.uint8) if training else None
+        if training:
+            shape = A.shape
+            arg = self.buffer("arg", shape, np.dtype(np.uint8))
+            arg[...] = 0
+            beats = self.buffer("beats", shape, np.dtype(bool))
+            claim = self.buffer("claim", shape, np.dtype(np.uint8))
         for o, V in slices:
-            beats = V > A  # strictly: an equal value later keeps the first maximum
-            np.maximum(A, V, out=A)
             if training:
-                arg[beats] = o
+                # strictly greater: an equal value later keeps the first maximum. The
+                # offsets come in increasing order, so "arg = o where V beats A" is
+                # arg = max(arg, o * beats), two cheap passes instead of a masked write.
+                np.greater(V, A, out=beats)
+                np.multiply(beats, np.uint8(o), out=claim)
+                np.maximum(arg, claim, out=arg)
+            np.maximum(A, V, out=A)
         if training:
             self._arg, self._shape = arg, X.shape
         return A
@@ -197,8 +227,13 @@ class MaxPool2D(_Pool2D):
         """dX[window max] = G; every other position of the window gets 0."""
         dX = np.zeros(self._shape, dtype=G.dtype)
         _, _, ho, wo = G.shape
-        for o, V in self.offsets(dX, ho, wo):
-            V += np.where(self._arg == o, G, 0)  # V is a view into dX
+        at = self.buffer("at", G.shape, np.dtype(bool))
+        for o, V in self.offsets(dX, ho, wo):  # V is a view into dX
+            np.equal(self._arg, o, out=at)
+            if self.stride >= self.k:  # windows do not overlap: each V is written once
+                np.multiply(G, at, out=V)
+            else:  # overlapping windows add up
+                V += G * at
         return dX
 
 
