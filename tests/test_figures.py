@@ -72,6 +72,7 @@ def test_write_figures_writes_every_run_figure(tmp_path, images):
         "correct_incorrect.png": "correct_incorrect",
         "top_confusions.png": "top_confusions",
         "misclassified.png": "misclassified",
+        "first_layer.png": "first_layer",
     }
     assert {p.name for p in result.written} == set(expected)
     assert result.skipped == []
@@ -90,7 +91,7 @@ def test_unloadable_dataset_skips_only_the_misclassified_figure(tmp_path, monkey
     out = tmp_path / "elsewhere"
     result = write_figures(folder, out)
     assert "misclassified.png" not in {p.name for p in result.written}
-    assert len(result.written) == 5 and all(p.parent == out for p in result.written)
+    assert len(result.written) == 6 and all(p.parent == out for p in result.written)
     assert result.skipped == [
         "misclassified: cannot load the dataset's images: fake3: unknown dataset"
     ]
@@ -189,7 +190,37 @@ def test_cli_prints_the_files_written(tmp_path, monkeypatch):
     printed = [Path(line) for line in result.stdout.splitlines()]
     warnings = result.stderr.splitlines()
     assert len(warnings) == 2 and all(w.startswith("handprop: warning: skipped ") for w in warnings)
-    assert len(printed) == 4 and all(p.is_file() and p.parent == out for p in printed)
+    assert len(printed) == 5 and all(p.is_file() and p.parent == out for p in printed)
+
+
+def test_first_layer_of_a_cnn_and_of_an_mlp(tmp_path):
+    from handprop import nn
+
+    cnn = nn.Network.from_layers(["conv 6 3", "relu", "maxpool 2"], (1, 8, 8), 3)
+    images, what = figures.first_layer_images(cnn)
+    np.testing.assert_array_equal(images, cnn.layers[0].W[:, 0])  # one input channel
+    assert what == "all 6 3x3 filters of the convolution"
+    mlp = nn.Network.from_spec([64, 40, 3], meta={"image_shape": [8, 8]})
+    images, what = figures.first_layer_images(mlp)
+    assert images.shape == (32, 8, 8) and "32 of 40 hidden units" in what
+    np.testing.assert_array_equal(images[5], mlp.layers[0].W[:, 5].reshape(8, 8))
+    for net in (cnn, mlp):
+        data = png_bytes(figures.first_layer_figure(net))
+        assert png_dimensions(data) == pixel_size("first_layer")
+
+
+def test_first_layer_without_image_shaped_weights_is_skipped(tmp_path, images):
+    from handprop import nn
+
+    folder = write_run(tmp_path / "run")
+    nn.save(nn.Network.from_spec([64, 16, 3]), folder / "model.npz")  # no image shape
+    figs, skipped = figures.build_run_figures(RunFolder(folder))
+    assert "first_layer" not in dict(figs)
+    assert skipped == ["first_layer: the first layer Dense(d_in=64, d_out=16) has no "
+                       "image-shaped weights to draw"]  # fmt: skip
+    (folder / "model.npz").unlink()
+    _, skipped = figures.build_run_figures(RunFolder(folder))
+    assert skipped == ["first_layer: the run has no model.npz"]
 
 
 def test_cli_user_error(tmp_path):

@@ -97,7 +97,7 @@ def test_run_report_is_self_contained(tmp_path):
     assert "learning_rate" in text and "cross_entropy" in text  # the config table
     assert "bar" in text and "macro avg" in text  # per class
     sizes = embedded_png_sizes(p)
-    assert len(sizes) == 7  # 2 confusion matrices + 5 other figures
+    assert len(sizes) == 8  # 2 confusion matrices + 6 other figures
     assert pixel_size("misclassified") in sizes
     # internal links point at anchors that exist
     anchors = {url[1:] for tag, name, url in p.urls if name == "href"}
@@ -119,7 +119,7 @@ def test_report_of_a_run_without_comparisons_config_or_dataset(tmp_path, monkeyp
     assert "Comparison" not in text
     assert "has no config.toml" in text
     assert "Not shown: misclassified: cannot load the dataset" in text
-    assert len(embedded_png_sizes(p)) == 5
+    assert len(embedded_png_sizes(p)) == 6
 
 
 def test_grid_report(tmp_path):

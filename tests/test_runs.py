@@ -62,9 +62,16 @@ def write_run(
     epochs: int = 6,
     train: int = 18,
     y_pred: np.ndarray = Y_PRED,
+    model: bool = True,
 ) -> Path:
-    """A complete run folder per docs/formats.md (no model.npz: nothing here reads it)."""
+    """A complete run folder per docs/formats.md; the model is 64-hidden-3 on 8x8 images
+    with its initial weights (only the first-layer figure reads it)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if model:
+        from handprop import nn
+
+        net = nn.Network.from_spec([64, hidden, 3], meta={"image_shape": [8, 8]})
+        nn.save(net, folder / "model.npz")
     (folder / "predictions.csv").write_text(predictions_text(TEST_INDEX, Y_TRUE, y_pred))
     if comparisons:
         sk_default = np.where(np.arange(12) % 5 == 0, (Y_TRUE + 1) % 3, Y_TRUE)

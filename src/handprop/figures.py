@@ -52,6 +52,7 @@ SIZES: dict[str, tuple[float, float]] = {
     "top_confusions": (9.0, 6.0),
     "grid_training_curves": (14.0, 5.2),
     "grid_accuracy": (13.0, 4.8),
+    "first_layer": (12.0, 6.4),
 }
 
 #: one color per model, the same in every figure
@@ -64,6 +65,7 @@ CORRECT_COLOR = "#4c9a5b"
 INCORRECT_COLOR = "#c44e52"
 TRAIN_COLOR = "#7f7f7f"
 CMAP = "Blues"
+WEIGHT_CMAP = "RdBu_r"  # weights: red positive, blue negative, white 0
 IMAGE_CMAP = "gray_r"
 
 RC = {
@@ -85,6 +87,7 @@ RC = {
 }
 
 MISCLASSIFIED_ROWS, MISCLASSIFIED_COLS = 4, 8
+FIRST_LAYER_ROWS, FIRST_LAYER_COLS = 4, 8
 TOP_PAIRS = 10
 #: grid accuracy panels label their points with run names up to this many runs
 MAX_POINT_LABELS = 12
@@ -304,6 +307,48 @@ def misclassified_figure(
             f"Misclassified test samples: {_label(model)} "
             f"(the {shown} most confident of {wrong.size})"
         )
+    return fig
+
+
+def first_layer_images(net: Any) -> tuple[np.ndarray, str]:
+    """(m, h, w) weight images of the network's first layer, and what they are.
+
+    A Conv2D's filters (summed over input channels when there are several), or the
+    input weights of a Dense layer's first hidden units, reshaped to the image.
+    Raises DataError when the first layer has no image-shaped weights.
+    """
+    from handprop.nn import Conv2D, Dense
+
+    layer = net.layers[0]
+    n_show = FIRST_LAYER_ROWS * FIRST_LAYER_COLS
+    if isinstance(layer, Conv2D):
+        W = layer.W.sum(axis=1)  # (c_out, k, k)
+        shown = f"all {len(W)}" if len(W) <= n_show else f"{n_show} of the {len(W)}"
+        return W[:n_show], f"{shown} {layer.k}x{layer.k} filters of the convolution"
+    shape = tuple(net.meta.get("image_shape") or ())
+    if isinstance(layer, Dense) and shape and int(np.prod(shape)) == layer.d_in:
+        W = layer.W.T[:n_show].reshape(-1, *shape)  # unit j's weights on every pixel
+        what = f"the input weights of {len(W)} of {layer.d_out} hidden units"
+        return W, what
+    raise DataError(f"the first layer {layer!r} has no image-shaped weights to draw")
+
+
+def first_layer_figure(net: Any) -> Figure:
+    """The first layer's weights as images, on one symmetric color scale around 0."""
+    W, what = first_layer_images(net)
+    vmax = float(np.abs(W).max()) or 1.0
+    norm = Normalize(-vmax, vmax)
+    with _figure("first_layer") as fig:
+        axes = fig.subplots(FIRST_LAYER_ROWS, FIRST_LAYER_COLS)
+        for ax in axes.flat:
+            ax.set_axis_off()
+        image = None
+        for j, (ax, w) in enumerate(zip(axes.flat, W, strict=False)):
+            image = ax.imshow(w, cmap=WEIGHT_CMAP, norm=norm, interpolation="nearest")
+            ax.set_title(str(j), fontsize=9, fontweight="normal")
+        if image is not None:
+            fig.colorbar(image, ax=axes, shrink=0.8, label="weight")
+        fig.suptitle(f"First layer: {what}")
     return fig
 
 
@@ -536,6 +581,15 @@ def build_run_figures(run: RunFolder) -> tuple[list[tuple[str, Figure]], list[st
         skipped.append("training_curves: the run has no history.csv")
     figures.append(("correct_incorrect", correct_incorrect_figure(models)))
     figures.append(("top_confusions", top_confusions_figure(models, names)))
+    if run.has("model.npz"):
+        from handprop import nn
+
+        try:
+            figures.append(("first_layer", first_layer_figure(nn.load(run.path / "model.npz"))))
+        except HandpropError as exc:
+            skipped.append(f"first_layer: {exc}")
+    else:
+        skipped.append("first_layer: the run has no model.npz")
     try:
         images = _load_images(run)
         P = models[HANDPROP]

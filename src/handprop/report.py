@@ -104,6 +104,7 @@ FIGURE_CAPTIONS = {
     "correct_incorrect": "Correct and incorrect test predictions per model.",
     "top_confusions": "The most frequent confusions, counted for every model.",
     "misclassified": "The most confident mistakes on the test set.",
+    "first_layer": "What the first layer learned: its weights drawn as images.",
     "grid_training_curves": "Loss and test accuracy per epoch of every run.",
     "grid_accuracy": "Test accuracy against each parameter the grid varies.",
 }
