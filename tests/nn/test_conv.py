@@ -129,3 +129,15 @@ def test_cnn_save_load_round_trip(tmp_path, rng):
 def test_bad_layer_specs_are_refused(items, message):
     with pytest.raises(ShapeError, match=message):
         Network.from_layers(items, (1, 8, 8), 10)
+
+
+def test_inference_batches_bound_the_im2col_memory(rng, monkeypatch):
+    import handprop.nn.network as network
+
+    net = Network.from_layers(["conv 4 3", "relu", "maxpool 2"], (1, 8, 8), 3, rng=0)
+    # per sample: 9 column rows x 36 positions + 4 x 36 outputs = 468 float32 values
+    assert net.inference_batch() == 8192  # small: the 8192 cap
+    monkeypatch.setattr(network, "INFERENCE_BYTES", 468 * 4 * 5)
+    assert net.inference_batch() == 5
+    X = rng.random((23, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(net.predict_proba(X), net.predict_proba(X, batch_size=23), 1e-6)

@@ -98,6 +98,11 @@ class Conv2D(Layer):
             raise ShapeError(f"{self!r} does not fit an input of {h}x{w}")
         return (self.c_out, ho, wo)
 
+    def work_size(self, input_shape: tuple[int, ...]) -> int:
+        """The im2col columns (c_in k k per output position) and the output."""
+        c_out, ho, wo = self.output_shape(input_shape)
+        return (self.c_in * self.k * self.k + c_out) * ho * wo
+
     def forward(self, X: Array, training: bool = False) -> Array:
         n = X.shape[0]
         _, ho, wo = self.output_shape(X.shape[1:])

@@ -39,6 +39,10 @@ class Layer:
         """Shape of one sample's output given one sample's input shape."""
         return input_shape
 
+    def work_size(self, input_shape: tuple[int, ...]) -> int:
+        """Elements per sample of the arrays an inference forward pass allocates."""
+        return int(np.prod(self.output_shape(input_shape)))
+
     def forward(self, X: Array, training: bool = False) -> Array:
         raise NotImplementedError
 

@@ -66,6 +66,10 @@ def parse_spec(spec: str | Sequence[int]) -> list[int]:
     return sizes
 
 
+#: the most memory the largest array of one inference batch may take
+INFERENCE_BYTES = 256 * 2**20
+MAX_INFERENCE_BATCH = 8192
+
 #: layer-spec words -> (layer kind, positional argument names, their types)
 LAYER_WORDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conv": ("conv2d", ("c_out", "k", "stride", "pad")),
@@ -354,16 +358,28 @@ class Network:
         """The loss over (X, y) without a backward pass."""
         return self.loss.value(self.forward(X, training=training), y)
 
-    def predict_proba(self, X: Array, batch_size: int = 8192) -> Array:
-        """Class probabilities (n, k), computed batch by batch to bound memory."""
+    def inference_batch(self) -> int:
+        """Samples per inference batch: as many as keep the largest work array of one
+        forward pass (a CNN's im2col columns) within ``INFERENCE_BYTES``, at most 8192."""
+        shape, per_sample = self.input_shape, 1
+        for layer in self.layers:
+            per_sample = max(per_sample, layer.work_size(shape))
+            shape = layer.output_shape(shape)
+        fit = INFERENCE_BYTES // (per_sample * self.dtype.itemsize)
+        return int(min(MAX_INFERENCE_BATCH, max(1, fit)))
+
+    def predict_proba(self, X: Array, batch_size: int | None = None) -> Array:
+        """Class probabilities (n, k), computed batch by batch to bound memory
+        (``batch_size`` samples at a time; by default :meth:`inference_batch`)."""
         X = self.check_input(X)
+        batch_size = batch_size or self.inference_batch()
         out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
         for start in range(0, X.shape[0], batch_size):
             stop = start + batch_size
             out[start:stop] = self.loss.probabilities(self.forward(X[start:stop]))
         return out
 
-    def predict(self, X: Array, batch_size: int = 8192) -> Array:
+    def predict(self, X: Array, batch_size: int | None = None) -> Array:
         """Class ids (n,) of the most probable class."""
         return self.predict_proba(X, batch_size).argmax(axis=1)
 
