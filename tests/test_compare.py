@@ -139,6 +139,16 @@ def test_an_unfinished_or_cnn_run_is_refused(tmp_path, run_dir):
         compare_run(copy, progress=False)
 
 
+def test_a_folder_that_is_no_run_is_refused(tmp_path, run_dir):
+    with pytest.raises(DataError, match="no metrics.json; not a handprop run folder$"):
+        compare_run(tmp_path, progress=False)
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "summary.csv").write_text("run,status\n")
+    with pytest.raises(DataError, match="an experiment grid"):
+        compare_run(grid, progress=False)
+
+
 def test_cli_prints_the_table(run_dir, compared):
     result = CliRunner().invoke(main, ["compare", str(run_dir), "--only", "default", "-q"])
     assert result.exit_code == 0, result.output

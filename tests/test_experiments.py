@@ -130,3 +130,19 @@ def test_the_original_experiment_csv_parses():
         ("epochs_1000", 5000, 1000),
         ("more_data_20k", 20000, 1000),
     ]
+
+
+def test_a_grid_row_can_be_a_cnn(tmp_path):
+    grid = write(
+        tmp_path / "g.csv",
+        'cnn,600,500,100,,0.01,2,digits,2,adam,32,"conv 4 3 pad=1; relu; maxpool 2; dense 16"',
+        header=HEADER + ",optimizer,batch_size,layers",
+    )
+    rows = read_grid(grid)
+    assert rows[0].config.layers == ("conv 4 3 pad=1", "relu", "maxpool 2", "dense 16")
+    (summary,) = run_grid(rows, tmp_path / "out", progress=False)
+    assert summary.status == "completed" and summary.accuracy > 0.3
+    from handprop import nn
+
+    net = nn.load(tmp_path / "out" / "cnn" / "model.npz")
+    assert net.layers[0].kind == "conv2d" and net.input_shape == (1, 8, 8)

@@ -42,6 +42,7 @@ from handprop.runs import (
     HANDPROP,
     MODEL_LABELS,
     RunFolder,
+    is_grid,
     read_json,
 )
 from handprop.train import (
@@ -182,6 +183,9 @@ def compare_run(
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ConfigError(f"unknown comparison model {unknown[0]!r}; expected one of {MODELS}")
+    if not folder.has(METRICS_FILE):
+        hint = " (an experiment grid? name one of its run folders)" if is_grid(folder.path) else ""
+        raise DataError(f"{folder.path}: no {METRICS_FILE}; not a handprop run folder{hint}")
     if folder.metrics.get("status") != "completed":
         raise DataError(
             f"{folder.path / METRICS_FILE}: the run is not completed "

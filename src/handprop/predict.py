@@ -72,7 +72,7 @@ def prepare_image(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
 
 
 def load_inputs(paths: list[str | Path], net: Network) -> tuple[list[str], np.ndarray]:
-    """Names and feature rows (n, features) for images, IDX files and CSV files."""
+    """Names and inputs (n, *net.input_shape) for images, IDX files and CSV files."""
     from handprop.data import read_csv, read_idx
 
     image_shape = tuple(net.meta.get("image_shape") or ())
@@ -101,8 +101,9 @@ def load_inputs(paths: list[str | Path], net: Network) -> tuple[list[str], np.nd
             images = images.reshape(len(images), -1).astype(np.float64)
             names += [f"{p}[{i}]" for i in range(len(images))]
             rows.append(images / (255.0 if images.max() > pixel_max else pixel_max))
-    X = np.concatenate(rows) if rows else np.zeros((0, net.input_shape[0]))
     features = int(np.prod(net.input_shape))
+    X = np.concatenate(rows) if rows else np.zeros((0, features))
     if X.shape[1] != features:
         raise DataError(f"the inputs have {X.shape[1]} values each, the model expects {features}")
-    return names, X
+    # a CNN takes (n, 1, h, w) images: a reshape of the contiguous rows, not a copy
+    return names, X.reshape(len(X), *net.input_shape)

@@ -89,3 +89,24 @@ def test_predict_reads_an_image_like_mnist(tmp_path):
     save(net, tmp_path / "m.npz")
     result = run("predict", tmp_path / "m.npz", tmp_path / "one.png")
     assert result.exit_code == 0 and "one.png" in result.output
+
+
+def test_predict_with_a_cnn_reshapes_rows_into_images(tmp_path):
+    from PIL import Image
+
+    from handprop.data import write_idx
+    from handprop.nn import Network, save
+
+    net = Network.from_layers(
+        ["conv 4 3", "relu", "maxpool 2"], (1, 28, 28), 10, rng=0, meta={"image_shape": [28, 28]}
+    )
+    save(net, tmp_path / "cnn.npz")
+    images = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "x.idx", images)
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    result = run("predict", tmp_path / "cnn.npz", tmp_path / "x.idx", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3 and all("->" in line for line in lines)
+    expected = net.predict(images[:, None] / np.float32(255))
+    assert [line.split("->")[1].split()[0] for line in lines[:2]] == [str(c) for c in expected]
