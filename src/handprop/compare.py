@@ -43,7 +43,6 @@ from handprop.runs import (
     MODEL_LABELS,
     RunFolder,
     is_grid,
-    read_json,
 )
 from handprop.train import (
     CONFIG_FILE,
@@ -195,7 +194,6 @@ def compare_run(
     data = load_split(cfg, progress=progress)
     _check_split(folder, data)
     k = len(data.class_names)
-    X_train, X_test = data.X_train.reshape(len(data.X_train), -1), data.X_test
 
     hp = folder.predictions
     own = classification_metrics(data.y_test, hp.y_pred, data.class_names)
@@ -212,7 +210,7 @@ def compare_run(
             }
         },
     }
-    previous = _read_previous(folder)
+    previous = folder.comparison
     for model in MODELS:
         if model not in models:
             if model in previous:  # keep what an earlier compare measured
@@ -227,9 +225,9 @@ def compare_run(
             warnings.simplefilter("always", ConvergenceWarning)
             start = time.perf_counter()
             with np.errstate(all="ignore"):  # overflow in its logistic is its own affair
-                clf.fit(X_train, data.y_train)
+                clf.fit(data.X_train, data.y_train)
             seconds = time.perf_counter() - start
-        P = _full_proba(clf, X_test, k)
+        P = _full_proba(clf, data.X_test, k)
         if not np.all(np.isfinite(P)):
             raise DataError(f"{label} produced non-finite probabilities; its loss diverged")
         m = classification_metrics(data.y_test, P.argmax(axis=1), data.class_names)
@@ -251,15 +249,6 @@ def compare_run(
     return result
 
 
-def _read_previous(folder: RunFolder) -> dict[str, Any]:
-    if not folder.has(COMPARISON_FILE):
-        return {}
-    models = read_json(folder.path / COMPARISON_FILE).get("models")
-    if not isinstance(models, dict):
-        return {}
-    return {m: v for m, v in models.items() if m in MODELS and folder.has(COMPARISON_FILES[m])}
-
-
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -277,19 +266,18 @@ COMPARISON_HEADER = ("model", "accuracy", "macro f1", "time (s)", "epochs")
 
 def comparison_table_rows(result: dict[str, Any]) -> list[list[str]]:
     """(model, accuracy, macro F1, training time, epochs) rows, handprop first."""
-    rows = []
-    for entry in result["models"].values():
-        seconds = entry.get("train_seconds")
-        rows.append(
-            [
-                entry["label"],
-                f"{100 * entry['accuracy']:.2f}%",
-                f"{entry['macro_f1']:.4f}",
-                f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-",
-                str(entry.get("epochs") or "-"),
-            ]
-        )
-    return rows
+    from handprop.evaluate import format_seconds
+
+    return [
+        [
+            entry["label"],
+            f"{100 * entry['accuracy']:.2f}%",
+            f"{entry['macro_f1']:.4f}",
+            format_seconds(entry.get("train_seconds")),
+            str(entry.get("epochs") or "-"),
+        ]
+        for entry in result["models"].values()
+    ]
 
 
 def format_comparison(result: dict[str, Any]) -> str:

@@ -134,8 +134,8 @@ def per_class_rows(m: dict[str, Any]) -> list[list[str]]:
 PER_CLASS_HEADER = ("class", "precision", "recall", "f1", "support")
 
 
-def _seconds(m: dict[str, Any]) -> str:
-    seconds = m.get("train_seconds")
+def format_seconds(seconds: Any) -> str:
+    """A training time as "12.3", or "-" when none was recorded."""
     return f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "-"
 
 
@@ -148,7 +148,7 @@ def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
             f"{m['averages']['macro']['f1']:.4f}",
             str(m["n_correct"]),
             str(m["n_incorrect"]),
-            _seconds(m),
+            format_seconds(m.get("train_seconds")),
         ]
         for model, m in result["models"].items()
     ]

@@ -355,19 +355,30 @@ class RunFolder:
         return found
 
     @cached_property
+    def comparison(self) -> dict[str, dict[str, Any]]:
+        """``comparison.json``'s entry of each comparison model whose predictions file
+        is present (written by ``handprop compare``), or {}."""
+        if not self.has(COMPARISON_FILE):
+            return {}
+        models = read_json(self.path / COMPARISON_FILE).get("models")
+        return {
+            model: entry
+            for model, entry in (models if isinstance(models, dict) else {}).items()
+            if model in COMPARISON_FILES
+            and isinstance(entry, dict)
+            and self.has(COMPARISON_FILES[model])
+        }
+
+    @cached_property
     def train_seconds(self) -> dict[str, float]:
         """Training time of each model: handprop's from metrics.json, the comparison
-        models' from ``comparison.json`` (written by ``handprop compare``)."""
-        found = {}
-        if isinstance(self.metrics.get("train_seconds"), (int, float)):
-            found[HANDPROP] = float(self.metrics["train_seconds"])
-        if self.has(COMPARISON_FILE):
-            models = read_json(self.path / COMPARISON_FILE).get("models")
-            for model, entry in (models if isinstance(models, dict) else {}).items():
-                seconds = entry.get("train_seconds") if isinstance(entry, dict) else None
-                if model in COMPARISON_FILES and isinstance(seconds, (int, float)):
-                    found[model] = float(seconds)
-        return found
+        models' from :attr:`comparison`."""
+        entries = {HANDPROP: self.metrics, **self.comparison}
+        return {
+            model: float(entry["train_seconds"])
+            for model, entry in entries.items()
+            if isinstance(entry.get("train_seconds"), (int, float))
+        }
 
     @property
     def models(self) -> dict[str, Predictions]:

@@ -175,14 +175,19 @@ class _Pool2D(Layer):
             raise ShapeError(f"{self!r} does not fit an input of {h}x{w}")
         return (c, ho, wo)
 
+    def offsets(self, X: Array, ho: int, wo: int):
+        """(o, view) for each window offset o = i k + j: X's element at (i, j) of every
+        window, an (n, c, ho, wo) strided view."""
+        for i in range(self.k):
+            for j in range(self.k):
+                yield i * self.k + j, offset(X, i, j, ho, wo, self.stride)
+
     def scatter(self, parts: Array, shape: tuple[int, ...]) -> Array:
         """dX (n, c, h, w) from per-offset gradients parts (n, c, ho, wo, k, k)."""
         ho, wo = parts.shape[2], parts.shape[3]
         dX = np.zeros(shape, dtype=parts.dtype)
-        s = self.stride
-        for i in range(self.k):
-            for j in range(self.k):
-                dX[:, :, i : i + s * ho : s, j : j + s * wo : s] += parts[:, :, :, :, i, j]
+        for o, V in self.offsets(dX, ho, wo):
+            V += parts[:, :, :, :, o // self.k, o % self.k]
         return dX
 
     def get_config(self) -> dict[str, Any]:
@@ -199,11 +204,6 @@ class MaxPool2D(_Pool2D):
     """
 
     kind = "maxpool2d"
-
-    def offsets(self, X: Array, ho: int, wo: int):
-        for i in range(self.k):
-            for j in range(self.k):
-                yield i * self.k + j, offset(X, i, j, ho, wo, self.stride)
 
     def forward(self, X: Array, training: bool = False) -> Array:
         _, ho, wo = self.output_shape(X.shape[1:])
