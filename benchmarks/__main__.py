@@ -80,12 +80,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def setup_threads(ctx: Context, threads: int | None, need_torch: bool) -> object | None:
-    """Pin BLAS (and PyTorch, when used) to the same thread count.
+    """Pin BLAS, handprop (and PyTorch, when used) to the same thread count.
 
     Returns the threadpoolctl limiter, which must stay alive for the limit to hold.
     """
     limiter = None
     if threads is not None:
+        from handprop.nn import set_threads
+
+        set_threads(threads)  # handprop's own threads (batch shards, elementwise passes)
         try:
             from threadpoolctl import threadpool_limits
 

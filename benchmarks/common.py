@@ -136,6 +136,7 @@ def time_side_by_side(
     repeats: int,
     warmup: int = 2,
     settle: float = SETTLE_SECONDS,
+    rewarm: int = 0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, measured interleaved.
 
@@ -149,14 +150,22 @@ def time_side_by_side(
     call and libgomp's (PyTorch's) spin too, so without the pause a PyTorch epoch timed
     right after a NumPy one shares its 2 cores with a spinning OpenBLAS thread and
     measures about twice as slow as it runs alone.
+
+    The pause has its own cost: caches go cold and idle threads fall asleep, which adds
+    a few ms to a 40 ms call that a loop of such calls (a training run) never pays.
+    ``rewarm`` untimed calls after each switch measure every contender as it runs in
+    such a loop.
     """
     names = list(fns)
     previous = None
 
     def call(name: str) -> float:
         nonlocal previous
-        if settle and previous is not None and previous != name:
-            time.sleep(settle)
+        if previous is not None and previous != name:
+            if settle:
+                time.sleep(settle)
+            for _ in range(rewarm):
+                fns[name]()
         previous = name
         start = time.perf_counter()
         fns[name]()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -121,8 +120,10 @@ def _as_text(value: Any) -> str:
 
 
 def _blas_threads(jobs: int) -> int:
-    """BLAS threads per run so that ``jobs`` runs side by side fill the cores once."""
-    return max(1, (os.cpu_count() or 1) // jobs)
+    """Threads per run so that ``jobs`` runs side by side fill the cores once."""
+    from handprop.nn.threads import get_threads
+
+    return max(1, get_threads() // jobs)
 
 
 def run_one(cfg: RunConfig, run_dir: Path, threads: int | None, progress: bool) -> RunSummary:
@@ -153,12 +154,17 @@ def run_one(cfg: RunConfig, run_dir: Path, threads: int | None, progress: bool) 
 
 
 def _thread_limits(threads: int | None):
+    """BLAS threads and handprop's own (shards, elementwise passes) held to ``threads``
+    in a worker process."""
     import contextlib
 
     if threads is None:
         return contextlib.nullcontext()
     from threadpoolctl import threadpool_limits
 
+    from handprop.nn.threads import set_threads
+
+    set_threads(threads)
     return threadpool_limits(limits=threads, user_api="blas")
 
 
@@ -189,8 +195,8 @@ def run_grid(
     """Run every row into ``out/<run_name>``; return the summaries in row order.
 
     With ``jobs > 1`` the runs go to that many worker processes, each limited to
-    cores // jobs BLAS threads, so that the machine's cores are used once, not jobs
-    times over.
+    cores // jobs threads (BLAS's and handprop's own), so that the machine's cores are
+    used once, not jobs times over.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

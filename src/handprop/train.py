@@ -395,12 +395,10 @@ class Trainer:
         train_acc = None
         if batch == n:
             # full batch: the original's gradient descent, no shuffling needed
-            out = net.forward(X, training=True)
-            loss, G = net.loss(out, y)
+            loss, out = net.train_pass(X, y)
             self.check_loss(loss, epoch)
             if not any(isinstance(layer, nn.Dropout) for layer in net.layers):
                 train_acc = float((out.argmax(axis=1) == y).mean())
-            net.backward(G)
             opt.step(net.params, net.grads)
             return loss, train_acc
         order = rng.permutation(n)
@@ -413,9 +411,8 @@ class Trainer:
             if augmenting:
                 xb = self.augment(xb, rng)
             yb = y[idx]
-            loss, G = net.loss(net.forward(xb, training=True), yb)
+            loss, _ = net.train_pass(xb, yb)
             self.check_loss(loss, epoch)
-            net.backward(G)
             opt.step(net.params, net.grads)
             total += loss * len(idx)
         return total / n, train_acc

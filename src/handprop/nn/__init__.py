@@ -1,6 +1,7 @@
 """handprop.nn: layers, losses, the flat-vector network, init, optimizers, gradient checks.
 
-NumPy and the standard library only (a test proves it).
+NumPy and the standard library only (a test proves it); a batch split over threads
+holds BLAS to one thread per call through threadpoolctl, imported when first needed.
 """
 
 from handprop.nn.activations import ACTIVATIONS, Identity, ReLU, Sigmoid, Tanh
@@ -13,6 +14,7 @@ from handprop.nn.network import LAYERS, Network, load, save
 from handprop.nn.optim import GD, OPTIMIZERS, SGD, Adam, Momentum, Nesterov, Optimizer, RMSprop
 from handprop.nn.params import ParamLayout, ParamSlot
 from handprop.nn.schedules import SCHEDULES, Schedule
+from handprop.nn.threads import get_threads, set_threads
 
 __all__ = [
     "ACTIVATIONS",
@@ -47,6 +49,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "Tanh",
     "col2im",
+    "get_threads",
     "gradcheck",
     "gradcheck_layer",
     "im2col",
@@ -54,5 +57,6 @@ __all__ = [
     "numeric_gradient",
     "relative_error",
     "save",
+    "set_threads",
     "softmax",
 ]

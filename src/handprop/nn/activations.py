@@ -15,9 +15,10 @@ from handprop.nn.threads import rowwise
 class Sigmoid(Layer):
     """A = 1 / (1 + exp(-Z)),  dA/dZ = A (1 - A).
 
-    For Z below about -88 (float32) exp(-Z) overflows to inf, and 1 / (1 + inf) is
-    exactly the limit 0: the overflow is harmless, so its warning is silenced here
-    rather than paid for with a slower formula (tanh costs 1.6x the exp here).
+    Computed as A = (1 + tanh(Z / 2)) / 2, the same function: NumPy's float32 tanh is
+    vectorised and costs 0.7x its exp, and it cannot overflow, where exp(-Z) does for
+    Z below about -88. Far in the negative tail the result loses relative (not
+    absolute) precision: for Z = -20 it is 0 instead of 2e-9, an error of 2e-9.
     """
 
     kind = "sigmoid"
@@ -37,11 +38,11 @@ class Sigmoid(Layer):
 
 
 def _sigmoid(X: Array, A: Array) -> None:
-    with np.errstate(over="ignore"):
-        np.negative(X, out=A)
-        np.exp(A, out=A)
-    A += 1
-    np.reciprocal(A, out=A)
+    half = X.dtype.type(0.5)
+    np.multiply(X, half, out=A)
+    np.tanh(A, out=A)
+    A *= half
+    A += half
 
 
 def _sigmoid_backward(G: Array, A: Array, dX: Array) -> None:

@@ -98,6 +98,10 @@ class Conv2D(Layer):
             raise ShapeError(f"{self!r} does not fit an input of {h}x{w}")
         return (self.c_out, ho, wo)
 
+    def macs(self, input_shape: tuple[int, ...]) -> int:
+        c_out, ho, wo = self.output_shape(input_shape)
+        return c_out * self.c_in * self.k * self.k * ho * wo
+
     def work_size(self, input_shape: tuple[int, ...]) -> int:
         """The im2col columns (c_in k k per output position) and the output."""
         c_out, ho, wo = self.output_shape(input_shape)
@@ -174,6 +178,9 @@ class _Pool2D(Layer):
         if ho < 1 or wo < 1:
             raise ShapeError(f"{self!r} does not fit an input of {h}x{w}")
         return (c, ho, wo)
+
+    def macs(self, input_shape: tuple[int, ...]) -> int:
+        return int(np.prod(self.output_shape(input_shape))) * self.k * self.k
 
     def offsets(self, X: Array, ho: int, wo: int):
         """(o, view) for each window offset o = i k + j: X's element at (i, j) of every

@@ -43,6 +43,11 @@ class Layer:
         """Elements per sample of the arrays an inference forward pass allocates."""
         return int(np.prod(self.output_shape(input_shape)))
 
+    def macs(self, input_shape: tuple[int, ...]) -> int:
+        """Multiply-adds per sample of a forward pass (one per output element for an
+        elementwise layer); it decides when a batch is worth splitting over threads."""
+        return int(np.prod(self.output_shape(input_shape)))
+
     def forward(self, X: Array, training: bool = False) -> Array:
         raise NotImplementedError
 
@@ -92,6 +97,9 @@ class Dense(Layer):
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (self.d_out,)
+
+    def macs(self, input_shape: tuple[int, ...]) -> int:
+        return self.d_in * self.d_out
 
     def forward(self, X: Array, training: bool = False) -> Array:
         if training:
@@ -146,7 +154,8 @@ class Dropout(Layer):
     Scaling by 1/(1 - p) while training keeps the expected activation unchanged, so
     inference needs no rescaling. The mask is drawn from ``self.rng``, which the
     training loop sets (seeded per epoch, so a resumed run draws the same masks);
-    ``fixed_mask`` pins one mask, for gradient checks.
+    ``fixed_mask`` pins one mask: for gradient checks, and for a shard of a batch split
+    over threads, whose rows of the batch's mask its network draws for it.
     """
 
     kind = "dropout"
@@ -163,13 +172,15 @@ class Dropout(Layer):
         if not training or self.p == 0:
             self._M = None
             return X
-        if self.fixed_mask is not None:
-            M = self.fixed_mask.astype(X.dtype)
-        else:
-            M = (self.rng.random(X.shape, dtype=np.float32) >= self.p).astype(X.dtype)
+        mask = self.fixed_mask if self.fixed_mask is not None else self.draw_mask(X.shape)
+        M = mask.astype(X.dtype)
         M *= X.dtype.type(1.0 / (1.0 - self.p))
         self._M = M
         return X * M
+
+    def draw_mask(self, shape: tuple[int, ...]) -> Array:
+        """A boolean keep-mask: each entry True with probability 1 - p."""
+        return self.rng.random(shape, dtype=np.float32) >= self.p
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX = G * M / (1 - p)."""

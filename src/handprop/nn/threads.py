@@ -1,9 +1,13 @@
-"""Elementwise passes on several cores.
+"""handprop's own threads: a network's batch split into shards, one per core.
 
-BLAS runs the matrix products on every core, but a NumPy ufunc runs on one; on 2 cores
-the sigmoid, its derivative and the softmax of a full-batch epoch would take as long as
-a third of its matrix products. NumPy releases the GIL inside ufunc loops, so splitting
-the rows of a large array between threads runs them truly side by side.
+A full-batch epoch of 784-100-10 is two large matrix products plus elementwise passes
+(sigmoid, softmax, their derivatives, bias sums). BLAS runs the products on every core,
+but a NumPy ufunc runs on one, and between two products BLAS's idle workers spin and
+keep the other core busy. Splitting the *batch* instead runs everything side by side:
+each thread takes a block of rows through the whole network, with BLAS held to one
+thread per call, and the shards' parameter gradients are summed at the end. NumPy
+releases the GIL inside matrix products and ufunc loops, so the threads truly run at
+the same time.
 
 The thread count defaults to the number of cores this process may use;
 :func:`set_threads` (or the ``HANDPROP_THREADS`` variable) lowers it, as experiment
@@ -12,18 +16,25 @@ grids do for runs side by side, so that cores are never oversubscribed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
-#: below this many elements a pass stays on one thread (dispatch costs ~50 us)
+#: below this many elements an elementwise pass stays on one thread (dispatch ~50 us)
 MIN_PARALLEL = 200_000
+
+T = TypeVar("T")
 
 _threads = 0
 _pool: ThreadPoolExecutor | None = None
+_local = threading.local()  # .inline: this thread already runs one shard
+_blas: Any = None  # threadpoolctl's controller, made on first use
 
 
 def _default_threads() -> int:
@@ -37,36 +48,83 @@ def _default_threads() -> int:
 
 
 def set_threads(n: int | None) -> None:
-    """Use ``n`` threads for elementwise passes (None: the default)."""
+    """Use ``n`` threads for shards and elementwise passes (None: the default)."""
     global _threads, _pool
     n = _default_threads() if n is None else max(1, int(n))
     if n != _threads:
         if _pool is not None:
             _pool.shutdown(wait=True)
-        _pool = ThreadPoolExecutor(n, thread_name_prefix="handprop") if n > 1 else None
+        _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="handprop") if n > 1 else None
         _threads = n
 
 
 def get_threads() -> int:
+    """Threads handprop uses here: 1 inside a shard (the work is split already)."""
+    if getattr(_local, "inline", False):
+        return 1
     if not _threads:
         set_threads(None)
     return _threads
+
+
+def bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` row ranges covering [0, n) whose lengths differ by at most one."""
+    edges = np.linspace(0, n, parts + 1).astype(int)
+    return list(itertools.pairwise(edges.tolist()))
+
+
+def _inline(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with this thread marked as running a shard."""
+    before = getattr(_local, "inline", False)
+    _local.inline = True
+    try:
+        return fn(*args)
+    finally:
+        _local.inline = before
+
+
+def side_by_side(fn: Callable[..., T], arg_lists: Sequence[Sequence[Any]]) -> list[T]:
+    """``[fn(*args) for args in arg_lists]``, one call per thread, the first on this one.
+
+    There must be at most :func:`get_threads` calls. Inside them the elementwise passes
+    stay on their thread; an exception in any call is raised here once all have ended.
+    """
+    if len(arg_lists) == 1:
+        return [fn(*arg_lists[0])]
+    assert _pool is not None and len(arg_lists) <= _threads
+    futures = [_pool.submit(_inline, fn, *args) for args in arg_lists[1:]]
+    try:
+        first = _inline(fn, *arg_lists[0])
+    finally:
+        rest = [f.exception() for f in futures]  # waits for every call to end
+    for exc in rest:
+        if exc is not None:
+            raise exc
+    return [first, *(f.result() for f in futures)]
+
+
+@contextlib.contextmanager
+def single_blas() -> Iterator[None]:
+    """Hold BLAS to one thread per call while handprop's own threads share the cores."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController()
+    with _blas.limit(limits=1, user_api="blas"):
+        yield
 
 
 def rowwise(fn: Callable[..., None], *arrays: np.ndarray) -> None:
     """Call ``fn(*chunks)`` on matching row blocks of ``arrays``, on several threads.
 
     ``fn`` must treat rows independently and write its results into its arguments
-    (``out=``); all arrays share their first dimension.
+    (``out=``); all arrays share their first dimension. Inside a shard it runs on
+    the shard's own thread.
     """
     n = arrays[0].shape[0]
     threads = get_threads()
     if threads == 1 or arrays[0].size < MIN_PARALLEL or n < threads:
         fn(*arrays)
         return
-    bounds = np.linspace(0, n, threads + 1).astype(int)
-    futures = [
-        _pool.submit(fn, *(a[lo:hi] for a in arrays)) for lo, hi in itertools.pairwise(bounds)
-    ]
-    for f in futures:
-        f.result()
+    side_by_side(fn, [[a[lo:hi] for a in arrays] for lo, hi in bounds(n, threads)])
