@@ -40,6 +40,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="baseline case: also compare test accuracy over this many seeds (each its "
+        "own split and init; about 100 s per extra seed)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="small fast variant (fewer repeats, 10000-sample mini-batch epoch, "
@@ -145,7 +152,9 @@ def render(results: list[CaseResult], machine: list[str], command: str, quick: b
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     data_dir = args.data_dir or default_data_dir()
-    ctx = Context(data_dir=data_dir, quick=args.quick, repeats=args.repeats)
+    ctx = Context(
+        data_dir=data_dir, quick=args.quick, repeats=args.repeats, seeds=max(1, args.seeds)
+    )
     limiter = setup_threads(ctx, args.threads, bool(TORCH_CASES & set(args.cases)))
     torch_threads = ctx.torch.get_num_threads() if ctx.torch is not None else None
     print(
