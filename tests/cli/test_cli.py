@@ -110,3 +110,18 @@ def test_predict_with_a_cnn_reshapes_rows_into_images(tmp_path):
     assert len(lines) == 3 and all("->" in line for line in lines)
     expected = net.predict(images[:, None] / np.float32(255))
     assert [line.split("->")[1].split()[0] for line in lines[:2]] == [str(c) for c in expected]
+
+
+def test_a_bad_thread_count_is_reported_before_any_file_is_written(tmp_path, monkeypatch):
+    from handprop.nn import threads
+
+    monkeypatch.setenv("HANDPROP_THREADS", "many")
+    monkeypatch.setattr(threads, "_threads", 0)  # read the variable again
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f'dataset = "digits"\nhidden = 8\nepochs = 2\nout = "{tmp_path / "runs"}"\n')
+    result = run("train", cfg, "-q")
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "handprop: error: HANDPROP_THREADS must be a whole number >= 1, got 'many'"
+    )
+    assert not (tmp_path / "runs").exists()

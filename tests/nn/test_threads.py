@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import handprop.nn.network as network_module
-from handprop.errors import ShapeError
+from handprop.errors import ConfigError, ShapeError
 from handprop.nn import GD, Dropout, Network, gradcheck
 from handprop.nn import threads as threads_module
 from handprop.nn.threads import bounds, get_threads, rowwise, set_threads, side_by_side
@@ -187,3 +187,16 @@ def test_shared_parameters_must_fit_the_layout():
         Network(net.layers, (4,), params=np.zeros(5, np.float32))
     with pytest.raises(ShapeError, match="shared parameters"):
         Network(net.layers, (4,), params=np.zeros(net.n_params, np.float64))
+
+
+def test_the_thread_count_comes_from_handprop_threads(monkeypatch):
+    monkeypatch.setenv("HANDPROP_THREADS", "3")
+    set_threads(None)
+    assert get_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("HANDPROP_THREADS", bad)
+        with pytest.raises(ConfigError, match=f"HANDPROP_THREADS .* got '{bad}'"):
+            set_threads(None)
+    monkeypatch.delenv("HANDPROP_THREADS")
+    set_threads(None)
+    assert get_threads() >= 1

@@ -45,6 +45,9 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="handprop")
 def main() -> None:
     """Neural networks with every gradient derived and written by hand."""
+    from handprop.nn.threads import get_threads
+
+    get_threads()  # a bad HANDPROP_THREADS is reported now, before any file is written
 
 
 for _name in COMMAND_MODULES:

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from handprop.errors import ConfigError
+
 #: below this many elements an elementwise pass stays on one thread (dispatch ~50 us)
 MIN_PARALLEL = 200_000
 
@@ -39,7 +41,9 @@ _blas: Any = None  # threadpoolctl's controller, made on first use
 
 def _default_threads() -> int:
     env = os.environ.get("HANDPROP_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ConfigError(f"HANDPROP_THREADS must be a whole number >= 1, got {env!r}")
         return int(env)
     try:
         return len(os.sched_getaffinity(0))
