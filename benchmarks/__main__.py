@@ -44,7 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="baseline case: also compare test accuracy over this many seeds (each its "
-        "own split and init; about 100 s per extra seed)",
+        "own split and init; about 140 s per extra seed)",
     )
     p.add_argument(
         "--quick",
