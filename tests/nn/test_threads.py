@@ -200,3 +200,11 @@ def test_the_thread_count_comes_from_handprop_threads(monkeypatch):
     monkeypatch.delenv("HANDPROP_THREADS")
     set_threads(None)
     assert get_threads() >= 1
+
+
+def test_a_split_backward_refuses_a_gradient_of_another_batch(split_all, rng):
+    split_all(2)
+    net = mlp()
+    net.forward(rng.normal(size=(8, 12)), training=True)
+    with pytest.raises(ShapeError, match="G has 6 rows, the forward pass had 8 samples"):
+        net.backward(rng.normal(size=(6, 4)))

@@ -388,6 +388,10 @@ class Network:
         """
         split = self._split
         if split is not None:
+            if G.shape[0] != split[-1][1]:
+                raise ShapeError(
+                    f"G has {G.shape[0]} rows, the forward pass had {split[-1][1]} samples"
+                )
 
             def run(shard: Network, lo: int, hi: int) -> Array | None:
                 return shard.backward(G[lo:hi], input_grad)
@@ -412,7 +416,6 @@ class Network:
         n = X.shape[0]
         split = self.split(n, training=True)
         if split is None:
-            self._split = None
             out = self.forward(X, training=True)
             loss, G = self.loss(out, y)
             self.backward(G)
