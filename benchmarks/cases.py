@@ -141,26 +141,31 @@ def handprop_epoch(net: Any, opt: Any, X: np.ndarray, y: np.ndarray) -> Callable
 
 
 def row_split_floor(
-    products: Callable[[int, int, np.ndarray], None], n: int, out: np.ndarray
+    products: Callable[[int, int, np.ndarray], None], n: int, out: np.ndarray, threads: int
 ) -> Callable[[], None] | None:
-    """``products`` on the two row halves at once, one thread each with one-thread
-    BLAS, their weight gradients summed into ``out``; None on fewer than 2 cores."""
-    if (os.cpu_count() or 1) < 2:
+    """``products`` on ``threads`` row blocks at once, one thread each with one-thread
+    BLAS, their weight gradients summed into ``out``; None for fewer than 2 threads."""
+    if threads < 2:
         return None
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import ThreadpoolController
 
-    blas, pool = ThreadpoolController(), ThreadPoolExecutor(1)
-    half = n // 2
-    partial = np.empty_like(out)
+    blas, pool = ThreadpoolController(), ThreadPoolExecutor(threads - 1)
+    edges = np.linspace(0, n, threads + 1).astype(int).tolist()
+    partials = [np.empty_like(out) for _ in range(threads - 1)]
 
     def run() -> None:
         with blas.limit(limits=1, user_api="blas"):
-            other = pool.submit(products, half, n, partial)
-            products(0, half, out)
-            other.result()
-        np.add(out, partial, out=out)
+            others = [
+                pool.submit(products, lo, hi, part)
+                for lo, hi, part in zip(edges[1:-1], edges[2:], partials, strict=True)
+            ]
+            products(edges[0], edges[1], out)
+            for other in others:
+                other.result()
+        for part in partials:
+            np.add(out, part, out=out)
 
     return run
 
@@ -185,8 +190,8 @@ def case_epoch(ctx: Context) -> CaseResult:
     hp = handprop_epoch(net, opt, X, y)
 
     # the floor: the epoch's two (n x 784)-sized products alone, outputs preallocated,
-    # done both ways a program can use 2 cores: BLAS's threads, or its own threads on
-    # row halves with one-thread BLAS (the way handprop splits a batch); the floor is
+    # done both ways a program can use its cores: BLAS's threads, or its own threads on
+    # row blocks with one-thread BLAS (the way handprop splits a batch); the floor is
     # the faster of the two
     W1 = init[0]
     Z1 = np.empty((EPOCH_N, HIDDEN), np.float32)
@@ -201,9 +206,9 @@ def case_epoch(ctx: Context) -> CaseResult:
         "handprop": hp,
         "floor (BLAS threads)": lambda: products(0, EPOCH_N, dW1),
     }
-    split_floor = row_split_floor(products, EPOCH_N, dW1)
+    split_floor = row_split_floor(products, EPOCH_N, dW1, ctx.threads or os.cpu_count() or 1)
     if split_floor is not None:
-        fns["floor (row halves)"] = split_floor
+        fns["floor (row blocks)"] = split_floor
     check = ""
     if ctx.torch is not None:
         tepoch, _ = torch_ref.hand_written_epoch(ctx.torch, X, y, init, EPOCH_LR)
