@@ -144,7 +144,10 @@ def row_split_floor(
     products: Callable[[int, int, np.ndarray], None], n: int, out: np.ndarray, threads: int
 ) -> Callable[[], None] | None:
     """``products`` on ``threads`` row blocks at once, one thread each with one-thread
-    BLAS, their weight gradients summed into ``out``; None for fewer than 2 threads."""
+    BLAS, their weight gradients summed into ``out``; None for fewer than 2 threads.
+
+    Written here rather than with ``handprop.nn.threads``: the floor must not depend on
+    the code whose speed it judges."""
     if threads < 2:
         return None
     from concurrent.futures import ThreadPoolExecutor

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from handprop.nn import (
+    LOSSES,
     MeanSquaredError,
     SoftmaxCrossEntropy,
     numeric_gradient,
@@ -61,3 +62,13 @@ def test_losses_keep_float32(cls, rng):
     assert G.dtype == np.float32
     assert isinstance(loss, float)
     assert cls().probabilities(out).dtype == np.float32
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_a_count_divides_instead_of_the_rows(loss, rng):
+    """A shard of a split batch divides by the whole batch's n: its share of the mean."""
+    out, y = rng.uniform(0.05, 0.95, size=(6, 4)), rng.integers(0, 4, size=6)
+    mean_loss, G = LOSSES[loss]()(out, y)
+    share, G_share = LOSSES[loss]()(out, y, count=18)
+    assert share == pytest.approx(mean_loss * 6 / 18, rel=1e-12)
+    np.testing.assert_allclose(G_share, G * 6 / 18, rtol=1e-12)

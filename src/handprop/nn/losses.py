@@ -1,7 +1,9 @@
 """Losses, each returning (loss, G) with G = dL/d(network output), averaged over the batch.
 
 The average over the batch happens here and only here (G carries the 1/n), so no layer
-divides by n again.
+divides by n again. A shard of a batch split over threads passes the whole batch's
+size as ``count``: its loss and G are then its share of the batch's mean, and the
+shards' sums are the batch's loss and gradient.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ class Loss:
     #: activation layer the network puts after its last Dense layer for this loss
     output_activation: str | None = None
 
-    def __call__(self, out: Array, y: Array) -> tuple[float, Array]:
+    def __call__(self, out: Array, y: Array, count: int | None = None) -> tuple[float, Array]:
+        """(loss, G) summed over the rows of ``out`` and divided by ``count`` (default:
+        the number of rows, the mean)."""
         raise NotImplementedError
 
     def value(self, out: Array, y: Array) -> float:
@@ -53,12 +57,13 @@ class SoftmaxCrossEntropy(Loss):
 
     kind = "cross_entropy"
 
-    def __call__(self, Z: Array, y: Array) -> tuple[float, Array]:
+    def __call__(self, Z: Array, y: Array, count: int | None = None) -> tuple[float, Array]:
         """
         Parameters
         ----------
         Z : ndarray of shape (n, k)    logits
         y : ndarray of shape (n,)      class ids in [0, k)
+        count : int, optional          the n to divide by (default: Z's rows)
 
         Returns
         -------
@@ -75,10 +80,11 @@ class SoftmaxCrossEntropy(Loss):
         S_y = S[y, cols]  # shifted logit of the true class
         np.exp(S, out=S)
         total = S.sum(axis=0)  # >= 1
-        loss = float(np.mean(np.log(total) - S_y))
+        count = n if count is None else count
+        loss = float(np.sum(np.log(total) - S_y)) / count
         S /= total  # P^T = softmax(Z)^T
         S[y, cols] -= 1  # P - Y without building Y
-        S *= Z.dtype.type(1.0 / n)
+        S *= Z.dtype.type(1.0 / count)
         return loss, S.T  # (n, k), a transposed view
 
     def probabilities(self, Z: Array) -> Array:
@@ -96,12 +102,13 @@ class MeanSquaredError(Loss):
     kind = "mse"
     output_activation = "sigmoid"
 
-    def __call__(self, A: Array, y: Array) -> tuple[float, Array]:
+    def __call__(self, A: Array, y: Array, count: int | None = None) -> tuple[float, Array]:
         """
         Parameters
         ----------
         A : ndarray of shape (n, k)    network outputs (after the sigmoid)
         y : ndarray of shape (n,)      class ids in [0, k)
+        count : int, optional          the n to divide by (default: A's rows)
 
         Returns
         -------
@@ -111,8 +118,9 @@ class MeanSquaredError(Loss):
         n = A.shape[0]
         G = A.copy()
         G[np.arange(n), y] -= 1  # A - Y
-        loss = 0.5 * float(np.einsum("ij,ij->", G, G, dtype=np.float64)) / n
-        G *= A.dtype.type(1.0 / n)
+        count = n if count is None else count
+        loss = 0.5 * float(np.einsum("ij,ij->", G, G, dtype=np.float64)) / count
+        G *= A.dtype.type(1.0 / count)
         return loss, G
 
     def probabilities(self, A: Array) -> Array:

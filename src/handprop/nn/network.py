@@ -410,8 +410,8 @@ class Network:
 
         The same as ``forward``, ``loss``, ``backward`` one after the other, but a batch
         split over threads goes through all three on its threads in one hand-off, the
-        loss included. A shard's loss is the mean over its own rows, so its value and
-        its G are weighted by rows / n: the sum is the batch's mean and gradient.
+        loss included. A shard's loss divides by the whole batch's n, so the shards'
+        losses and gradients sum to the batch's.
         """
         n = X.shape[0]
         split = self.split(n, training=True)
@@ -424,11 +424,9 @@ class Network:
 
         def run(shard: Network, lo: int, hi: int) -> float:
             out[lo:hi] = part = shard.forward(X[lo:hi], training=True)
-            loss, G = shard.loss(part, y[lo:hi])
-            weight = (hi - lo) / n
-            G *= G.dtype.type(weight)
+            loss, G = shard.loss(part, y[lo:hi], count=n)
             shard.backward(G)
-            return loss * weight
+            return loss
 
         losses = self._on_shards(run, split, training=True)
         self._sum_grads(len(split))
@@ -454,7 +452,7 @@ class Network:
         whole: on one thread, or when a shard would have too little work to gain
         (see ``MIN_SHARD_MACS`` and ``MIN_SHARD_MACS_PER_PARAM``)."""
         threads = get_threads()
-        per_shard = n * self._macs // max(threads, 1)
+        per_shard = n * self._macs // threads
         if threads < 2 or n < 2 * threads or per_shard < MIN_SHARD_MACS:
             return None
         if training and per_shard < MIN_SHARD_MACS_PER_PARAM * self.n_params:
