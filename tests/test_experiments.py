@@ -66,7 +66,7 @@ def test_an_interrupted_grid_resumes(tmp_path, monkeypatch):
     resumed = []
     monkeypatch.setattr(
         "handprop.train.resume_run",
-        lambda d, progress: resumed.append(d) or resume_run(d, progress),
+        lambda d, progress, **kw: resumed.append(d) or resume_run(d, progress, **kw),
     )
     [summary] = run_grid(rows, tmp_path / "out", progress=False)
     assert summary.status == "completed" and resumed

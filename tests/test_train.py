@@ -35,6 +35,7 @@ def test_train_writes_a_complete_run_folder(cfg):
     assert d.name == "digits" and result.status == "completed"
     names = {p.name for p in d.iterdir()}
     assert names == {
+        ".handprop-run",
         "config.toml",
         "model.npz",
         "split.npz",

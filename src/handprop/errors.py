@@ -32,3 +32,27 @@ class DivergenceError(HandpropError):
 
 class ShapeError(HandpropError, ValueError):
     """An array given to a network or layer has the wrong shape, dtype or values."""
+
+
+class OutputError(HandpropError):
+    """An output file or folder cannot be written: the disk is full, the folder is
+    read-only or missing, or the path is taken by something handprop did not make."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C: the run checkpoints and stops.
+
+    ``signum`` gives the exit status 128 + signum (143 for SIGTERM), as a shell reports.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class ResourceError(HandpropError):
+    """A request needs more memory (or disk) than the machine can give it.
+
+    Raised before the allocation is tried, with the estimate, so that a too-large
+    network, model file or input is one clear line and never an out-of-memory kill.
+    """

@@ -6,24 +6,31 @@ other config field as an optional column (``dataset``, ``seed``, ``hidden``,
 default, or the value from a base config. Each row becomes ``OUT/run_name``.
 
 Re-running a grid picks up where it stopped: a completed run is skipped, an interrupted
-one resumes from its checkpoint, anything else starts again. A run that fails (say it
-diverges) is recorded in its folder and in the summary, and the others go on.
+or killed one resumes from its checkpoint, anything else starts again in its own
+folder. A run that fails (say it diverges, or would not fit in memory) is recorded in
+its folder and in the summary, and the others go on. handprop writes only into folders
+it made (:mod:`handprop.rundir`): a row whose folder is somebody else's fails, and the
+user's folder is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
-import shutil
+import os
+import signal
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from handprop.atomic import atomic_write_text
 from handprop.config import ALIASES, RunConfig, config_from_mapping, load_config, to_toml
-from handprop.errors import ConfigError, HandpropError
+from handprop.errors import ConfigError, HandpropError, Interrupted
+from handprop.rundir import GRID_MARKER, FolderLock, make_or_adopt
 
 SUMMARY_COLUMNS = ("run", "status", "accuracy", "final_loss", "seconds", "epochs", "message")
 
@@ -40,7 +47,7 @@ class GridRow:
 @dataclass
 class RunSummary:
     name: str
-    status: str  # completed, diverged, interrupted, failed, skipped (already complete)
+    status: str  # completed, diverged, interrupted, failed, cancelled, skipped (complete)
     accuracy: float | None = None
     final_loss: float | None = None
     seconds: float | None = None
@@ -126,31 +133,108 @@ def _blas_threads(jobs: int) -> int:
     return max(1, get_threads() // jobs)
 
 
-def run_one(cfg: RunConfig, run_dir: Path, threads: int | None, progress: bool) -> RunSummary:
-    """Train (or resume, or skip) one grid row; never raises for a user error."""
-    from handprop.train import CHECKPOINT_FILE, CONFIG_FILE, is_complete, resume_run, train_run
+def run_one(
+    cfg: RunConfig,
+    run_dir: Path,
+    threads: int | None,
+    progress: bool,
+    checkpoint_seconds: float | None = None,
+) -> RunSummary:
+    """Train (or resume, or skip) one grid row; never raises for a user error.
 
+    The row's folder is made, or must be one handprop made (its marker inside); it is
+    locked while the row trains, so two grids on one folder never train a row twice.
+    A Ctrl-C propagates, after the row has checkpointed.
+    """
+    from handprop.train import (
+        CHECKPOINT_SECONDS,
+        CONFIG_FILE,
+        is_complete,
+        resume_run,
+        train_run,
+    )
+
+    seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
     name = run_dir.name
     try:
-        if (run_dir / CONFIG_FILE).is_file():
-            if (run_dir / CONFIG_FILE).read_text() != to_toml(cfg):
-                raise ConfigError(
-                    f"{run_dir} holds a run with another config; remove the folder or "
-                    "rename the row's run_name"
-                )
-            if is_complete(run_dir):
-                return _summary(run_dir, "skipped")
-        limits = _thread_limits(threads)
-        with limits:
-            if (run_dir / CHECKPOINT_FILE).is_file():
-                result = resume_run(run_dir, progress=progress)
-            else:
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)  # a failed or half-made attempt: start again
-                result = train_run(cfg, run_dir, progress=progress)
-        return _summary(run_dir, result.status)
-    except HandpropError as exc:
-        return RunSummary(name, "failed", message=str(exc))
+        folder, _ = make_or_adopt(run_dir)
+        with FolderLock(folder):
+            config_file = folder / CONFIG_FILE
+            if config_file.is_file():
+                if config_file.read_text(encoding="utf-8") != to_toml(cfg):
+                    raise ConfigError(
+                        f"{folder} holds a run with another config; rename the row's "
+                        "run_name or choose another --out"
+                    )
+                if is_complete(folder):
+                    return _summary(folder, "skipped")
+            with _thread_limits(threads):
+                if config_file.is_file():  # interrupted, killed, diverged: continue it
+                    result = resume_run(folder, progress=progress, checkpoint_seconds=seconds)
+                else:
+                    result = train_run(cfg, folder, progress=progress, checkpoint_seconds=seconds)
+        return _summary(folder, result.status)
+    except (HandpropError, OSError) as exc:
+        return RunSummary(name, "failed", message=_one_line(exc))
+    except MemoryError:
+        return RunSummary(name, "failed", message="ran out of memory")
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, HandpropError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
+    return str(exc)
+
+
+class _Worker:
+    """What a worker process is doing, for its signal handler."""
+
+    running = False  # a row is training
+    stopping = False  # and has been told to stop
+    stopped = False  # the grid is stopping: rows handed over from now on do not start
+
+
+def _on_signal_in_worker(signum: int, frame: object) -> None:
+    """The first SIGINT or SIGTERM stops the running row (it checkpoints); an idle
+    worker, or one already stopping, lets it pass, so that a second signal cannot cut
+    a checkpoint short. (The handler stays installed: swapping in SIG_IGN while a
+    signal is pending makes Python raise "Signal ignored due to race condition".)"""
+    _Worker.stopped = True
+    if _Worker.running and not _Worker.stopping:
+        _Worker.stopping = True
+        raise Interrupted(signum)
+
+
+def _init_worker() -> None:
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _on_signal_in_worker)
+
+
+def _run_in_worker(
+    cfg: RunConfig, run_dir: Path, threads: int, checkpoint_seconds: float | None
+) -> RunSummary:
+    """:func:`run_one` in a worker process; a stopped row reports itself interrupted
+    instead of raising, and a row handed over after the grid was stopped (rows already
+    queued to a worker cannot be cancelled) does not start."""
+    if _Worker.stopped:
+        return _cancelled(run_dir.name)
+    _Worker.running, _Worker.stopping = True, False
+    try:
+        return run_one(cfg, run_dir, threads, False, checkpoint_seconds)
+    except KeyboardInterrupt:
+        return _interrupted(run_dir)
+    finally:
+        _Worker.running = False
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupted(run_dir: Path) -> RunSummary:
+    try:
+        return _summary(run_dir, "interrupted")
+    except (OSError, ValueError):
+        return RunSummary(run_dir.name, "interrupted", message="interrupted before it began")
 
 
 def _thread_limits(threads: int | None):
@@ -191,37 +275,109 @@ def run_grid(
     jobs: int = 1,
     progress: bool = True,
     on_done: Callable[[RunSummary], None] | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> list[RunSummary]:
     """Run every row into ``out/<run_name>``; return the summaries in row order.
 
     With ``jobs > 1`` the runs go to that many worker processes, each limited to
     cores // jobs threads (BLAS's and handprop's own), so that the machine's cores are
     used once, not jobs times over.
+
+    ``out`` is made, or must be a grid folder handprop made. Ctrl-C (or SIGTERM)
+    checkpoints the rows that are running, cancels the queued ones, writes the summary
+    of every row, and re-raises with the summaries as ``exc.summaries``.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, _ = make_or_adopt(out, GRID_MARKER)
     results: dict[str, RunSummary] = {}
-    if jobs <= 1:
-        for row in rows:
-            summary = run_one(row.config, out / row.name, None, progress)
-            results[row.name] = summary
-            if on_done:
-                on_done(summary)
-    else:
-        threads = _blas_threads(jobs)
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {
-                pool.submit(run_one, row.config, out / row.name, threads, False): row.name
-                for row in rows
-            }
-            for future in as_completed(futures):
-                summary = future.result()
-                results[futures[future]] = summary
-                if on_done:
-                    on_done(summary)
-    summaries = [results[row.name] for row in rows]
+
+    def done(summary: RunSummary) -> None:
+        results[summary.name] = summary
+        if on_done:
+            on_done(summary)
+
+    try:
+        if jobs <= 1:
+            for row in rows:
+                try:
+                    done(run_one(row.config, out / row.name, None, progress, checkpoint_seconds))
+                except KeyboardInterrupt:
+                    done(_interrupted(out / row.name))
+                    raise
+        else:
+            _run_pool(rows, out, jobs, checkpoint_seconds, done)
+    except KeyboardInterrupt as exc:
+        exc.summaries = _in_order(rows, results)
+        write_summary(out, exc.summaries)
+        raise
+    summaries = _in_order(rows, results)
     write_summary(out, summaries)
     return summaries
+
+
+def _in_order(rows: list[GridRow], results: dict[str, RunSummary]) -> list[RunSummary]:
+    """Every row's summary; rows that never ran are "cancelled"."""
+    return [results.get(row.name) or _cancelled(row.name) for row in rows]
+
+
+def _cancelled(name: str) -> RunSummary:
+    return RunSummary(name, "cancelled", message="not started: the grid was interrupted")
+
+
+def _run_pool(
+    rows: list[GridRow],
+    out: Path,
+    jobs: int,
+    checkpoint_seconds: float | None,
+    done: Callable[[RunSummary], None],
+) -> None:
+    threads = _blas_threads(jobs)
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker)
+    futures = {
+        pool.submit(_run_in_worker, row.config, out / row.name, threads, checkpoint_seconds): row
+        for row in rows
+    }
+    reported: set[Future] = set()
+    try:
+        for future in as_completed(futures):
+            done(_result(future, futures[future]))
+            reported.add(future)
+    except KeyboardInterrupt:
+        # queued rows never start; running rows get the signal (a SIGTERM sent to this
+        # process alone would not reach them), checkpoint, and report themselves; a
+        # second Ctrl-C meanwhile is let pass, so that the summary is still written
+        previous = {s: signal.signal(s, _let_pass) for s in _STOP_SIGNALS}
+        try:
+            for future in futures:
+                future.cancel()
+            # the pool's worker processes: no public accessor
+            for process in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+            for future, row in futures.items():
+                if not future.cancelled() and future not in reported:
+                    done(_result(future, row))
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _let_pass(signum: int, frame: object) -> None:
+    """A signal handler that does nothing."""
+
+
+def _result(future: Future, row: GridRow) -> RunSummary:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return RunSummary(
+            row.name,
+            "failed",
+            message="the worker process running it died (killed, or out of memory); "
+            "run the grid again to continue it",
+        )
 
 
 def write_summary(out: Path, summaries: list[RunSummary]) -> None:
@@ -255,8 +411,14 @@ def summary_markdown(summaries: list[RunSummary]) -> str:
         loss = "" if s.final_loss is None else f"{s.final_loss:.4f}"
         secs = "" if s.seconds is None else f"{s.seconds:.1f}"
         status = s.status if not s.message else f"{s.status}: {s.message}"
-        lines.append(f"| {s.name} | {acc} | {loss} | {secs} | {s.epochs or ''} | {status} |")
+        cells = (s.name, acc, loss, secs, str(s.epochs or ""), status)
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    """A table cell: a `|` would end it and a newline the row."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def load_base(path: str | Path | None) -> RunConfig | None:

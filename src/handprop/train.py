@@ -2,8 +2,10 @@
 
 ``train_run`` turns one validated :class:`~handprop.config.RunConfig` into a run folder
 (see ``docs/formats.md``): it loads and splits the data, builds the network, runs
-gradient descent with a live progress bar, guards against divergence, checkpoints on
-Ctrl-C, and writes the model, history, predictions and metrics, each file atomically.
+gradient descent with a live progress bar, guards against divergence, checkpoints at
+epoch boundaries (every ``checkpoint_seconds``, and on Ctrl-C or SIGTERM), and writes
+the model, history, predictions and metrics, each file atomically. The run folder is
+made exclusively and locked while training (:mod:`handprop.rundir`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import io
 import json
 import math
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,16 @@ import numpy as np
 
 from handprop import nn
 from handprop.atomic import atomic_write_bytes, atomic_write_text
-from handprop.config import RunConfig, load_config, to_toml
-from handprop.errors import ConfigError, DivergenceError
+from handprop.config import RunConfig, load_config, parse_toml_config, to_toml
+from handprop.errors import ConfigError, DivergenceError, HandpropError
 from handprop.metrics import classification_metrics
+from handprop.rundir import (
+    FolderLock,
+    is_owned,
+    make_folder,
+    remove_own_files,
+    remove_stale_temporaries,
+)
 
 HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_acc", "seconds")
 
@@ -34,6 +45,21 @@ HISTORY_FILE = "history.csv"
 PREDICTIONS_FILE = "predictions.csv"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.npz"
+#: every file a run writes; a run started again in its own folder removes only these
+RUN_FILES = (
+    CONFIG_FILE,
+    MODEL_FILE,
+    SPLIT_FILE,
+    HISTORY_FILE,
+    PREDICTIONS_FILE,
+    METRICS_FILE,
+    CHECKPOINT_FILE,
+)
+
+#: a checkpoint is written at the first epoch boundary this many seconds after the last
+CHECKPOINT_SECONDS = 60.0
+#: config fields a resumed run may change: where things are, not what is computed
+RESUME_FREE_FIELDS = ("name", "out", "data_dir")
 
 
 @dataclass
@@ -185,17 +211,6 @@ def build_schedule(cfg: RunConfig) -> nn.Schedule:
 # -- run folder files ------------------------------------------------------------------
 
 
-def new_run_dir(cfg: RunConfig, default_name: str) -> Path:
-    """A fresh folder under ``cfg.out``: NAME, or NAME-2, NAME-3, ... if taken."""
-    base = Path(cfg.out)
-    name = cfg.name or default_name
-    candidate, k = base / name, 1
-    while candidate.exists():
-        k += 1
-        candidate = base / f"{name}-{k}"
-    return candidate
-
-
 def _cell(value: float | None, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -264,12 +279,24 @@ class Trainer:
     Each epoch draws its randomness (the mini-batch order, the dropout masks) from a
     generator seeded by (seed, epoch), so that a run resumed from a checkpoint draws
     exactly what the uninterrupted run would have.
+
+    ``checkpoint_seconds``: a checkpoint is written at the first epoch boundary at least
+    this long after the last one (None: only when interrupted), so that a ``kill -9``,
+    an out-of-memory kill or a power cut loses at most that much training.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        progress: bool = True,
+        checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.checkpoint_seconds = checkpoint_seconds
+        self._last_checkpoint = time.monotonic()
         self.data = load_split(cfg, progress=progress)
         self.net = build_network(cfg, self.data)
         self.shape_inputs()
@@ -285,6 +312,7 @@ class Trainer:
         self.bad_evals = 0  # evaluations since the best one
         self.stopped_early = False
         self._snapshot: dict[str, np.ndarray] | None = None  # state at the last epoch end
+        self._snapshot_epoch = -1  # the epoch count that state belongs to
 
     def shape_inputs(self) -> None:
         """Give the feature rows the network's input shape ((n, 784) or (n, 1, 28, 28));
@@ -325,45 +353,69 @@ class Trainer:
         else:
             for k, v in state.items():
                 np.copyto(self._snapshot[k], v)
+        self._snapshot_epoch = self.epoch
 
-    def save_checkpoint(self) -> None:
-        saved = self._snapshot or {"params": self.net.params, **self.opt.state_dict()}
+    def save_checkpoint(self, live: bool = False) -> None:
+        """Write checkpoint.npz: the state at the end of epoch ``self.epoch``.
+
+        ``live``: take the state as it is now (at an epoch boundary) rather than the
+        snapshot taken when the current epoch began. The history is written first, so
+        that the checkpoint never names an epoch the history has not reached.
+        """
+        if live or self._snapshot_epoch != self.epoch:
+            # at an epoch boundary (Ctrl-C may land between the epoch count going up
+            # and the next snapshot): the live state is that epoch's end
+            saved = {"params": self.net.params, **self.opt.state_dict()}
+        else:
+            saved = self._snapshot
         state = {f"opt_{k}": np.asarray(v) for k, v in saved.items() if k != "params"}
         if self.best_params is not None:
             state["best_params"] = self.best_params
+        self.write_history()
         save_npz(
             self.run_dir / CHECKPOINT_FILE,
             params=saved["params"],
             epoch=np.array(self.epoch),
             seconds=np.array(self.seconds),
             best=np.array([self.best_val_loss, self.best_epoch, self.bad_evals]),
+            config=np.array(to_toml(self.cfg)),  # what the saved state was trained with
             **state,
         )
-        self.write_history()
+        self._last_checkpoint = time.monotonic()
+
+    def checkpoint_due(self) -> bool:
+        """Whether the periodic checkpoint is due at this epoch boundary."""
+        return (
+            self.checkpoint_seconds is not None
+            and self.epoch < self.cfg.epochs
+            and time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds
+        )
 
     def load_checkpoint(self) -> None:
+        """Restore the state of checkpoint.npz, refusing one that this run cannot use.
+
+        Raises
+        ------
+        ConfigError
+            The file is truncated or not a checkpoint, holds Python objects, names an
+            impossible epoch, or its arrays do not fit the network and optimizer.
+        """
         from handprop.runs import read_history
 
         path = self.run_dir / CHECKPOINT_FILE
         try:
             with np.load(path, allow_pickle=False) as ck:
-                params = ck["params"]
-                if params.shape != self.net.params.shape or params.dtype != self.net.params.dtype:
-                    raise ConfigError(
-                        f"{path}: checkpoint does not match the run's config "
-                        f"({params.shape} {params.dtype} vs {self.net.params.shape} "
-                        f"{self.net.params.dtype})"
-                    )
-                self.net.params[...] = params
-                self.epoch = int(ck["epoch"])
-                self.seconds = float(ck["seconds"])
-                self.best_val_loss, best_epoch, bad_evals = ck["best"].tolist()
-                self.best_epoch, self.bad_evals = int(best_epoch), int(bad_evals)
-                if "best_params" in ck.files:
-                    self.best_params = ck["best_params"]
-                self.opt.load_state_dict({k[4:]: ck[k] for k in ck.files if k.startswith("opt_")})
-        except (OSError, KeyError, ValueError) as exc:
-            raise ConfigError(f"{path}: not a usable checkpoint ({exc})") from None
+                self._restore({name: ck[name] for name in ck.files})
+        except ValueError as exc:
+            why = str(exc)
+            if "allow_pickle" in why:  # numpy's advice to unpickle is not ours to give
+                why = "it holds Python objects, which handprop never loads"
+            raise ConfigError(f"{path}: not a usable checkpoint: {why}") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(
+                f"{path}: not a usable checkpoint (truncated or not a .npz file: {why})"
+            ) from None
         columns = read_history(self.run_dir / HISTORY_FILE)
         self.history = [
             {c: None if np.isnan(v[i]) else float(v[i]) for c, v in columns.items()}
@@ -372,6 +424,51 @@ class Trainer:
         ]
         for row in self.history:
             row["epoch"] = int(row["epoch"])
+        if len(self.history) != self.epoch:
+            raise ConfigError(
+                f"{self.run_dir / HISTORY_FILE}: has {len(self.history)} epochs up to the "
+                f"checkpoint's epoch {self.epoch}; the run folder was changed by hand"
+            )
+
+    def _restore(self, ck: dict[str, np.ndarray]) -> None:
+        """Check every array of a checkpoint, then load them (ValueError names the first
+        that does not fit)."""
+        missing = [k for k in ("params", "epoch", "seconds", "best") if k not in ck]
+        if missing:
+            raise ValueError(f"it has no {missing[0]!r} array")
+        params, net = ck["params"], self.net
+        if params.shape != net.params.shape or params.dtype != net.params.dtype:
+            raise ValueError(
+                f"its parameters are {params.dtype}{list(params.shape)}, but the run's "
+                f"network has {net.params.dtype}{list(net.params.shape)}"
+            )
+        if not np.isfinite(params).all():
+            raise ValueError("its parameters are not all finite")
+        epoch, seconds, best = ck["epoch"], ck["seconds"], ck["best"]
+        if epoch.shape != () or epoch.dtype.kind not in "iu" or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch.tolist()!r}")
+        if epoch > self.cfg.epochs:
+            raise ValueError(
+                f"it has trained {int(epoch)} epochs already, more than the "
+                f"{self.cfg.epochs} asked for"
+            )
+        if seconds.shape != () or not (np.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"seconds must be a number >= 0, got {seconds.tolist()!r}")
+        if best.shape != (3,) or np.isnan(best).any():
+            raise ValueError(f"'best' must hold 3 numbers, got {best.tolist()!r}")
+        best_params = ck.get("best_params")
+        if best_params is not None and (
+            best_params.shape != params.shape or best_params.dtype != params.dtype
+        ):
+            raise ValueError("its best_params do not match its parameters")
+        self.opt.load_state_dict(
+            {k[4:]: v for k, v in ck.items() if k.startswith("opt_")}, net.params
+        )
+        net.params[...] = params
+        self.epoch, self.seconds = int(epoch), float(seconds)
+        self.best_val_loss, best_epoch, bad_evals = best.tolist()
+        self.best_epoch, self.bad_evals = int(best_epoch), int(bad_evals)
+        self.best_params = None if best_params is None else np.array(best_params)
 
     def write_history(self) -> None:
         atomic_write_text(self.run_dir / HISTORY_FILE, history_csv(self.history, self.columns))
@@ -479,7 +576,9 @@ class Trainer:
                     row["seconds"] = self.seconds
                     self.history.append(row)
                     self.epoch = epoch
-                    if evaluated:
+                    if self.checkpoint_due():
+                        self.save_checkpoint(live=True)  # writes the history too
+                    elif evaluated:
                         self.write_history()  # so a long run can be followed as it goes
                     postfix["loss"] = f"{loss:.4f}"
                     for key in ("train_acc", "test_acc", "val_acc"):
@@ -512,7 +611,8 @@ class Trainer:
         )
 
     def fail(self, status: str, message: str) -> RunResult:
-        """Record a diverged or interrupted run: history, checkpoint and metrics.json."""
+        """Record a run that did not complete (diverged, failed or interrupted): its
+        history and metrics.json, and for an interrupted one its checkpoint."""
         final_loss = self.history[-1]["loss"] if self.history else None
         metrics = self.summary_fields(status, message, final_loss)
         if status == "interrupted":
@@ -551,35 +651,134 @@ def train_run(
     *,
     default_name: str = "run",
     progress: bool = True,
+    checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
 ) -> RunResult:
-    """Train one config into a new run folder and return how it ended.
+    """Train one config into a run folder and return how it ended.
+
+    ``run_dir``: a folder handprop made for this run (a grid row's, see
+    :func:`handprop.rundir.make_or_adopt`); by default a new one is made under
+    ``cfg.out``, named ``cfg.name`` or ``default_name`` (``-2``, ``-3``, ... when taken).
 
     A diverged run is recorded in its folder and returned with status "diverged"; a
-    Ctrl-C is recorded with a checkpoint and re-raised as KeyboardInterrupt after the
-    folder is consistent, so :func:`resume_run` can continue it.
+    Ctrl-C (or SIGTERM) is recorded with a checkpoint and re-raised as
+    KeyboardInterrupt after the folder is consistent, so :func:`resume_run` can
+    continue it; so can a run killed outright, from its last periodic checkpoint.
     """
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg, default_name)
-    trainer = Trainer(cfg, run_dir, progress=progress)  # data errors before any folder
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, to_toml(cfg))
-    indices = {"train_idx": trainer.data.train_idx, "test_idx": trainer.data.test_idx}
-    if trainer.data.val_idx is not None:
-        indices["val_idx"] = trainer.data.val_idx
+    # the data and the network are checked (and sized) before any folder is made
+    trainer = Trainer(cfg, Path(run_dir or "."), progress, checkpoint_seconds)
+    if run_dir is None:
+        run_dir = make_folder(cfg.out, cfg.name or default_name)
+    trainer.run_dir = run_dir = Path(run_dir)
+    with FolderLock(run_dir):
+        _start(trainer)
+        return _run(trainer)
+
+
+def _start(trainer: Trainer) -> None:
+    """The files a run writes before its first epoch: its config and its split."""
+    run_dir, data = trainer.run_dir, trainer.data
+    atomic_write_text(run_dir / CONFIG_FILE, to_toml(trainer.cfg))
+    indices = {"train_idx": data.train_idx, "test_idx": data.test_idx}
+    if data.val_idx is not None:
+        indices["val_idx"] = data.val_idx
     save_npz(run_dir / SPLIT_FILE, **indices)
-    return _run(trainer)
 
 
-def resume_run(run_dir: str | Path, progress: bool = True) -> RunResult:
-    """Continue an interrupted run from its checkpoint to the same result."""
+def resume_run(
+    run_dir: str | Path,
+    progress: bool = True,
+    *,
+    epochs: int | None = None,
+    checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+) -> RunResult:
+    """Continue an interrupted or killed run to the result it would have reached.
+
+    From the last checkpoint when there is one; a run killed before its first
+    checkpoint starts again in its own folder. ``epochs`` changes the number of epochs
+    (the one change that keeps the epochs already trained valid, unless the schedule
+    depends on it).
+
+    Raises
+    ------
+    ConfigError
+        The folder is not an unfinished run handprop made, its config.toml was changed
+        since the checkpoint (naming the field), or the checkpoint is unusable.
+    OutputError
+        Another handprop process is training in the folder now.
+    """
     run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT_FILE).is_file():
-        if (run_dir / METRICS_FILE).is_file() and (run_dir / MODEL_FILE).is_file():
+    if not run_dir.is_dir():
+        what = "not found" if not run_dir.exists() else "not a folder"
+        raise ConfigError(f"{run_dir}: {what}; --resume needs a run folder")
+    if not is_owned(run_dir):
+        raise ConfigError(
+            f"{run_dir}: not a run folder made by handprop (no .handprop-run inside); "
+            "nothing to resume"
+        )
+    with FolderLock(run_dir):
+        remove_stale_temporaries(run_dir, RUN_FILES)  # left by a kill -9 mid-write
+        checkpoint = run_dir / CHECKPOINT_FILE
+        if not checkpoint.is_file() and is_complete(run_dir):
             raise ConfigError(f"{run_dir}: this run is already complete; nothing to resume")
-        raise ConfigError(f"{run_dir}: no {CHECKPOINT_FILE} to resume from")
-    cfg = load_config(run_dir / CONFIG_FILE)
-    trainer = Trainer(cfg, run_dir, progress=progress)
-    trainer.load_checkpoint()
-    return _run(trainer)
+        cfg = load_config(run_dir / CONFIG_FILE)
+        if checkpoint.is_file():
+            check_unchanged(saved_config(checkpoint), cfg, run_dir / CONFIG_FILE)
+        if epochs is not None and epochs != cfg.epochs:
+            cfg = _with_epochs(cfg, epochs)
+        trainer = Trainer(cfg, run_dir, progress, checkpoint_seconds)
+        if checkpoint.is_file():
+            trainer.load_checkpoint()
+        else:
+            # killed before its first checkpoint: nothing to keep but the folder
+            remove_own_files(run_dir, RUN_FILES)
+        _start(trainer)
+        return _run(trainer)
+
+
+def saved_config(checkpoint: Path) -> RunConfig | None:
+    """The config a checkpoint was trained with (None for one that does not say, or that
+    cannot be read: :meth:`Trainer.load_checkpoint` reports that)."""
+    try:
+        with np.load(checkpoint, allow_pickle=False) as ck:
+            if "config" not in ck.files:
+                return None
+            text = str(ck["config"])
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error):
+        return None
+    try:
+        return parse_toml_config(text, f"{checkpoint} (its config)")
+    except HandpropError:
+        return None
+
+
+def check_unchanged(saved: RunConfig | None, now: RunConfig, path: Path) -> None:
+    """Refuse a config.toml edited since the checkpoint in a field that alters the result.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first such field, its value then and now.
+    """
+    if saved is None:
+        return
+    before, after = saved.to_dict(), now.to_dict()
+    for name, value in before.items():
+        if name not in RESUME_FREE_FIELDS and after.get(name) != value:
+            hint = " (to change the number of epochs, use --epochs N)" if name == "epochs" else ""
+            raise ConfigError(
+                f"{path}: {name} was {value!r} when the checkpoint was written, now "
+                f"{after.get(name)!r}; a resumed run continues with the config it began "
+                f"with: put it back{hint}"
+            )
+
+
+def _with_epochs(cfg: RunConfig, epochs: int) -> RunConfig:
+    if cfg.schedule == "cosine":
+        raise ConfigError(
+            f"--epochs {epochs}: the cosine schedule is shaped by the number of epochs "
+            f"({cfg.epochs}), so the epochs already trained would not fit another number"
+        )
+    return cfg.replace(epochs=epochs)
 
 
 def _run(trainer: Trainer) -> RunResult:
@@ -587,12 +786,19 @@ def _run(trainer: Trainer) -> RunResult:
         trainer.run()
     except DivergenceError as exc:
         return trainer.fail("diverged", str(exc))
-    except KeyboardInterrupt:
-        trainer.fail(
+    except MemoryError:
+        return trainer.fail(
+            "failed",
+            f"ran out of memory in epoch {trainer.epoch + 1}; a smaller batch_size or "
+            "network needs less",
+        )
+    except KeyboardInterrupt as exc:
+        result = trainer.fail(
             "interrupted",
             f"interrupted after epoch {trainer.epoch}; continue with "
             f"`handprop train --resume {trainer.run_dir}`",
         )
+        exc.result = result  # for the command line to say where the checkpoint is
         raise
     return trainer.finish()
 

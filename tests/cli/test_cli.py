@@ -25,7 +25,7 @@ def test_help_lists_every_command():
         (["train"], "missing CONFIG"),
         (["data", "fetch", "cifar"], "unknown dataset 'cifar'"),
         (["predict", "absent.npz", "x.png"], "no such model file"),
-        (["train", "--resume", "nowhere"], "nowhere: no checkpoint.npz"),
+        (["train", "--resume", "nowhere"], "nowhere: not found; --resume needs a run folder"),
         (["compare", "nowhere"], "nowhere"),
     ],
 )

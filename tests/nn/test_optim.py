@@ -77,10 +77,27 @@ def test_state_round_trips_and_steps_never_touch_grads(kind):
     a.step(pa, g)
     np.testing.assert_array_equal(g, G1)  # the gradient vector is left as it was
     b.step(pb, G1.copy())
-    b.load_state_dict({k: np.array(v, copy=True) for k, v in a.state_dict().items()})
+    b.load_state_dict({k: np.array(v, copy=True) for k, v in a.state_dict().items()}, pa)
     a.step(pa, G2.copy())
     b.step(pb, G2.copy())
     np.testing.assert_array_equal(pa, pb)
+
+
+@pytest.mark.parametrize("kind", ["adam", "momentum", "rmsprop"])
+def test_load_state_refuses_what_does_not_fit_the_parameters(kind):
+    a = OPTIMIZERS[kind](0.05)
+    p = P0.copy()
+    a.step(p, G1.copy())
+    state = a.state_dict()
+    name = a.state_names[0]
+    with pytest.raises(ValueError, match=f"state {name!r} is float64\\[2\\], expected"):
+        OPTIMIZERS[kind](0.05).load_state_dict({**state, name: state[name][:2]}, p)
+    with pytest.raises(ValueError, match="missing after 1 steps"):
+        OPTIMIZERS[kind](0.05).load_state_dict({"t": state["t"]}, p)
+    with pytest.raises(ValueError, match="integer >= 0, got -5"):
+        OPTIMIZERS[kind](0.05).load_state_dict({**state, "t": np.array(-5)}, p)
+    with pytest.raises(ValueError, match="not one of"):
+        OPTIMIZERS[kind](0.05).load_state_dict({**state, "bogus": state[name]}, p)
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))

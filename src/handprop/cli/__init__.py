@@ -3,18 +3,24 @@
 Each subcommand lives in its own module of this package and imports the workflow it
 drives inside the command function, so that ``handprop train`` never pays for importing
 scikit-learn or matplotlib. A :class:`~handprop.errors.HandpropError` is printed as one
-line on stderr with exit status 1; anything else is a bug and keeps its traceback.
+line on stderr with exit status 1, and so is an OSError (a full disk, an unreadable
+file) or a MemoryError that no workflow named; anything else is a bug and keeps its
+traceback. Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129, after the same clean-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import click
 
 from handprop import __version__
-from handprop.errors import HandpropError
+from handprop.errors import HandpropError, Interrupted
 
 #: modules of this package that each define ``command`` (a click command or group)
 COMMAND_MODULES = (
@@ -29,16 +35,52 @@ COMMAND_MODULES = (
 )
 
 EXIT_USER_ERROR = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _terminate_like_ctrl_c():
+                return super().invoke(ctx)
         except HandpropError as exc:
-            click.echo(f"handprop: error: {exc}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            _fail(str(exc))
+        except OSError as exc:
+            # what the workflows did not name themselves: still the file and the reason
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}")
+        except MemoryError:
+            _fail("out of memory; a smaller network, batch or input needs less")
+        except Interrupted as exc:
+            sys.exit(128 + exc.signum)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"handprop: error: {message}", err=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+@contextlib.contextmanager
+def _terminate_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``timeout``, ``docker stop``, SLURM) and SIGHUP (a closed terminal) stop
+    a command the way Ctrl-C does: a run checkpoints, a grid writes its summary, no
+    temporary file is left behind; the exit status is still 128 + the signal."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread (e.g. CliRunner)
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,9 +17,21 @@ import click
     "--base", type=click.Path(path_type=Path), help="Config whose values fill empty cells."
 )
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Directory holding the data.")
+@click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds between each run's checkpoints.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def command(csv_file, out, jobs, base, data_dir, quiet) -> None:
-    """Run every row of FILE.csv (run_name,d,dtrain,dtest,m,alpha,epochs,...)."""
+def command(csv_file, out, jobs, base, data_dir, checkpoint_every, quiet) -> None:
+    """Run every row of FILE.csv (run_name,d,dtrain,dtest,m,alpha,epochs,...).
+
+    Running it again continues: finished rows are skipped, interrupted or killed ones
+    resume from their checkpoints. Ctrl-C stops the running rows with a checkpoint,
+    cancels the queued ones and writes the summary.
+    """
     from handprop.experiments import load_base, read_grid, run_grid, summary_markdown
 
     rows = read_grid(csv_file, load_base(base))
@@ -31,10 +43,26 @@ def command(csv_file, out, jobs, base, data_dir, quiet) -> None:
         acc = "" if s.accuracy is None else f" accuracy {s.accuracy:.2%}"
         click.echo(f"{s.name}: {s.status}{acc}" + (f" ({s.message})" if s.message else ""))
 
-    summaries = run_grid(rows, out, jobs=jobs, progress=not quiet and jobs == 1, on_done=done)
-    click.echo("")
-    click.echo(summary_markdown(summaries), nl=False)
-    click.echo(f"summary in {out}/summary.csv and summary.md")
+    def report(summaries) -> None:
+        click.echo("")
+        click.echo(summary_markdown(summaries), nl=False)
+        click.echo(f"summary in {out}/summary.csv and summary.md")
+
+    try:
+        summaries = run_grid(
+            rows,
+            out,
+            jobs=jobs,
+            progress=not quiet and jobs == 1,
+            on_done=done,
+            checkpoint_seconds=checkpoint_every,
+        )
+    except KeyboardInterrupt as exc:
+        if hasattr(exc, "summaries"):
+            report(exc.summaries)
+        click.echo("handprop: interrupted; run the same command again to continue", err=True)
+        raise
+    report(summaries)
     failed = [s for s in summaries if s.status not in ("completed", "skipped")]
     if failed:
         raise SystemExit(1)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from handprop.errors import ConfigError, DivergenceError
+from handprop.errors import ConfigError, HandpropError
 
 
 @click.command("train")
@@ -17,9 +16,25 @@ from handprop.errors import ConfigError, DivergenceError
 @click.option("--seed", type=int, help="Seed of the split and the initialisation.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder in which runs are made.")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue an interrupted RUN.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    help="With --resume: train to this many epochs instead (not with a cosine schedule).",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds between checkpoints (written at epoch boundaries).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def command(config, dataset, data_dir, seed, out, resume, quiet) -> None:
-    """Train the network CONFIG describes (6-line .cfg or .toml) into a run folder."""
+def command(config, dataset, data_dir, seed, out, resume, epochs, checkpoint_every, quiet) -> None:
+    """Train the network CONFIG describes (6-line .cfg or .toml) into a run folder.
+
+    A checkpoint is written every --checkpoint-every seconds and on Ctrl-C or SIGTERM;
+    `handprop train --resume RUN` continues from it, also after a kill.
+    """
     from handprop.config import load_config
     from handprop.train import resume_run, train_run
 
@@ -28,10 +43,14 @@ def command(config, dataset, data_dir, seed, out, resume, quiet) -> None:
         if resume is not None:
             if config is not None:
                 raise ConfigError("give either CONFIG or --resume RUN, not both")
-            result = resume_run(resume, progress=progress)
+            result = resume_run(
+                resume, progress=progress, epochs=epochs, checkpoint_seconds=checkpoint_every
+            )
         else:
             if config is None:
                 raise ConfigError("missing CONFIG (a .cfg or .toml file), or --resume RUN")
+            if epochs is not None:
+                raise ConfigError("--epochs goes with --resume; set epochs in CONFIG instead")
             cfg = load_config(config)
             overrides = {
                 k: v
@@ -45,13 +64,20 @@ def command(config, dataset, data_dir, seed, out, resume, quiet) -> None:
             }
             if overrides:
                 cfg = cfg.replace(**overrides)
-            result = train_run(cfg, default_name=config.stem, progress=progress)
-    except KeyboardInterrupt:
-        click.echo("\nhandprop: interrupted; the run folder holds a checkpoint", err=True)
-        sys.exit(130)
+            result = train_run(
+                cfg,
+                default_name=config.stem,
+                progress=progress,
+                checkpoint_seconds=checkpoint_every,
+            )
+    except KeyboardInterrupt as exc:
+        result = getattr(exc, "result", None)
+        said = result.message if result is not None else "interrupted"
+        click.echo(f"\nhandprop: {said}", err=True)
+        raise
 
-    if result.status == "diverged":
-        raise DivergenceError(f"{result.message} (recorded in {result.run_dir})")
+    if result.status != "completed":
+        raise HandpropError(f"{result.message} (recorded in {result.run_dir})")
     m = result.metrics
     click.echo(
         f"test accuracy {m['accuracy']:.2%} on {m['split']['test']} samples "

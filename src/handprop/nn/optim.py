@@ -88,11 +88,34 @@ class Optimizer:
         """Flat arrays and scalars that, restored, make the next step identical."""
         return {"t": np.array(self.t), **self.state}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.t = int(state["t"])
+    def load_state_dict(self, state: dict[str, Any], params: Array) -> None:
+        """Restore :meth:`state_dict` for the parameter vector ``params``.
+
+        Raises
+        ------
+        ValueError
+            The step count is not an integer >= 0, or a state vector is missing (after
+            a step), unknown, or not shaped and typed like ``params``.
+        """
+        t = np.asarray(state.get("t", -1))
+        if t.shape != () or t.dtype.kind not in "iu" or t < 0:
+            raise ValueError(f"the step count must be an integer >= 0, got {t.tolist()!r}")
+        unknown = set(state) - {"t", *self.state_names}
+        if unknown:
+            raise ValueError(f"state {sorted(unknown)[0]!r} is not one of {self.kind}'s")
+        missing = [name for name in self.state_names if name not in state]
+        if missing and t > 0:
+            raise ValueError(f"{self.kind} state {missing[0]!r} is missing after {t} steps")
         for name in self.state_names:
             if name in state:
-                self.state[name] = np.array(state[name])
+                value = np.asarray(state[name])
+                if value.shape != params.shape or value.dtype != params.dtype:
+                    raise ValueError(
+                        f"{self.kind} state {name!r} is {value.dtype}{list(value.shape)}, "
+                        f"expected {params.dtype}{list(params.shape)} like the parameters"
+                    )
+                self.state[name] = np.array(value)
+        self.t = int(t)
 
 
 class GD(Optimizer):

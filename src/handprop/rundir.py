@@ -1,0 +1,214 @@
+"""Folders handprop owns: made exclusively, marked, locked while in use.
+
+handprop never deletes, overwrites or reuses a folder it did not make. Every run folder
+(and grid folder) it makes gets a marker file first, in the same step that claims the
+name: ``os.mkdir`` without ``exist_ok`` either makes the folder or fails, so two runs
+started at once never share one (the second takes ``NAME-2``). A folder without the
+marker is somebody else's: handprop refuses to write into it.
+
+While a process trains in a run folder it holds an exclusive lock on the marker
+(``fcntl.flock``; the kernel drops it when the process dies, ``kill -9`` included), so
+a second ``--resume`` or a second grid on the same folder is refused instead of mixing
+its files into the first one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import ClassVar
+
+from handprop.atomic import output_error
+from handprop.errors import OutputError
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, the marker still guards
+    fcntl = None
+
+RUN_MARKER = ".handprop-run"
+GRID_MARKER = ".handprop-grid"
+
+
+def _check_path(path: Path) -> None:
+    if "\0" in str(path):
+        raise OutputError(f"{str(path)!r}: a path cannot hold a NUL byte")
+
+
+def _make_base(base: Path) -> None:
+    """The folder runs are made in (``--out``): made if missing, never claimed."""
+    _check_path(base)
+    if base.exists() and not base.is_dir():
+        raise OutputError(f"{base}: not a folder; --out must name a folder")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(base, exc, "cannot make the folder") from None
+
+
+def _mark(folder: Path, marker: str) -> None:
+    """Write the marker into a folder this process has just made (or found empty)."""
+    info = {"made_by": "handprop", "pid": os.getpid(), "time": time.time()}
+    try:
+        with open(folder / marker, "x", encoding="utf-8") as f:
+            f.write(json.dumps(info) + "\n")
+    except FileExistsError:
+        pass  # another handprop process marked it first: the lock decides who trains
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # empty but for what failed: ours to remove
+        raise output_error(folder / marker, exc) from None
+
+
+def make_folder(base: str | Path, name: str, marker: str = RUN_MARKER) -> Path:
+    """Make a new folder ``base/name`` (or ``name-2``, ``name-3``, ... when taken).
+
+    The name is claimed by one atomic ``mkdir``; the marker is written at once.
+
+    Raises
+    ------
+    OutputError
+        ``base`` cannot be made or written (a file, read-only, a full disk, ...).
+    """
+    base = Path(base)
+    _make_base(base)
+    for k in range(1, 10_000):
+        folder = base / (name if k == 1 else f"{name}-{k}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise output_error(folder, exc, "cannot make the folder") from None
+        _mark(folder, marker)
+        return folder
+    raise OutputError(f"{base}: {name}, {name}-2, ... {name}-9999 are all taken")
+
+
+def is_owned(folder: str | Path, marker: str = RUN_MARKER) -> bool:
+    """Whether handprop made ``folder`` (it holds the marker)."""
+    return (Path(folder) / marker).is_file()
+
+
+def make_or_adopt(folder: str | Path, marker: str = RUN_MARKER) -> tuple[Path, bool]:
+    """The folder ``folder`` exactly (a grid row, a grid): made now, one handprop made,
+    or an empty one (then marked as handprop's).
+
+    Returns the folder and whether it was made now.
+
+    Raises
+    ------
+    OutputError
+        ``folder`` exists and handprop did not make it (no marker), or it cannot be made.
+    """
+    folder = Path(folder)
+    _make_base(folder.parent)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise output_error(folder, exc, "cannot make the folder") from None
+    else:
+        _mark(folder, marker)
+        return folder, True
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder; handprop will not replace it")
+    if not is_owned(folder, marker):
+        try:
+            empty = not any(folder.iterdir())
+        except OSError as exc:
+            raise output_error(folder, exc, "cannot read the folder") from None
+        if not empty:
+            raise OutputError(
+                f"{folder}: exists and was not made by handprop (no {marker} inside); "
+                "handprop never writes into a folder it did not make: choose another "
+                "name or --out"
+            )
+        _mark(folder, marker)  # an empty folder holds nothing to lose: take it
+    return folder, False
+
+
+class FolderLock:
+    """An exclusive lock on a run folder's marker, held while a process trains in it.
+
+    Re-entrant within a process: a grid row locks its folder, then the training it
+    calls locks it again without waiting on itself.
+
+    Raises
+    ------
+    OutputError
+        Another live process holds the lock (it is training in this folder now), or
+        the folder has no marker.
+    """
+
+    #: folder -> [open marker file, how many holders in this process]
+    _held: ClassVar[dict[Path, list]] = {}
+
+    def __init__(self, folder: str | Path, marker: str = RUN_MARKER) -> None:
+        self.folder = Path(folder).resolve()
+        held = self._held.get(self.folder)
+        if held is not None:
+            held[1] += 1
+            return
+        path = self.folder / marker
+        try:
+            file = open(path, "r+", encoding="utf-8")  # noqa: SIM115 - held open
+        except FileNotFoundError:
+            raise OutputError(
+                f"{folder}: was not made by handprop (no {marker} inside); "
+                "handprop never writes into a folder it did not make"
+            ) from None
+        except OSError as exc:
+            raise output_error(path, exc, "cannot open") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                file.close()
+                raise OutputError(
+                    f"{folder}: another handprop process is training in this folder now"
+                ) from None
+        self._held[self.folder] = [file, 1]
+
+    def release(self) -> None:
+        """Drop this hold; the last one closes the file, which drops the lock."""
+        held = self._held[self.folder]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[self.folder]
+            held[0].close()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def remove_own_files(folder: str | Path, names: Iterable[str]) -> None:
+    """Remove the named files that handprop writes, before a run starts again in its
+    own folder; anything else in the folder is left as it is."""
+    folder = Path(folder)
+    for name in names:
+        try:
+            (folder / name).unlink(missing_ok=True)
+        except IsADirectoryError:
+            continue
+        except OSError as exc:
+            raise output_error(folder / name, exc, "cannot remove") from None
+
+
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> None:
+    """Remove what a killed process left of its atomic writes of the named files
+    (``.NAME.XXXXXXXX.tmp``, see :mod:`handprop.atomic`); nothing else is touched."""
+    folder = Path(folder)
+    for name in names:
+        for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
