@@ -32,7 +32,7 @@ def make_files(directory: Path, n_train=6, n_test=4, seed=0, compress=True):
         path = directory / (name + (".gz" if compress else ""))
         write_idx(path, arr, compress=compress)
         content = data.idx_bytes(arr)
-        specs.append(FileSpec(name, sha256=hashlib.sha256(content).hexdigest()))
+        specs.append(FileSpec(name, hashlib.sha256(content).hexdigest(), len(content)))
     return tuple(specs), arrays
 
 
@@ -80,8 +80,14 @@ def test_cache_dir_honours_xdg(monkeypatch, tmp_path):
 
 
 def test_an_explicit_directory_without_the_files_is_an_error(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="does not hold the tiny files"):
         data.load_dataset("tiny", tmp_path / "empty", progress=False)
+    with pytest.raises(DataError, match="absent: no such data directory"):
+        data.load_dataset("tiny", tmp_path / "absent", progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="file: the data directory is a file, not a folder"):
+        data.load_dataset("tiny", tmp_path / "file", progress=False)
 
 
 def test_files_failing_their_checksum_are_refused(tiny, tmp_path):
@@ -139,6 +145,17 @@ def test_a_corrupted_download_is_rejected_and_not_kept(tiny, server, tmp_path, m
     names = {p.name for p in cache.iterdir()}
     assert "t10k-images-idx3-ubyte.gz" not in names
     assert not [n for n in names if n.endswith(".part")]  # no temporary left behind
+
+
+def test_a_gzip_bomb_download_is_refused_unexpanded(tiny, server, tmp_path, monkeypatch):
+    src, _ = tiny
+    target = src / "t10k-labels-idx1-ubyte.gz"
+    target.write_bytes(gzip.compress(gzip.decompress(target.read_bytes()) + bytes(1 << 24)))
+    monkeypatch.setenv("HANDPROP_MIRROR", server.url)
+    with pytest.raises(DataError, match="failed verification: the content is larger than the"):
+        data.load_dataset("tiny", progress=False)
+    cache = tmp_path / "cache" / "handprop" / "tiny"
+    assert not (cache / "t10k-labels-idx1-ubyte.gz").exists()
 
 
 def test_no_network_lists_the_ways_to_provide_the_data(tiny, monkeypatch):

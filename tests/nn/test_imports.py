@@ -23,5 +23,6 @@ def test_nn_imports_only_numpy_and_stdlib():
     assert out[0] == "[]", f"handprop.nn pulled in: {out[0]}"
     loaded = eval(out[1])
     assert all(
-        m.startswith(("handprop.nn", "handprop.errors", "handprop.atomic")) for m in loaded
+        m.startswith(("handprop.nn", "handprop.errors", "handprop.atomic", "handprop.memory"))
+        for m in loaded
     ), loaded

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -45,6 +46,10 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except HandpropError as exc:
             _fail(str(exc))
+        except BrokenPipeError:
+            # the reader went away (`handprop data info | head -2`): nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_USER_ERROR)
         except OSError as exc:
             # what the workflows did not name themselves: still the file and the reason
             where = f"{exc.filename}: " if exc.filename else ""

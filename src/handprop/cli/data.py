@@ -16,8 +16,7 @@ def command() -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Also look in DIR.")
 def info(data_dir) -> None:
     """Each known dataset: available or not, where, and its size."""
-    from handprop.data import DATASETS, locate, verify_files
-    from handprop.errors import DataError
+    from handprop.data import DATASETS, check_file, locate
 
     for name, spec in DATASETS.items():
         if spec.builtin:
@@ -28,12 +27,16 @@ def info(data_dir) -> None:
                 where, status = "not found (handprop data fetch " + name + ")", "missing"
             else:
                 how, directory, paths = found
-                size = sum(p.stat().st_size for p in paths) / 1e6
-                where, status = f"{directory} [{how}, {size:.1f} MB]", "available"
-                try:
-                    verify_files(spec, paths)
-                except DataError as exc:
-                    where, status = str(exc), "invalid"
+                checks = [check_file(p, f) for f, p in zip(spec.files, paths, strict=True)]
+                bad = [(p, c) for p, c in zip(paths, checks, strict=True) if c[0] != "OK"]
+                if bad:
+                    path, (mark, why) = bad[0]
+                    status = "unreadable" if mark == "UNREADABLE" else "invalid"
+                    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                    where = f"{path}: {why}{more}"
+                else:
+                    size = sum(p.stat().st_size for p in paths) / 1e6
+                    where, status = f"{directory} [{how}, {size:.1f} MB]", "available"
         click.echo(f"{name:<14} {status:<10} {where}")
         click.echo(f"{'':<14} {spec.description}")
 
@@ -58,8 +61,10 @@ def fetch(name, data_dir, quiet) -> None:
 @click.argument("name")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Verify the files in DIR.")
 def verify(name, data_dir) -> None:
-    """Check the files of dataset NAME against their pinned checksums."""
-    from handprop.data import check_file, get_spec, locate, no_data_message
+    """Check every file of dataset NAME against its pinned checksum: OK, FAIL,
+    UNREADABLE or MISSING for each, then exit 1 if any is not OK."""
+    from handprop.data import check_file, find_file, get_spec, locate, no_data_message
+    from handprop.data.fetch import candidate_dirs
     from handprop.errors import DataError
 
     spec = get_spec(name)
@@ -67,14 +72,23 @@ def verify(name, data_dir) -> None:
         click.echo(f"{name}: bundled with scikit-learn; nothing to verify")
         return
     found = locate(spec, data_dir)
-    if found is None:
+    if found is not None:
+        directory = found[1]
+    elif data_dir is not None:  # report what is there, and what is missing
+        dirs = [d for _, d in candidate_dirs(spec, data_dir)]
+        directory = next((d for d in dirs if any(find_file(d, f) for f in spec.files)), dirs[0])
+    else:
         raise DataError(no_data_message(spec, "there is nothing to verify"))
-    _, directory, paths = found
     failed = 0
-    for f, path in zip(spec.files, paths, strict=True):
-        ok, why = check_file(path, f)
-        mark = {True: "OK", False: "FAIL", None: "UNCHECKED"}[ok]
-        failed += ok is False
-        click.echo(f"{mark:<9} {path}  ({why})")
+    for f in spec.files:
+        path = find_file(directory, f)
+        if path is None:
+            mark, why, path = "MISSING", "no such file", directory / (f.name + "[.gz]")
+        else:
+            mark, why = check_file(path, f)
+        failed += mark != "OK"
+        click.echo(f"{mark:<10} {path}  ({why})")
     if failed:
-        raise DataError(f"{failed} file(s) of {name} in {directory} failed verification")
+        raise DataError(
+            f"{failed} of {len(spec.files)} files of {name} in {directory} failed verification"
+        )

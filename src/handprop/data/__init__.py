@@ -7,26 +7,41 @@ has them. See :mod:`handprop.data.registry` for the datasets known.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from handprop.data.csvfile import read_csv
-from handprop.data.fetch import cache_dir, check_file, locate, no_data_message
+from handprop.data.fetch import cache_dir, check_file, find_file, locate, no_data_message
 from handprop.data.fetch import download as fetch_files
-from handprop.data.idx import idx_bytes, parse_idx, read_idx, write_idx
-from handprop.data.prep import normalize, original_split, standard_split
+from handprop.data.idx import (
+    IdxHeader,
+    UnreadableFileError,
+    idx_bytes,
+    parse_idx,
+    read_header,
+    read_idx,
+    read_idx_bytes,
+    write_idx,
+)
+from handprop.data.prep import check_pixels, normalize, original_split, standard_split
 from handprop.data.registry import DATASETS, Dataset, DatasetSpec, FileSpec
 from handprop.errors import DataError
+from handprop.memory import check_fits
 
 __all__ = [
     "DATASETS",
     "Dataset",
     "DatasetSpec",
     "FileSpec",
+    "IdxHeader",
+    "UnreadableFileError",
     "cache_dir",
     "check_file",
+    "check_pixels",
     "fetch_files",
+    "find_file",
     "get_spec",
     "idx_bytes",
     "load_dataset",
@@ -34,7 +49,9 @@ __all__ = [
     "original_split",
     "parse_idx",
     "read_csv",
+    "read_header",
     "read_idx",
+    "read_idx_bytes",
     "standard_split",
     "verify_files",
     "write_idx",
@@ -66,24 +83,11 @@ def load_dataset(
         if found is None:  # pragma: no cover - download() verified every file
             raise DataError(no_data_message(spec, "the download left no files"))
     _, directory, paths = found
-    verify_files(spec, paths)
-    train_x, train_y, test_x, test_y = (read_idx(p) for p in paths)
-    for images, labels, part in ((train_x, train_y, "train"), (test_x, test_y, "test")):
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(
-                f"{directory}: {part} images {images.shape} and labels {labels.shape} "
-                "do not match (expected (n, h, w) and (n,))"
-            )
-    k = len(spec.class_names)
-    labels = np.concatenate([train_y, test_y]).astype(np.int64)
-    if labels.min() < 0 or labels.max() >= k:
-        raise DataError(
-            f"{directory}: labels must lie in [0, {k}), got {labels.min()}..{labels.max()}"
-        )
+    train_x, train_y, test_x, test_y = _read_verified(spec, paths)
     return Dataset(
         name=name,
         images=np.concatenate([train_x, test_x]),
-        labels=labels,
+        labels=np.concatenate([train_y, test_y]).astype(np.int64),
         class_names=spec.class_names,
         image_shape=tuple(train_x.shape[1:]),
         pixel_max=255.0,
@@ -100,9 +104,72 @@ def verify_files(spec: DatasetSpec, paths: list[Path]) -> None:
     trained on as the other; checking costs a fraction of a second.
     """
     for f, path in zip(spec.files, paths, strict=True):
-        ok, why = check_file(path, f)
-        if ok is False:
+        status, why = check_file(path, f)
+        if status == "UNREADABLE":
+            raise UnreadableFileError(f"{path}: {why}")
+        if status != "OK":
             raise DataError(f"{path}: not the published {spec.name} file: {why}")
+
+
+def _read_verified(spec: DatasetSpec, paths: list[Path]) -> list[np.ndarray]:
+    """Train images, train labels, test images, test labels: their headers checked
+    against each other, then their content against the pinned checksums, then parsed."""
+    headers = [read_header(p) for p in paths]
+    check_layout(paths, headers)
+    for f, path, h in zip(spec.files, paths, headers, strict=True):
+        if not f.sha256:  # never used unverified
+            raise DataError(f"{path}: no checksum is pinned for {spec.name}; it cannot be used")
+        if f.size is not None and h.size != f.size:  # refused before a byte of data is read
+            raise DataError(
+                f"{path}: not the published {spec.name} file: its header announces "
+                f"{h.size} bytes of content (dims {h.shape}), expected {f.size}"
+            )
+    check_fits(2 * sum(h.size for h in headers), f"loading {spec.name} from {paths[0].parent}")
+    arrays = []
+    for f, path in zip(spec.files, paths, strict=True):
+        content = read_idx_bytes(path)
+        digest = hashlib.sha256(content).hexdigest()
+        if digest != f.sha256:
+            raise DataError(
+                f"{path}: not the published {spec.name} file: "
+                f"sha256 of the content is {digest}, expected {f.sha256}"
+            )
+        arrays.append(parse_idx(content, str(path)))
+    k = len(spec.class_names)
+    for labels, path in zip(arrays[1::2], paths[1::2], strict=True):
+        if labels.min() < 0 or labels.max() >= k:
+            raise DataError(
+                f"{path}: labels must lie in [0, {k}), got {labels.min()}..{labels.max()}"
+            )
+    return arrays
+
+
+def check_layout(paths: list[Path], headers: list[IdxHeader]) -> None:
+    """Images (n, h, w) of bytes, as many labels (n,), train and test images of one size."""
+    for images, labels, ip, lp in ((*headers[0:2], *paths[0:2]), (*headers[2:4], *paths[2:4])):
+        if len(images.dims) != 3:
+            raise DataError(f"{ip}: images must have dims (n, height, width), got {images.shape}")
+        if images.dtype.kind != "u" or images.dtype.itemsize != 1:
+            raise DataError(f"{ip}: pixels must be bytes (IDX type 0x08), got {images.dtype.name}")
+        if images.dims[0] == 0:
+            raise DataError(f"{ip}: holds no images (dims {images.shape})")
+        if min(images.dims) == 0:
+            raise DataError(f"{ip}: images must be at least 1x1 pixels, got dims {images.shape}")
+        if len(labels.dims) != 1 or labels.dtype.kind not in "iu":
+            raise DataError(
+                f"{lp}: labels must be one integer per image, "
+                f"got dims {labels.shape} of {labels.dtype.name}"
+            )
+        if labels.dims[0] != images.dims[0]:
+            raise DataError(
+                f"{lp}: holds {labels.dims[0]} labels for the {images.dims[0]} images of {ip}"
+            )
+    train, test = headers[0].dims[1:], headers[2].dims[1:]
+    if train != test:
+        raise DataError(
+            f"{paths[2]}: test images are {headers[2].shape}, but the training images "
+            f"in {paths[0]} are {headers[0].shape}: they must have the same size"
+        )
 
 
 def _load_digits(spec: DatasetSpec) -> Dataset:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from handprop.data.idx import read_bytes
+from handprop.data.idx import UnreadableFileError, open_content, reading
 from handprop.data.registry import DatasetSpec, FileSpec
 from handprop.errors import DataError
 
@@ -40,14 +41,29 @@ def candidate_dirs(spec: DatasetSpec, data_dir: str | Path | None) -> list[tuple
 
 
 def find_file(directory: Path, f: FileSpec) -> Path | None:
+    """``NAME.gz`` or ``NAME`` in ``directory``, a regular file preferred; something else
+    of that name (a directory, a FIFO) is returned too, for the reader to name it."""
+    found = []
     for candidate in (directory / (f.name + ".gz"), directory / f.name):
-        if candidate.is_file():
+        with reading(candidate):
+            try:
+                mode = candidate.stat().st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        if stat.S_ISREG(mode):
             return candidate
-    return None
+        found.append(candidate)
+    return found[0] if found else None
 
 
 def locate(spec: DatasetSpec, data_dir: str | Path | None) -> tuple[str, Path, list[Path]] | None:
     """The first candidate directory holding every file, or None."""
+    if data_dir is not None:
+        with reading(Path(data_dir)):
+            if not Path(data_dir).exists():
+                raise DataError(f"{data_dir}: no such data directory")
+            if not Path(data_dir).is_dir():
+                raise DataError(f"{data_dir}: the data directory is a file, not a folder")
     for how, directory in candidate_dirs(spec, data_dir):
         paths = [find_file(directory, f) for f in spec.files]
         if all(paths):
@@ -55,20 +71,29 @@ def locate(spec: DatasetSpec, data_dir: str | Path | None) -> tuple[str, Path, l
     return None
 
 
-def check_file(path: Path, f: FileSpec) -> tuple[bool | None, str]:
-    """(True, how) if a pinned checksum matches, (False, why) if not, (None, why) if
-    nothing pinned applies to this copy."""
-    raw = path.read_bytes()
-    if f.gz_md5 and raw[:2] == b"\x1f\x8b" and hashlib.md5(raw).hexdigest() == f.gz_md5:
-        return True, "md5 of the .gz matches the published value"
-    if f.sha256:
-        digest = hashlib.sha256(read_bytes(path)).hexdigest()
-        if digest == f.sha256:
-            return True, "sha256 of the content matches"
-        return False, f"sha256 of the content is {digest}, expected {f.sha256}"
-    if f.gz_md5 and raw[:2] == b"\x1f\x8b":
-        return False, f"md5 is {hashlib.md5(raw).hexdigest()}, expected {f.gz_md5}"
-    return None, "no checksum is published for an uncompressed copy"
+def check_file(path: Path, f: FileSpec) -> tuple[str, str]:
+    """("OK", how), ("FAIL", why) or ("UNREADABLE", why): the content's sha256 and size
+    against the pinned ones. Decompression stops past the pinned size (a gzip bomb is a
+    FAIL); a file with no pinned checksum FAILs, as it is never used unverified."""
+    if not f.sha256:
+        return "FAIL", "no checksum is pinned for this file; it cannot be verified"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open_content(path) as (stream, _):
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if f.size is not None and size > f.size:
+                    return "FAIL", f"the content is larger than the published {f.size} bytes"
+    except UnreadableFileError as exc:
+        return "UNREADABLE", str(exc).removeprefix(f"{path}: ")
+    except DataError as exc:
+        return "FAIL", str(exc).removeprefix(f"{path}: ")
+    if f.size is not None and size != f.size:
+        return "FAIL", f"the content is {size} bytes, expected {f.size}"
+    if digest.hexdigest() != f.sha256:
+        return "FAIL", f"sha256 of the content is {digest.hexdigest()}, expected {f.sha256}"
+    return "OK", "sha256 of the content matches"
 
 
 def mirrors(spec: DatasetSpec) -> list[str]:
@@ -91,11 +116,10 @@ def no_data_message(spec: DatasetSpec, reason: str) -> str:
 
 def download(spec: DatasetSpec, progress: bool = True) -> Path:
     """Download every missing file into the cache, verified before it is kept."""
-    target = cache_dir(spec.name)
-    target.mkdir(parents=True, exist_ok=True)
+    target = make_cache_dir(spec)
     for f in spec.files:
         existing = find_file(target, f)
-        if existing is not None and check_file(existing, f)[0]:
+        if existing is not None and check_file(existing, f)[0] == "OK":
             continue
         errors = []
         for base in mirrors(spec):
@@ -111,6 +135,17 @@ def download(spec: DatasetSpec, progress: bool = True) -> Path:
             raise DataError(
                 no_data_message(spec, "the download failed (" + "; ".join(errors) + ")")
             )
+    return target
+
+
+def make_cache_dir(spec: DatasetSpec) -> Path:
+    target = cache_dir(spec.name)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"{target}: cannot create the cache folder: {exc.strerror or exc}"
+        ) from None
     return target
 
 
@@ -131,11 +166,18 @@ def _download_verified(url: str, dest: Path, f: FileSpec, progress: bool) -> Non
                 disable=not progress,
                 leave=False,
             ) as bar:
+                got = 0
                 for chunk in iter(lambda: resp.read(CHUNK), b""):
+                    got += len(chunk)
+                    if f.size is not None and got > f.size + f.size // 100 + CHUNK:
+                        raise DataError(
+                            f"{url}: sent more than {got - len(chunk)} bytes, "
+                            f"too many for a {f.size}-byte file"
+                        )
                     out.write(chunk)
                     bar.update(len(chunk))
-        ok, why = check_file(tmp, f)
-        if not ok:
+        status, why = check_file(tmp, f)
+        if status != "OK":
             raise DataError(f"{url}: downloaded file failed verification: {why}")
         os.replace(tmp, dest)
     finally:
@@ -144,8 +186,7 @@ def _download_verified(url: str, dest: Path, f: FileSpec, progress: bool) -> Non
 
 def copy_into_cache(spec: DatasetSpec, paths: list[Path]) -> Path:
     """Copy located files into the cache (used by `handprop data fetch --data-dir`)."""
-    target = cache_dir(spec.name)
-    target.mkdir(parents=True, exist_ok=True)
+    target = make_cache_dir(spec)
     for p in paths:
         if p.parent.resolve() != target.resolve():
             shutil.copyfile(p, target / p.name)

@@ -20,6 +20,21 @@ def normalize(images: np.ndarray, pixel_max: float, dtype: Any = np.float32) -> 
     return X
 
 
+def check_pixels(images: np.ndarray, name: str, pixel_max: float = 255.0) -> None:
+    """Refuse pixels that are NaN, infinite or outside [0, ``pixel_max``], naming ``name``
+    (a float IDX file may hold anything; dividing garbage by 255 would hide it)."""
+    a = np.asarray(images)
+    if a.size == 0:
+        return
+    if a.dtype.kind == "f":
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise DataError(f"{name}: pixel values must be finite numbers, got {bad} NaN or inf")
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi > pixel_max:
+        raise DataError(f"{name}: pixel values must lie in [0, {pixel_max:g}], got {lo:g}..{hi:g}")
+
+
 def original_split(
     n_available: int, d: int, dtrain: int, dtest: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
