@@ -664,3 +664,101 @@ def test_csv_cells_for_optimizer_fields():
     with pytest.raises(ConfigError, match="lists 2 probabilities for 3 hidden layers"):
         cfg.replace(hidden=(10, 10, 10))
     assert cfg.replace(hidden=(10, 10, 10), dropout=0.1).dropout == (0.1, 0.1, 0.1)
+
+
+# --- hostile input: one line naming the file, the line and the value -----------------------
+
+
+def test_two_values_on_one_line_short_of_six_names_that_line():
+    text = "1797 1500\n297\n32\n2.0\n300\n"
+    with pytest.raises(
+        ConfigError, match=r"^b\.cfg line 1: expected one value per line, got 2 \('1797 1500'\)"
+    ):
+        parse_seed_config(text, "b.cfg")
+
+
+def test_a_number_too_large_is_refused_with_its_line():
+    with pytest.raises(ConfigError, match=r"^b\.cfg line 1: total .* got '1e400'"):
+        parse_seed_config(seed_with(1, "1e400"), "b.cfg")
+    with pytest.raises(ConfigError, match=r"^b\.cfg line 5: learning rate .* got '1e400'"):
+        parse_seed_config(seed_with(5, "1e400"), "b.cfg")
+    with pytest.raises(
+        ConfigError, match=r"r\.toml line 6: epochs .*; at most 9223372036854775807"
+    ):
+        parse_toml_config(MINIMAL_TOML.replace("1000", "1" + "0" * 30), "r.toml")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('hidden = "abc"', r"line 4: hidden must be .* got 'abc' \(a string\)"),
+        ("epochs = 1.5", r"line 6: epochs must be a positive integer, got 1\.5 \(a float\)"),
+        ("epochs = true", r"line 6: epochs must be a positive integer, got True \(a boolean\)"),
+        ("hidden = -5", r"line 4: hidden must be .* got -5$"),
+    ],
+)
+def test_toml_wrong_types_name_the_line(line, message):
+    key = line.split()[0]
+    text = "".join(
+        (line + "\n") if row.startswith(key + " ") else row + "\n"
+        for row in MINIMAL_TOML.splitlines()
+    )
+    with pytest.raises(ConfigError, match=message):
+        parse_toml_config(text, "r.toml")
+
+
+def test_toml_nested_too_deeply_is_one_line():
+    text = MINIMAL_TOML + "a = " + "[" * 100_000 + "]" * 100_000 + "\n"
+    with pytest.raises(ConfigError, match=r"^r\.toml: TOML nested too deeply"):
+        parse_toml_config(text, "r.toml")
+
+
+def test_a_huge_config_file_is_refused_unread(tmp_path):
+    path = write(tmp_path, "big.toml", MINIMAL_TOML + 'x = "' + "y" * (1 << 20) + '"\n')
+    with pytest.raises(ConfigError, match=r"big\.toml: .* bytes is too large for a run config"):
+        load_config(path)
+
+
+def test_a_long_bad_value_is_shortened_in_the_message():
+    with pytest.raises(ConfigError) as err:
+        parse_toml_config(MINIMAL_TOML + 'loss = "' + "x" * 100_000 + '"\n', "r.toml")
+    assert len(str(err.value)) < 300 and "(100,002 characters)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("a\x00b", r"it holds '\\x00'"),
+        ("a/b", "it holds '/'"),
+        ("a\\b", r"it holds '\\\\'"),
+        ("x" * 300, "it is 300 bytes long; at most 200"),
+        ("summary.csv", "is a file handprop writes next to the run folders"),
+        ("Summary.MD", "is a file handprop writes next to the run folders"),
+        ("a|b", r"it holds '\|'"),
+        ("a\nb", r"it holds '\\n'"),
+        (" x", "starts or ends with a space"),
+        ("..", "is not a folder of its own"),
+    ],
+)
+def test_bad_run_names_are_refused_naming_the_field(name, why):
+    from handprop.config import run_name_problem
+
+    assert run_name_problem(name)
+    with pytest.raises(
+        ConfigError, match=r"^g\.csv row 2 column name: name must be a folder"
+    ) as err:
+        config_from_mapping(
+            {"learning_rate": 1.0, "epochs": 1, "split": "standard", "name": name},
+            "g.csv row 2",
+            lambda key: f"g.csv row 2 column {key}",
+            text=False,
+        )
+    assert len(str(err.value).splitlines()) == 1
+    assert err.match(why)
+
+
+def test_good_run_names_pass():
+    from handprop.config import run_name_problem
+
+    for name in ("lr0.1", "r\u00e9sum\u00e9 \u2603", "summary", "a-b_c", "x" * 200):
+        assert run_name_problem(name) is None

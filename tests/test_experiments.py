@@ -104,7 +104,7 @@ def test_base_config_fills_empty_cells(tmp_path):
         (HEADER, "a,600,500,100,16,2,20", "expected 9 cells"),
         (HEADER, "a,600,500,200,16,2,20,digits,10", "row 2 column dtest"),
         ("d,dtrain,dtest,m,alpha,epochs", "600,500,100,16,2,20", "needs a run_name column"),
-        (HEADER, "../x,600,500,100,16,2,20,digits,10", "must be a folder name"),
+        (HEADER, "../x,600,500,100,16,2,20,digits,10", "column run_name: it holds '/'"),
     ],
 )
 def test_bad_grids_are_refused_with_row_and_column(tmp_path, header, row, message):

@@ -478,3 +478,34 @@ def test_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", read_only)
     line = one_error_line(run("train", config, "--out", tmp_path / "ro" / "runs", "-q"))
     assert "runs: cannot make the folder: Read-only file system" in line
+
+
+def test_a_grid_row_too_large_for_memory_fails_alone(tmp_path):
+    grid = tmp_path / "g.csv"
+    grid.write_text(
+        f"{GRID_HEADER}\nok,400,300,100,8,2.0,5,digits\n"
+        "huge,400,300,100,1000000000,2.0,5,digits\nok2,400,300,100,8,2.0,5,digits\n"
+    )
+    out = tmp_path / "out"
+    summaries = run_grid(read_grid(grid), out, progress=False)
+    assert [s.status for s in summaries] == ["completed", "failed", "completed"]
+    assert "64-1000000000-10" in summaries[1].message
+    assert "would need about 573.7 GiB" in summaries[1].message
+    assert not (out / "huge").exists()  # refused before it began: no folder left
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("summary.csv", "is a file handprop writes"),
+        ("a|b", "it holds '|'"),
+        ("x" * 300, "bytes long"),
+        (".handprop-run", "starts with '.'"),
+    ],
+)
+def test_run_names_that_would_break_a_grid_are_refused(tmp_path, name, problem):
+    grid = tmp_path / "g.csv"
+    grid.write_text(f'{GRID_HEADER}\n"{name}",400,300,100,8,2.0,5,digits\n')
+    with pytest.raises(ConfigError, match="row 2 column run_name") as info:
+        read_grid(grid)
+    assert problem in str(info.value)

@@ -62,6 +62,7 @@ __all__ = [
     "option",
     "parse_seed_config",
     "parse_toml_config",
+    "run_name_problem",
     "to_toml",
 ]
 
@@ -151,6 +152,10 @@ def _text_float(text: str) -> Any:
         return text
 
 
+#: the largest integer any field takes (NumPy's int64; sizes and counts go there)
+MAX_INT = 2**63 - 1
+
+
 def _integer(minimum: int) -> Kind:
     expect = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
 
@@ -159,6 +164,8 @@ def _integer(minimum: int) -> Kind:
             raise _BadValueError(wrong_type=True)
         if value < minimum:
             raise _BadValueError()
+        if value > MAX_INT:
+            raise _BadValueError(hint=f"at most {MAX_INT}")
         return int(value)
 
     return Kind(expect, parse, _text_int)
@@ -259,6 +266,40 @@ def _choice(names: tuple[str, ...]) -> Kind:
     )
 
 
+#: the most UTF-8 bytes of a run name: a folder name may have 255, and a clash adds "-2"
+MAX_RUN_NAME_BYTES = 200
+#: names handprop writes next to the run folders of a grid (compared case-insensitively)
+RESERVED_RUN_NAMES = ("summary.csv", "summary.md", "report.html", "figures")
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a run folder's name, or None when it can.
+
+    A run name becomes a folder under ``out`` and a row of a grid's summary.md: it must
+    not climb out of ``out`` ('/', '\\', '.', '..'), hold a NUL or other control
+    character (a newline breaks the summary), hold '|' (a Markdown table's separator),
+    start or end with a space, take the name of a file the grid writes next to its run
+    folders (summary.csv, ...), or be longer than a folder name may be.
+    """
+    if not name.strip():
+        return "it is empty"
+    if name in (".", ".."):
+        return f"{name!r} is not a folder of its own"
+    bad = sorted({c for c in name if c in "/\\|" or ord(c) < 0x20 or ord(c) == 0x7F})
+    if bad:
+        return "it holds " + ", ".join(repr(c) for c in bad)
+    if name != name.strip():
+        return "it starts or ends with a space"
+    if name.startswith("."):
+        return "it starts with '.' (hidden, like the markers handprop keeps in its folders)"
+    if name.lower() in RESERVED_RUN_NAMES:
+        return f"{name!r} is a file handprop writes next to the run folders"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_RUN_NAME_BYTES:
+        return f"it is {size} bytes long; at most {MAX_RUN_NAME_BYTES}"
+    return None
+
+
 def _string(*, path: bool = False, folder_name: bool = False) -> Kind:
     def parse(value: Any) -> str:
         if path and isinstance(value, os.PathLike):
@@ -267,13 +308,16 @@ def _string(*, path: bool = False, folder_name: bool = False) -> Kind:
             raise _BadValueError(wrong_type=True)
         if not value.strip():
             raise _BadValueError()
+        if path and "\0" in value:
+            raise _BadValueError(hint="a path cannot hold a NUL character")
         # a run name becomes a folder under `out`: it must not climb out of it
-        if folder_name and (value in (".", "..") or any(c in value for c in "/\\")):
-            raise _BadValueError()
+        problem = run_name_problem(value) if folder_name else None
+        if problem:
+            raise _BadValueError(hint=problem)
         return value
 
     if folder_name:
-        expect = "a folder name (no '/' or '\\')"
+        expect = "a folder name (no '/', '\\', '|' or control characters)"
     elif path:
         expect = "a non-empty path"
     else:
@@ -562,7 +606,10 @@ def _parse_value(name: str, raw: Any, origin: _Origin) -> Any:
     try:
         return kind.parse(value)
     except _BadValueError as bad:
-        message = f"{origin.at(name)}: {origin.label(name)} must be {kind.expect}, got {raw!r}"
+        shown = repr(raw)
+        if len(shown) > 80:  # a value a megabyte long is not worth repeating
+            shown = f"{shown[:60]}... ({len(shown):,} characters)"
+        message = f"{origin.at(name)}: {origin.label(name)} must be {kind.expect}, got {shown}"
         # "got 'ten'" says enough for a text cell; "got '1000'" in TOML needs "(a string)"
         if bad.wrong_type and not (origin.text and isinstance(raw, str)):
             message += f" ({_type_name(raw)})"
@@ -725,6 +772,14 @@ def parse_seed_config(text: str, source: str) -> RunConfig:
             f"({_seed_layout()}); put notes after '#'"
         )
     if len(entries) < n:
+        for lineno, value in entries:  # "1797 1500": two values on one line
+            if len(value.split()) > 1:
+                shown = value if len(value) <= 60 else value[:57] + "..."
+                raise ConfigError(
+                    f"{source} line {lineno}: expected one value per line, got "
+                    f"{len(value.split())} ({shown!r}); the {n} values go on {n} lines "
+                    f"({_seed_layout()})"
+                )
         name = SEED_LINES[len(entries)]
         spec = _SPECS[name]
         raise ConfigError(
@@ -761,6 +816,8 @@ def parse_toml_config(text: str, source: str) -> RunConfig:
     """Parse a TOML config: the fields of :class:`RunConfig`, at the top level."""
     try:
         table = tomllib.loads(text.removeprefix("\ufeff"))
+    except RecursionError:
+        raise ConfigError(f"{source}: TOML nested too deeply (arrays or tables)") from None
     except tomllib.TOMLDecodeError as err:
         # tomllib puts the position in the message: "... (at line 3, column 5)"
         message = str(err)
@@ -775,6 +832,10 @@ def parse_toml_config(text: str, source: str) -> RunConfig:
     return config_from_mapping(table, source, lines, text=False)
 
 
+#: the largest config file read (a real one is a few hundred bytes)
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read a run config: TOML when the name ends with ``.toml``, else the 6-line format.
 
@@ -786,6 +847,11 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     source = str(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{source}: {path.stat().st_size:,} bytes is too large for a run config "
+                f"(at most {MAX_CONFIG_BYTES:,}); is this the right file?"
+            )
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None

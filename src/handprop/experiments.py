@@ -28,9 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from handprop.atomic import atomic_write_text
-from handprop.config import ALIASES, RunConfig, config_from_mapping, load_config, to_toml
+from handprop.config import (
+    ALIASES,
+    RunConfig,
+    config_from_mapping,
+    load_config,
+    run_name_problem,
+    to_toml,
+)
 from handprop.errors import ConfigError, HandpropError, Interrupted
-from handprop.rundir import GRID_MARKER, FolderLock, make_or_adopt
+from handprop.rundir import GRID_MARKER, FolderLock, make_or_adopt, remove_if_unused
 
 SUMMARY_COLUMNS = ("run", "status", "accuracy", "final_loss", "seconds", "epochs", "message")
 
@@ -90,8 +97,9 @@ def read_grid(path: str | Path, base: RunConfig | None = None) -> list[GridRow]:
         values = dict(zip(header, (c.strip() for c in cells), strict=True))
         name = values.pop("run_name")
         where = f"{path} row {line}"
-        if not name or name in (".", "..") or any(c in name for c in "/\\"):
-            raise ConfigError(f"{where} column run_name: must be a folder name, got {name!r}")
+        problem = run_name_problem(name)
+        if problem:
+            raise ConfigError(f"{where} column run_name: {problem}")
         if name in names:
             raise ConfigError(
                 f"{where} column run_name: {name!r} already used on row {names[name]}"
@@ -156,8 +164,9 @@ def run_one(
 
     seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
     name = run_dir.name
+    made = False
     try:
-        folder, _ = make_or_adopt(run_dir)
+        folder, made = make_or_adopt(run_dir)
         with FolderLock(folder):
             config_file = folder / CONFIG_FILE
             if config_file.is_file():
@@ -174,10 +183,12 @@ def run_one(
                 else:
                     result = train_run(cfg, folder, progress=progress, checkpoint_seconds=seconds)
         return _summary(folder, result.status)
-    except (HandpropError, OSError) as exc:
+    except (HandpropError, OSError, MemoryError) as exc:
+        if made:
+            remove_if_unused(run_dir)  # refused before it began: leave no trace
+        if isinstance(exc, MemoryError):
+            return RunSummary(name, "failed", message="ran out of memory")
         return RunSummary(name, "failed", message=_one_line(exc))
-    except MemoryError:
-        return RunSummary(name, "failed", message="ran out of memory")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -212,3 +212,13 @@ def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> None:
         for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def remove_if_unused(folder: str | Path, marker: str = RUN_MARKER) -> None:
+    """Remove a folder handprop made that holds nothing but its marker (a run refused
+    before it began); any other folder is left as it is."""
+    folder = Path(folder)
+    with contextlib.suppress(OSError):
+        if [p.name for p in folder.iterdir()] == [marker]:
+            (folder / marker).unlink()
+            folder.rmdir()

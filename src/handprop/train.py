@@ -301,6 +301,10 @@ class Trainer:
         self.net = build_network(cfg, self.data)
         self.shape_inputs()
         self.opt = build_optimizer(cfg, self.net)
+        # a network, batch or optimizer too large for memory: refused before any file
+        n = len(self.data.y_train)
+        batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
+        self.net.check_memory(batch, training=True, state_vectors=len(self.opt.state_names))
         self.schedule = build_schedule(cfg)
         self.history: list[dict[str, Any]] = []
         self.epoch = 0  # epochs completed

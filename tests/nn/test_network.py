@@ -221,3 +221,71 @@ def test_inference_outputs_are_never_overwritten_by_later_passes(rng):
     net.forward(net.check_input(X) * 2)
     net.loss_and_grad(net.check_input(X) * 3, np.array([0, 1, 2, 0]))
     np.testing.assert_array_equal(first, kept)
+
+
+# -- specs and sizes refused at construction, before anything is allocated --------------
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["dense 0"], r"layer 'dense 0': dense needs sizes >= 1"),
+        (["dense -3"], r"layer 'dense -3': dense needs sizes >= 1"),
+        (["conv 0 3"], r"layer 'conv 0 3': conv2d needs channels"),
+        (["conv 4 0"], r"layer 'conv 4 0': conv2d needs channels, kernel"),
+        (["conv 4 3 stride=0"], r"conv2d needs channels, kernel and stride >= 1"),
+        (["conv 4 3 pad=-1"], r"padding >= 0"),
+        (["maxpool 0"], r"layer 'maxpool 0': pooling needs k and stride >= 1"),
+        (["avgpool 2 stride=0"], r"pooling needs k and stride >= 1"),
+        (["conv 4 9"], r"layer 'conv 4 9': .* does not fit an input of 8x8"),
+        (["maxpool 2", "maxpool 2", "maxpool 2", "maxpool 2"], r"does not fit an input of 1x1"),
+        (["dense 4", "dropout 1"], r"layer 'dropout 1': dropout probability must be in \[0, 1\)"),
+        (["dense 4", "dropout -0.5"], r"dropout probability must be in \[0, 1\)"),
+        (["dense 4", "dropout nan"], r"dropout probability must be in \[0, 1\)"),
+    ],
+)
+def test_bad_layer_items_are_refused_naming_the_item(items, message):
+    from handprop.errors import HandpropError
+
+    with pytest.raises(HandpropError, match=message):
+        Network.from_layers(items, (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("spec", ["784-0-10", "784-100-0", "0-10"])
+def test_sizes_below_one_are_refused(spec):
+    with pytest.raises(ShapeError, match="all >= 1"):
+        Network.from_spec(spec)
+    with pytest.raises(ShapeError, match="dense needs sizes >= 1"):
+        Dense(784, 0)
+
+
+def test_a_network_too_large_for_memory_is_refused_with_the_estimate(monkeypatch):
+    from handprop.errors import ResourceError
+
+    monkeypatch.setenv("HANDPROP_MEMORY_LIMIT", "1T")
+    with pytest.raises(
+        ResourceError,
+        match=r"^the network 784-1000000000-10 \(795,000,000,010 float32 parameters, .*\) "
+        r"would need about 5\.8 TiB, but only",
+    ):
+        Network.from_spec("784-1000000000-10")
+    monkeypatch.setenv("HANDPROP_MEMORY_LIMIT", "64M")
+    with pytest.raises(ResourceError, match=r"conv 100000 3, flatten, dense 10 .* would need"):
+        Network.from_layers(["conv 100000 3"], (1, 8, 8), 10)
+
+
+def test_a_training_batch_too_large_is_refused_before_the_pass(monkeypatch, rng):
+    from handprop.errors import ResourceError
+
+    net = Network.from_spec("64-32-10", rng=rng)
+    X = np.zeros((20_000, 64), dtype=np.float32)
+    y = np.zeros(20_000, dtype=np.int64)
+    need = net.work_bytes(20_000, training=True)
+    assert need > net.work_bytes(20_000, training=False) > 0
+    monkeypatch.setenv("HANDPROP_MEMORY_LIMIT", str(need // 2))
+    with pytest.raises(ResourceError, match=r"^training the network 64-32-10 on batches of 20,000"):
+        net.train_pass(X, y)
+    with pytest.raises(ResourceError, match="on batches of 20,000"):
+        net.check_memory(20_000)
+    monkeypatch.delenv("HANDPROP_MEMORY_LIMIT")
+    net.train_pass(X[:100], y[:100])  # a batch that fits runs

@@ -12,21 +12,31 @@ import click
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top", default=3, show_default=True, help="How many classes to list per input.")
 def command(model, inputs, top) -> None:
-    """Predict the class of each INPUT (PNG/JPEG images, IDX or CSV files) with MODEL.
+    """Predict the class of each INPUT (PNG/JPEG images, IDX or CSV files) with MODEL
+    (a .npz model file or a run folder).
 
     Images are read MNIST-style: grayscale, white digit on black (a dark digit on a
     light background is inverted), cropped to the digit, fitted into 20x20 and centred
-    by mass in 28x28.
+    by mass in 28x28. Every input is checked before the first line is printed; IDX and
+    CSV rows are then predicted and printed batch by batch.
     """
-    from handprop import nn
-    from handprop.predict import load_inputs
+    from handprop.errors import ConfigError
+    from handprop.predict import load_model, open_inputs, predict_batches
 
-    net = nn.load(model)
-    names, X = load_inputs(list(inputs), net)
-    P = net.predict_proba(X)
+    if top < 1:
+        raise ConfigError(f"--top must be >= 1, got {top}")
+    net = load_model(model)
+    inputs = open_inputs(list(inputs), net)
     classes = net.meta.get("class_names") or [str(i) for i in range(net.n_classes)]
-    width = max(len(n) for n in names)
-    for name, p in zip(names, P, strict=True):
-        order = p.argsort()[::-1][:top]
-        ranked = "  ".join(f"{classes[j]}: {p[j]:.3f}" for j in order)
-        click.echo(f"{name:<{width}}  -> {classes[order[0]]}   ({ranked})")
+    top = min(top, net.n_classes)
+    width = max(len(item.name(item.count - 1)) for item in inputs)
+    for names, P in predict_batches(inputs, net):
+        order = P.argsort(axis=1)[:, ::-1][:, :top]
+        click.echo(
+            "\n".join(
+                f"{name:<{width}}  -> {classes[o[0]]}   ("
+                + "  ".join(f"{classes[j]}: {p[j]:.3f}" for j in o)
+                + ")"
+                for name, p, o in zip(names, P, order, strict=True)
+            )
+        )

@@ -13,6 +13,7 @@ k * k strided additions that mirror the copies.
 
 from __future__ import annotations
 
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -180,7 +181,7 @@ class _Pool2D(Layer):
         return (c, ho, wo)
 
     def macs(self, input_shape: tuple[int, ...]) -> int:
-        return int(np.prod(self.output_shape(input_shape))) * self.k * self.k
+        return prod(self.output_shape(input_shape)) * self.k * self.k
 
     def offsets(self, X: Array, ho: int, wo: int):
         """(o, view) for each window offset o = i k + j: X's element at (i, j) of every

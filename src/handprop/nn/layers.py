@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from math import prod
 from typing import Any
 
 import numpy as np
 
-from handprop.errors import ConfigError
+from handprop.errors import ConfigError, ShapeError
 
 Array = np.ndarray
 
@@ -41,12 +42,12 @@ class Layer:
 
     def work_size(self, input_shape: tuple[int, ...]) -> int:
         """Elements per sample of the arrays an inference forward pass allocates."""
-        return int(np.prod(self.output_shape(input_shape)))
+        return prod(self.output_shape(input_shape))
 
     def macs(self, input_shape: tuple[int, ...]) -> int:
         """Multiply-adds per sample of a forward pass (one per output element for an
         elementwise layer); it decides when a batch is worth splitting over threads."""
-        return int(np.prod(self.output_shape(input_shape)))
+        return prod(self.output_shape(input_shape))
 
     def forward(self, X: Array, training: bool = False) -> Array:
         raise NotImplementedError
@@ -91,6 +92,8 @@ class Dense(Layer):
     def __init__(self, d_in: int, d_out: int) -> None:
         self.d_in = int(d_in)
         self.d_out = int(d_out)
+        if min(self.d_in, self.d_out) < 1:
+            raise ShapeError(f"dense needs sizes >= 1, got d_in={d_in}, d_out={d_out}")
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"W": (self.d_in, self.d_out), "b": (self.d_out,)}
@@ -135,7 +138,7 @@ class Flatten(Layer):
     kind = "flatten"
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (int(np.prod(input_shape)),)
+        return (prod(input_shape),)  # Python ints: exact however large
 
     def forward(self, X: Array, training: bool = False) -> Array:
         if training:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import itertools
 import json
+import math
+import numbers
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +17,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from handprop.atomic import atomic_write_bytes
-from handprop.errors import ModelFileError, ShapeError
+from handprop.errors import HandpropError, ModelFileError, ResourceError, ShapeError
+from handprop.memory import check_fits
 from handprop.nn.activations import ACTIVATIONS
 from handprop.nn.conv import AvgPool2D, Conv2D, MaxPool2D
 from handprop.nn.init import INITIALIZERS
@@ -140,15 +145,18 @@ def build_layers(
         if kind == "dense" and len(shape) > 1:
             layers.append(Flatten())
             shape = layers[-1].output_shape(shape)
-        if kind == "conv2d":
-            if len(shape) != 3:
-                raise ShapeError(f"layer {item!r} needs image inputs (c, h, w), got {shape}")
-            layer: Layer = Conv2D(shape[0], **args)
-        elif kind == "dense":
-            layer = Dense(shape[0], **args)
-        else:
-            layer = LAYERS[kind](**args)
-        shape = layer.output_shape(shape)
+        if kind == "conv2d" and len(shape) != 3:
+            raise ShapeError(f"layer {item!r} needs image inputs (c, h, w), got {shape}")
+        try:
+            if kind == "conv2d":
+                layer: Layer = Conv2D(shape[0], **args)
+            elif kind == "dense":
+                layer = Dense(shape[0], **args)
+            else:
+                layer = LAYERS[kind](**args)
+            shape = layer.output_shape(shape)
+        except HandpropError as exc:  # "dense needs sizes >= 1, ...": say which item
+            raise ShapeError(f"layer {item!r}: {exc}") from None
         layers.append(layer)
     if len(shape) > 1:
         layers.append(Flatten())
@@ -158,6 +166,37 @@ def build_layers(
     if out_act is not None:
         layers.append(ACTIVATIONS[out_act]())
     return layers
+
+
+def chain_shapes(layers: Sequence[Layer], input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The output shape of ``layers`` on one sample of ``input_shape``; ShapeError names
+    the first layer whose input does not fit."""
+    shape = input_shape
+    for i, layer in enumerate(layers):
+        if isinstance(layer, Dense) and shape != (layer.d_in,):
+            raise ShapeError(
+                f"layer {i} ({layer!r}) expects inputs of shape ({layer.d_in},), "
+                f"but the layer before gives {shape}"
+            )
+        shape = layer.output_shape(shape)
+    return shape
+
+
+def _layer_words(layer: Layer) -> str:
+    """A layer as a layer-spec item ("dense 100", "conv 32 3 pad=1"), for messages."""
+    if isinstance(layer, Dense):
+        return f"dense {layer.d_out}"
+    if isinstance(layer, Conv2D):
+        extra = (f" stride={layer.stride}" if layer.stride != 1 else "") + (
+            f" pad={layer.pad}" if layer.pad else ""
+        )
+        return f"conv {layer.c_out} {layer.k}{extra}"
+    if isinstance(layer, (MaxPool2D, AvgPool2D)):
+        name = layer.kind.removesuffix("2d")
+        return f"{name} {layer.k}" + (f" stride={layer.stride}" if layer.stride != layer.k else "")
+    if isinstance(layer, Dropout):
+        return f"dropout {layer.p:g}"
+    return layer.kind
 
 
 class Network:
@@ -198,19 +237,20 @@ class Network:
         self.dtype = resolve_dtype(dtype)
         self.meta: dict[str, Any] = dict(meta or {})
 
-        shape = self.input_shape
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, Dense) and shape != (layer.d_in,):
-                raise ShapeError(
-                    f"layer {i} ({layer!r}) expects inputs of shape ({layer.d_in},), "
-                    f"but the layer before gives {shape}"
-                )
-            shape = layer.output_shape(shape)
-        self.output_shape = shape
+        self.output_shape = chain_shapes(self.layers, self.input_shape)
 
         self.layout = ParamLayout([layer.param_shapes() for layer in self.layers])
         self._first_param_layer = next(
             (i for i, layer in enumerate(self.layers) if layer.param_shapes()), 0
+        )
+        # refuse, with the estimate, what cannot fit, before numpy tries to allocate it;
+        # a shard shares the parameters, and the network that owns them checks its passes
+        self._owner = params is None
+        vectors = 2 if self._owner else 1
+        check_fits(
+            vectors * self.layout.size * self.dtype.itemsize + self.work_bytes(1, training=True),
+            f"{self.describe()} ({self.layout.size:,} {self.dtype.name} parameters, as many "
+            "gradients and one sample's activations)",
         )
         if params is None:
             params = np.zeros(self.layout.size, dtype=self.dtype)
@@ -229,6 +269,8 @@ class Network:
             shape = layer.output_shape(shape)
         self._shards: list[Network] = []  # one per thread, made when first needed
         self._split: list[tuple[int, int]] | None = None  # rows of each shard, last pass
+        # (batch, training) of the last pass whose memory was checked
+        self._checked: tuple[int, bool] | None = None
 
     # -- construction ------------------------------------------------------------------
 
@@ -324,7 +366,61 @@ class Network:
 
     @property
     def n_classes(self) -> int:
-        return int(np.prod(self.output_shape))
+        return math.prod(self.output_shape)
+
+    # -- memory ------------------------------------------------------------------------
+
+    def work_bytes(self, batch: int, training: bool = True) -> int:
+        """About how many bytes the work arrays of one pass over ``batch`` samples take.
+
+        Training keeps every layer's output for the backward pass, which allocates as
+        much again; inference holds about two layers' arrays at a time. An estimate
+        for refusing what cannot fit, not an exact count.
+        """
+        shape, sizes = self.input_shape, [math.prod(self.input_shape)]
+        for layer in self.layers:
+            sizes.append(layer.work_size(shape))
+            shape = layer.output_shape(shape)
+        per_sample = 2 * (sum(sizes) if training else max(sizes))
+        return batch * per_sample * self.dtype.itemsize
+
+    def check_memory(self, batch: int, training: bool = True, state_vectors: int = 0) -> None:
+        """Raise :class:`ResourceError` when a pass over ``batch`` samples cannot fit.
+
+        Counts the parameters and gradients, ``state_vectors`` more vectors of that size
+        (an optimizer's moments: 1 for momentum, 2 for Adam), a gradient vector per
+        thread when the batch is split over threads, and :meth:`work_bytes`. Call it
+        before the first pass, e.g. with the training batch size, so that a too-large
+        batch is one clear line and not an out-of-memory kill midway.
+        """
+        vectors = 2 + state_vectors
+        if training and self.split(batch, training=True) is not None:
+            vectors += get_threads()
+        nbytes = vectors * self.n_params * self.dtype.itemsize
+        what = "training" if training else "running"
+        check_fits(
+            nbytes + self.work_bytes(batch, training),
+            f"{what} {self.describe()} on batches of {batch:,} samples",
+        )
+
+    def _check_pass(self, batch: int, training: bool) -> None:
+        """:meth:`check_memory` once per new batch size, before the first pass of it."""
+        self.check_memory(batch, training)
+        self._checked = (batch, training)
+
+    def describe(self) -> str:
+        """ "the network 784-100-10" (dense layers) or "the network on (1, 28, 28)
+        inputs: conv 32 3, relu, ...", for messages."""
+        dense = [layer for layer in self.layers if layer.param_shapes()]
+        if len(self.input_shape) == 1 and all(isinstance(layer, Dense) for layer in dense):
+            return "the network " + "-".join(
+                map(str, [*self.input_shape, *(d.d_out for d in dense)])
+            )
+        words = [_layer_words(layer) for layer in self.layers]
+        text = ", ".join(words)
+        if len(text) > 120:
+            text = text[:117] + "..."
+        return f"the network on {self.input_shape} inputs: {text}"
 
     # -- passes ------------------------------------------------------------------------
 
@@ -359,6 +455,8 @@ class Network:
         A large batch is split into row blocks, one per thread (see :meth:`split`);
         the result is the same up to float rounding.
         """
+        if self._owner and self._checked != (X.shape[0], training):
+            self._check_pass(X.shape[0], training)
         split = self.split(X.shape[0], training)
         if training:
             self._split = split
@@ -414,6 +512,8 @@ class Network:
         losses and gradients sum to the batch's.
         """
         n = X.shape[0]
+        if self._owner and self._checked != (n, True):
+            self._check_pass(n, True)
         split = self.split(n, training=True)
         if split is None:
             out = self.forward(X, training=True)
@@ -542,16 +642,14 @@ class Network:
 
     @classmethod
     def from_architecture(cls, arch: dict[str, Any]) -> Network:
-        """Rebuild an (uninitialised) network from :meth:`architecture`'s output."""
-        layers = []
-        for i, spec in enumerate(arch["layers"]):
-            spec = dict(spec)
-            kind = spec.pop("type")
-            if kind not in LAYERS:
-                raise ShapeError(f"layer {i} has unknown type {kind!r}; known: {', '.join(LAYERS)}")
-            layers.append(LAYERS[kind](**spec))
+        """Rebuild an (uninitialised) network from :meth:`architecture`'s output.
+
+        Every value is checked for its type first (a model file is untrusted input):
+        ``ShapeError`` names the first one that is wrong.
+        """
+        _check_architecture(arch)
         return cls(
-            layers,
+            _architecture_layers(arch),
             arch["input_shape"],
             loss=arch["loss"],
             dtype=arch["dtype"],
@@ -564,7 +662,7 @@ class Network:
         shape = self.input_shape
         for i, layer in enumerate(self.layers):
             shape = layer.output_shape(shape)
-            n = sum(int(np.prod(s)) for s in layer.param_shapes().values())
+            n = sum(math.prod(s) for s in layer.param_shapes().values())
             lines.append(f"{i:>3}  {layer!r:<32} -> {shape!s:<14} {n:>10,d} params")
         lines.append(f"     total {self.n_params:,d} parameters ({self.dtype.name})")
         return "\n".join(lines)
@@ -574,6 +672,109 @@ class Network:
 
 
 # -- model files -----------------------------------------------------------------------
+
+#: the most layers a model file may describe (the deepest handprop net has a few dozen)
+MAX_LAYERS = 10_000
+#: the largest architecture text a model file may hold (a real one is a few KB)
+MAX_ARCHITECTURE_BYTES = 16 * 2**20
+#: parameters are read into the network's vector this many bytes at a time
+READ_CHUNK = 16 * 2**20
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_architecture(arch: Any) -> None:
+    """Types and names of an architecture dict; ShapeError names the first bad value."""
+    if not isinstance(arch, dict):
+        raise ShapeError(f"the architecture must be a JSON object, got {type(arch).__name__}")
+    for key in ("input_shape", "loss", "dtype", "layers"):
+        if key not in arch:
+            raise ShapeError(f"the architecture has no {key!r}")
+    shape = arch["input_shape"]
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 3
+        or not all(_is_int(s) and s >= 1 for s in shape)
+    ):
+        raise ShapeError(f"input_shape must be a list of 1 to 3 integers >= 1, got {shape!r:.80}")
+    if not isinstance(arch["loss"], str) or arch["loss"] not in LOSSES:
+        raise ShapeError(f"unknown loss {arch['loss']!r:.80}; known: {', '.join(LOSSES)}")
+    if not isinstance(arch["dtype"], str) or arch["dtype"] not in DTYPES:
+        raise ShapeError(f"dtype must be float32 or float64, got {arch['dtype']!r:.80}")
+    if not isinstance(arch.get("meta") or {}, dict):
+        raise ShapeError(f"meta must be a JSON object, got {arch['meta']!r:.80}")
+    layers = arch["layers"]
+    if not isinstance(layers, list) or not layers:
+        raise ShapeError("layers must be a non-empty list")
+    if len(layers) > MAX_LAYERS:
+        raise ShapeError(f"{len(layers):,} layers, more than the {MAX_LAYERS:,} handprop reads")
+    for i, spec in enumerate(layers):
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(kind, str):
+            raise ShapeError(f"layer {i} must be an object with a 'type', got {spec!r:.80}")
+        if kind not in LAYERS:
+            raise ShapeError(f"layer {i} has unknown type {kind!r:.80}; known: {', '.join(LAYERS)}")
+        params = inspect.signature(LAYERS[kind]).parameters
+        for name, value in spec.items():
+            if name == "type":
+                continue
+            if name not in params:
+                raise ShapeError(f"layer {i} ({kind}) has unknown setting {name!r:.80}")
+            number = _is_int(value) or (
+                name == "p" and isinstance(value, float) and math.isfinite(value)
+            )
+            if not number:
+                raise ShapeError(f"layer {i} ({kind}): {name} must be a number, got {value!r:.80}")
+        missing = [
+            n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in spec
+        ]
+        if missing:
+            raise ShapeError(f"layer {i} ({kind}) needs {', '.join(missing)}")
+
+
+def _architecture_layers(arch: dict[str, Any]) -> list[Layer]:
+    """The layer objects of a checked architecture (no parameters are allocated)."""
+    return [
+        LAYERS[spec["type"]](**{k: v for k, v in spec.items() if k != "type"})
+        for spec in arch["layers"]
+    ]
+
+
+def check_meta(meta: dict[str, Any], net: Network) -> None:
+    """The facts ``predict`` relies on: class names, image shape and pixel scale.
+
+    Raises ShapeError naming the first one of the wrong type or size.
+    """
+    names = meta.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ShapeError(f"class_names must be a list of strings, got {names!r:.80}")
+        if len(names) != net.n_classes:
+            raise ShapeError(
+                f"class_names lists {len(names)} names for the network's {net.n_classes} classes"
+            )
+    image = meta.get("image_shape")
+    if image:
+        if (
+            not isinstance(image, list)
+            or len(image) != 2
+            or not all(_is_int(s) and s >= 1 for s in image)
+        ):
+            raise ShapeError(f"image_shape must be [height, width], got {image!r:.80}")
+        if math.prod(image) != math.prod(net.input_shape):
+            raise ShapeError(
+                f"image_shape {image} does not match the input shape {net.input_shape}"
+            )
+    pixel_max = meta.get("pixel_max")
+    if pixel_max is not None and not (
+        isinstance(pixel_max, (int, float))
+        and not isinstance(pixel_max, bool)
+        and math.isfinite(pixel_max)
+        and pixel_max > 0
+    ):
+        raise ShapeError(f"pixel_max must be a finite number > 0, got {pixel_max!r:.80}")
 
 
 def save(net: Network, path: str | Path) -> None:
@@ -586,62 +787,152 @@ def save(net: Network, path: str | Path) -> None:
 def load(path: str | Path) -> Network:
     """Load a model saved by :func:`save`; refuse anything else with a clear message.
 
-    The file is read with ``allow_pickle=False``: a model file is data, and a pickled
-    object inside one could run code on load.
+    Nothing in the file is trusted: its arrays are read with ``allow_pickle=False`` (a
+    pickled object inside one could run code on load), their headers are checked
+    before the data is read (a header may claim terabytes), the architecture and the
+    metadata are checked value by value, and the parameters must be finite. Every
+    fault is a :class:`ModelFileError` (or a :class:`ResourceError` for a model too
+    large for this machine) naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    with path.open("rb") as f:
-        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a .npz is a zip archive
-            raise ModelFileError(f"{path}: not a readable .npz model file (not a zip archive)")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = {"params", "architecture"} - set(npz.files)
-            if missing:
-                raise ModelFileError(
-                    f"{path}: not a handprop model, missing {', '.join(sorted(missing))}"
-                )
-            params = npz["params"]
-            arch_text = npz["architecture"]
+        if path.is_dir():
+            raise ModelFileError(f"{path}: is a folder, not a model file")
+        if not path.exists():
+            raise ModelFileError(f"{path}: no such model file")
+        if not path.is_file():
+            raise ModelFileError(f"{path}: not a regular file, not a model file")
+        with path.open("rb") as f:
+            if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a .npz is a zip archive
+                raise ModelFileError(f"{path}: not a readable .npz model file (not a zip archive)")
+        with zipfile.ZipFile(path) as zf:
+            return _read_model(zf, path)
     except ModelFileError:
         raise
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise ModelFileError(
-                f"{path}: contains pickled objects, which handprop refuses to load"
-            ) from None
-        raise ModelFileError(f"{path}: not a readable .npz model file ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ModelFileError(f"{path}: not a readable .npz model file ({exc})") from None
+    except ResourceError as exc:
+        raise ResourceError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ModelFileError(
+            f"{path}: cannot read the model file ({exc.strerror or exc})"
+        ) from None
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, NotImplementedError) as exc:
+        raise ModelFileError(
+            f"{path}: not a readable .npz model file (truncated or corrupt: {exc})"
+        ) from None
 
-    if arch_text.shape != () or arch_text.dtype.kind != "U":
+
+def _npy_header(zf: zipfile.ZipFile, name: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the .npy member ``name``, read from its header only."""
+    with zf.open(name + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ModelFileError(f"{path}: {name!r} has unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise ModelFileError(
+            f"{path}: {name!r} holds pickled objects, which handprop refuses to load "
+            "(a model file holds numbers and JSON text only)"
+        )
+    return shape, dtype
+
+
+def _read_model(zf: zipfile.ZipFile, path: Path) -> Network:
+    members = {n.removesuffix(".npy") for n in zf.namelist() if n.endswith(".npy")}
+    missing = {"params", "architecture"} - members
+    if missing:
+        raise ModelFileError(f"{path}: not a handprop model, missing {', '.join(sorted(missing))}")
+
+    shape, dtype = _npy_header(zf, "architecture", path)
+    if shape != () or dtype.kind != "U":
         raise ModelFileError(f"{path}: 'architecture' must be one JSON string")
+    if dtype.itemsize > MAX_ARCHITECTURE_BYTES:
+        raise ModelFileError(
+            f"{path}: the architecture text is {dtype.itemsize // 4:,} characters long; "
+            "a handprop model's is a few thousand"
+        )
+    with zf.open("architecture.npy") as f:
+        arch_text = str(np.lib.format.read_array(f, allow_pickle=False))
     try:
-        arch = json.loads(str(arch_text))
+        arch = json.loads(arch_text)
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: architecture is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: architecture JSON is nested too deeply") from None
     if not isinstance(arch, dict) or arch.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: architecture does not describe a handprop model")
     if arch.get("version") != MODEL_VERSION:
         raise ModelFileError(
-            f"{path}: model format version {arch.get('version')!r} is not supported "
+            f"{path}: model format version {arch.get('version')!r:.40} is not supported "
             f"(this handprop reads version {MODEL_VERSION})"
         )
+
+    # the parameters' header first: a file may claim more than it holds, or than fits
+    shape, dtype = _npy_header(zf, "params", path)
     try:
-        net = Network.from_architecture(arch)
-    except ShapeError as exc:
+        _check_architecture(arch)
+        layers = _architecture_layers(arch)
+        out = chain_shapes(layers, tuple(arch["input_shape"]))
+        if len(out) != 1:
+            raise ShapeError(f"the output must be one vector of class scores, got shape {out}")
+    except HandpropError as exc:
         raise ModelFileError(f"{path}: bad architecture: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: bad architecture: {exc!r}") from None
-    if params.ndim != 1 or params.size != net.n_params:
+    n_params = sum(math.prod(s) for layer in layers for s in layer.param_shapes().values())
+    if shape != (n_params,):
         raise ModelFileError(
-            f"{path}: the architecture needs {net.n_params} parameters, "
-            f"the file holds an array of shape {params.shape}"
+            f"{path}: the architecture needs {n_params:,} parameters, "
+            f"the file holds an array of shape {shape}"
         )
-    if params.dtype != net.dtype:
+    if dtype != np.dtype(arch["dtype"]):
         raise ModelFileError(
-            f"{path}: parameters are {params.dtype}, the architecture says {net.dtype}"
+            f"{path}: parameters are {dtype}, the architecture says {arch['dtype']}"
         )
-    net.params[...] = params
+    try:
+        # the memory check comes here, before anything of that size is allocated
+        net = Network(
+            layers, arch["input_shape"], arch["loss"], arch["dtype"], arch.get("meta") or {}
+        )
+    except ResourceError:
+        raise
+    except HandpropError as exc:
+        raise ModelFileError(f"{path}: bad architecture: {exc}") from None
+    try:
+        check_meta(net.meta, net)
+    except ShapeError as exc:
+        raise ModelFileError(f"{path}: bad metadata: {exc}") from None
+
+    # straight into the network's own vector, a chunk at a time: no second copy
+    with zf.open("params.npy") as f:
+        _npy_skip_header(f)
+        data = memoryview(net.params).cast("B")
+        done = 0
+        while done < len(data):
+            got = f.readinto(data[done : done + READ_CHUNK])
+            if not got:
+                raise ModelFileError(
+                    f"{path}: truncated: the parameters stop after {done:,} of {len(data):,} bytes"
+                )
+            done += got
+        if f.read(1):
+            raise ModelFileError(f"{path}: the parameters hold more data than their header says")
+    bad = sum(
+        int(np.count_nonzero(~np.isfinite(net.params[i : i + 2**20])))
+        for i in range(0, net.n_params, 2**20)
+    )
+    if bad:
+        raise ModelFileError(
+            f"{path}: {bad:,} of {net.n_params:,} parameters are NaN or infinite; "
+            "the model is broken (did its training diverge?)"
+        )
     return net
+
+
+def _npy_skip_header(f: Any) -> None:
+    """Read past a .npy header (version 1.0 or 2.0, already checked)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        np.lib.format.read_array_header_1_0(f)
+    else:
+        np.lib.format.read_array_header_2_0(f)
