@@ -1,8 +1,9 @@
 """The benchmark cases of issue 6, each a function ``Context -> CaseResult``.
 
 handprop is measured through its public API only (``Network.from_spec``,
-``net.loss_and_grad`` (the training pass the trainer makes), ``optimizer.step``,
-``net.predict_proba``, ``handprop.train.train_run``), so the harness keeps working
+``DataParallel(net).loss_and_grad`` (the training pass the trainer makes, split over
+handprop's threads), ``optimizer.step``, ``DataParallel(net).predict_proba``,
+``handprop.train.train_run``), so the harness keeps working
 while the hot path inside changes. The ``profile`` case alone steps through
 ``net.layers`` one by one (the documented layer protocol) to split an epoch's time.
 """
@@ -183,14 +184,14 @@ def no_torch_row(ctx: Context, case: str, metric: str, hp: float) -> Row:
 def case_epoch(ctx: Context) -> CaseResult:
     """Full-batch epoch of 784-100-10 sigmoid + softmax CE on 18000 samples:
     handprop vs the GEMM floor vs PyTorch by hand."""
-    from handprop.nn import GD, Network
+    from handprop.nn import GD, DataParallel, Network
 
     res = CaseResult("epoch")
     X, y, source = train_data(ctx, EPOCH_N)
     net = Network.from_spec(f"{D_IN}-{HIDDEN}-{N_CLASSES}", activation="sigmoid", rng=0)
     opt = GD(EPOCH_LR)
     init = dense_params(net)
-    hp = handprop_epoch(net, opt, X, y)
+    hp = handprop_epoch(DataParallel(net), opt, X, y)
 
     # the floor: the epoch's two (n x 784)-sized products alone, outputs preallocated,
     # done both ways a program can use its cores: BLAS's threads, or its own threads on
@@ -530,7 +531,7 @@ def _sklearn_baseline(
 
 def case_minibatch(ctx: Context) -> CaseResult:
     """One shuffled epoch, batch 128, 784-100-10 ReLU, Adam: samples/s vs PyTorch."""
-    from handprop.nn import Adam, Network
+    from handprop.nn import Adam, DataParallel, Network
 
     res = CaseResult("minibatch")
     X, y, source = train_data(ctx, 10000 if ctx.quick else None)
@@ -539,6 +540,7 @@ def case_minibatch(ctx: Context) -> CaseResult:
         f"{D_IN}-{HIDDEN}-{N_CLASSES}", activation="relu", init="he_uniform", rng=0
     )
     opt = Adam(ADAM_LR)
+    model = DataParallel(net)
     rng = np.random.default_rng(0)
     Xb = np.empty((BATCH, D_IN), dtype=np.float32)
 
@@ -550,7 +552,7 @@ def case_minibatch(ctx: Context) -> CaseResult:
             xb = Xb[: len(idx)]
             np.take(X, idx, axis=0, out=xb)
             yb = y[idx]
-            loss = net.loss_and_grad(xb, yb)
+            loss = model.loss_and_grad(xb, yb)
             opt.step(net.params, net.grads)
             total += loss * len(idx)
         return total / n
@@ -593,7 +595,7 @@ def case_minibatch(ctx: Context) -> CaseResult:
 
 def case_inference(ctx: Context) -> CaseResult:
     """The 10000 test images through 784-100-10 sigmoid: images/s vs PyTorch."""
-    from handprop.nn import Network
+    from handprop.nn import DataParallel, Network
 
     res = CaseResult("inference")
     mnist, why = ctx.mnist()
@@ -604,11 +606,12 @@ def case_inference(ctx: Context) -> CaseResult:
         X, source = np.ascontiguousarray(mnist.test[0]), "MNIST test set"
     n = len(X)
     net = Network.from_spec(f"{D_IN}-{HIDDEN}-{N_CLASSES}", activation="sigmoid", rng=0)
-    fns: dict[str, Callable[[], object]] = {"handprop": lambda: net.predict_proba(X)}
+    model = DataParallel(net)
+    fns: dict[str, Callable[[], object]] = {"handprop": lambda: model.predict_proba(X)}
     check = ""
     if ctx.torch is not None:
         t_predict = torch_ref.inference(ctx.torch, X, dense_params(net))
-        diff = float(np.max(np.abs(net.predict_proba(X) - t_predict())))
+        diff = float(np.max(np.abs(model.predict_proba(X) - t_predict())))
         check = f"; probabilities match torch within {diff:.1e}"
         fns["torch"] = t_predict
     reps = ctx.reps(21, 11)
@@ -732,7 +735,7 @@ def case_cnn(ctx: Context) -> CaseResult:
     Both run the same batches of MNIST in the same order; the time of ``CNN_BATCHES``
     batches is scaled to a 469-batch epoch of the 60000 training images.
     """
-    from handprop.nn import Adam, Network
+    from handprop.nn import Adam, DataParallel, Network
 
     res = CaseResult("cnn")
     n_batches = 10 if ctx.quick else CNN_BATCHES
@@ -740,12 +743,13 @@ def case_cnn(ctx: Context) -> CaseResult:
     X = X.reshape(len(X), 1, 28, 28)
     net = Network.from_layers(CNN_LAYERS, (1, 28, 28), N_CLASSES, init="he_uniform", rng=0)
     opt = Adam(ADAM_LR)
+    model = DataParallel(net)
 
     def hp_batches() -> float:
         total = 0.0
         for start in range(0, len(y), BATCH):
             xb, yb = X[start : start + BATCH], y[start : start + BATCH]
-            total += net.loss_and_grad(xb, yb)
+            total += model.loss_and_grad(xb, yb)
             opt.step(net.params, net.grads)
         return total
 

@@ -36,6 +36,13 @@ from handprop.atomic import atomic_write_text
 from handprop.config import RunConfig, load_config
 from handprop.errors import ConfigError, DataError
 from handprop.metrics import classification_metrics
+from handprop.runfolder import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SPLIT_FILE,
+    predictions_csv,
+    write_json,
+)
 from handprop.runs import (
     COMPARISON_FILE,
     COMPARISON_FILES,
@@ -44,15 +51,7 @@ from handprop.runs import (
     RunFolder,
     is_grid,
 )
-from handprop.train import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    SPLIT_FILE,
-    Split,
-    load_split,
-    predictions_csv,
-    write_json,
-)
+from handprop.train import Split, load_split
 
 #: the comparison models, in the order they are trained and shown
 MODELS = tuple(COMPARISON_FILES)

@@ -154,13 +154,8 @@ def run_one(
     locked while the row trains, so two grids on one folder never train a row twice.
     A Ctrl-C propagates, after the row has checkpointed.
     """
-    from handprop.train import (
-        CHECKPOINT_SECONDS,
-        CONFIG_FILE,
-        is_complete,
-        resume_run,
-        train_run,
-    )
+    from handprop.runfolder import CONFIG_FILE, is_complete
+    from handprop.train import CHECKPOINT_SECONDS, resume_run, train_run
 
     seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
     name = run_dir.name
@@ -266,7 +261,7 @@ def _thread_limits(threads: int | None):
 def _summary(run_dir: Path, status: str) -> RunSummary:
     import json
 
-    from handprop.train import METRICS_FILE
+    from handprop.runfolder import METRICS_FILE
 
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     return RunSummary(

@@ -329,15 +329,18 @@ def predict_batches(inputs: list[Input], net: Network) -> Iterator[tuple[list[st
     """(names, probabilities (k, n_classes)) batch by batch over every input's rows;
     each batch is converted to the network's dtype and normalized only when its turn
     comes, so memory stays at one batch whatever the inputs' size."""
+    from handprop.nn import DataParallel
+
     batch = max(1, min(BATCH_ROWS, net.inference_batch()))
     net.check_memory(batch, training=False)
+    model = DataParallel(net)  # a large batch goes over every core
     for item in inputs:
         for lo in range(0, item.count, batch):
             hi = min(lo + batch, item.count)
             X = item.rows[lo:hi].astype(net.dtype)
             if item.scale != 1.0:
                 X /= net.dtype.type(item.scale)
-            P = net.predict_proba(X.reshape(hi - lo, *net.input_shape), batch_size=batch)
+            P = model.predict_proba(X.reshape(hi - lo, *net.input_shape), batch_size=batch)
             yield [item.name(i) for i in range(lo, hi)], P
 
 

@@ -1,22 +1,24 @@
-"""The training loop and the run folder.
+"""The training loop.
 
 ``train_run`` turns one validated :class:`~handprop.config.RunConfig` into a run folder
-(see ``docs/formats.md``): it loads and splits the data, builds the network, runs
-gradient descent with a live progress bar, guards against divergence, checkpoints at
-epoch boundaries (every ``checkpoint_seconds``, and on Ctrl-C or SIGTERM), and writes
-the model, history, predictions and metrics, each file atomically. The run folder is
-made exclusively and locked while training (:mod:`handprop.rundir`).
+(see ``docs/formats.md``): it loads and splits the data, builds the network, and runs
+:func:`run_epoch` until the last epoch, with a live progress bar, a divergence guard,
+early stopping (:class:`EarlyStopping`), checkpoints at epoch boundaries (every
+``checkpoint_seconds``, and on Ctrl-C or SIGTERM), and the run's files written by a
+:class:`~handprop.runfolder.RunWriter`. The run folder is made exclusively and locked
+while training (:mod:`handprop.rundir`).
+
+Each batch goes through :class:`~handprop.nn.DataParallel`: over this process's threads,
+and, when ``world`` is an MPI communicator's (:mod:`handprop.distributed`), over the
+ranks, each rank running this same loop on the same data with the same random draws,
+rank 0 alone writing.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import time
-import zipfile
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from handprop import nn
-from handprop.atomic import atomic_write_bytes, atomic_write_text
-from handprop.config import RunConfig, load_config, parse_toml_config, to_toml
-from handprop.errors import ConfigError, DivergenceError, HandpropError
+from handprop.config import RunConfig, load_config, to_toml
+from handprop.errors import ConfigError, DivergenceError
 from handprop.metrics import classification_metrics
+from handprop.nn.modelfile import model_bytes
+from handprop.nn.parallel import OneProcess, World
 from handprop.rundir import (
     FolderLock,
     is_owned,
@@ -35,31 +38,23 @@ from handprop.rundir import (
     remove_own_files,
     remove_stale_temporaries,
 )
-
-HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_acc", "seconds")
-
-CONFIG_FILE = "config.toml"
-MODEL_FILE = "model.npz"
-SPLIT_FILE = "split.npz"
-HISTORY_FILE = "history.csv"
-PREDICTIONS_FILE = "predictions.csv"
-METRICS_FILE = "metrics.json"
-CHECKPOINT_FILE = "checkpoint.npz"
-#: every file a run writes; a run started again in its own folder removes only these
-RUN_FILES = (
-    CONFIG_FILE,
-    MODEL_FILE,
-    SPLIT_FILE,
-    HISTORY_FILE,
-    PREDICTIONS_FILE,
-    METRICS_FILE,
+from handprop.runfolder import (
     CHECKPOINT_FILE,
+    CONFIG_FILE,
+    HISTORY_COLUMNS,
+    METRICS_FILE,
+    MODEL_FILE,
+    RUN_FILES,
+    SPLIT_FILE,
+    RunWriter,
+    check_unchanged,
+    is_complete,
+    predictions_csv,
+    saved_config,
 )
 
 #: a checkpoint is written at the first epoch boundary this many seconds after the last
 CHECKPOINT_SECONDS = 60.0
-#: config fields a resumed run may change: where things are, not what is computed
-RESUME_FREE_FIELDS = ("name", "out", "data_dir")
 
 
 @dataclass
@@ -208,57 +203,6 @@ def build_schedule(cfg: RunConfig) -> nn.Schedule:
     )
 
 
-# -- run folder files ------------------------------------------------------------------
-
-
-def _cell(value: float | None, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return format(value, fmt)
-
-
-def history_csv(history: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-    """history.csv: one row per epoch; empty cells where nothing was measured."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    formats = {"epoch": "d", "loss": "r", "val_loss": "r", "seconds": ".4f"}
-    for row in history:
-        writer.writerow(
-            [
-                repr(float(row[c]))
-                if formats.get(c) == "r" and row.get(c) is not None
-                else _cell(row.get(c), formats.get(c, ".6f"))
-                for c in columns
-            ]
-        )
-    return buf.getvalue()
-
-
-def predictions_csv(test_idx: np.ndarray, y: np.ndarray, P: np.ndarray) -> str:
-    """``index,true,pred,p0..p{k-1}``: one row per test sample."""
-    k = P.shape[1]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["index", "true", "pred", *(f"p{j}" for j in range(k))])
-    pred = P.argmax(axis=1)
-    for i in range(len(y)):
-        writer.writerow(
-            [int(test_idx[i]), int(y[i]), int(pred[i]), *(f"{p:.6g}" for p in P[i].tolist())]
-        )
-    return buf.getvalue()
-
-
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def split_description(cfg: RunConfig, data: Split) -> dict[str, Any]:
     return {
         "kind": cfg.split,
@@ -270,15 +214,106 @@ def split_description(cfg: RunConfig, data: Split) -> dict[str, Any]:
     }
 
 
-# -- the loop --------------------------------------------------------------------------
+# -- one epoch ----------------------------------------------------------------------------
+
+
+def run_epoch(
+    model: nn.DataParallel,
+    opt: nn.Optimizer,
+    X: np.ndarray,
+    y: np.ndarray,
+    batch: int,
+    rng: np.random.Generator,
+    check_loss: Callable[[float], None],
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+) -> tuple[float, float | None]:
+    """One pass over (X, y): a gradient step per batch of ``batch`` rows.
+
+    The full batch is the original's gradient descent (no shuffling); mini-batches
+    come in the order ``rng`` draws, each ``augment``-ed when given. ``check_loss``
+    sees every batch's loss (and raises on a non-finite one). Returns the epoch's mean
+    loss and, when it comes for free (full batch, no dropout), the training accuracy
+    before the update.
+    """
+    n = len(y)
+    if batch >= n:
+        loss, out = model.train_pass(X, y)
+        check_loss(loss)
+        train_acc = None
+        if not any(isinstance(layer, nn.Dropout) for layer in model.net.layers):
+            train_acc = model.count_correct(out, y) / n
+        opt.step(model.params, model.grads)
+        return loss, train_acc
+    order = rng.permutation(n)
+    Xb = np.empty((batch, *X.shape[1:]), dtype=X.dtype)
+    total = 0.0
+    for start in range(0, n, batch):
+        idx = order[start : start + batch]
+        xb = Xb[: len(idx)]
+        np.take(X, idx, axis=0, out=xb)  # into a reused buffer: no allocation
+        if augment is not None:
+            xb = augment(xb, rng)
+        loss, _ = model.train_pass(xb, y[idx])
+        check_loss(loss)
+        opt.step(model.params, model.grads)
+        total += loss * len(idx)
+    return total / n, None
+
+
+class EarlyStopping:
+    """The parameters of the lowest validation loss, and when to stop looking for them.
+
+    ``patience``: stop after this many evaluations without a lower validation loss
+    (None: never stop early; the best parameters are still the run's result).
+    """
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.bad_evals = 0  # evaluations since the best one
+        self.best_params: np.ndarray | None = None
+        self.stopped = False
+
+    def update(self, epoch: int, val_loss: float, params: np.ndarray) -> None:
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_evals = val_loss, epoch, 0
+            if self.best_params is None:
+                self.best_params = np.empty_like(params)
+            self.best_params[...] = params
+        else:
+            self.bad_evals += 1
+            self.stopped = self.patience is not None and self.bad_evals >= self.patience
+
+    def state(self) -> dict[str, np.ndarray]:
+        """For a checkpoint: ``best`` (loss, epoch, evaluations since) and the params."""
+        state = {"best": np.array([self.best_loss, self.best_epoch, self.bad_evals])}
+        if self.best_params is not None:
+            state["best_params"] = self.best_params
+        return state
+
+    def load(self, best: np.ndarray, best_params: np.ndarray | None) -> None:
+        self.best_loss, best_epoch, bad_evals = best.tolist()
+        self.best_epoch, self.bad_evals = int(best_epoch), int(bad_evals)
+        self.best_params = None if best_params is None else np.array(best_params)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_loss": self.best_loss,
+            "stopped_early": self.stopped,
+        }
+
+
+# -- the loop ---------------------------------------------------------------------------
 
 
 class Trainer:
-    """One run: data, network, optimizer, history, and the folder they are written to.
+    """One run: data, network, optimizer, history, and the writer of its folder.
 
-    Each epoch draws its randomness (the mini-batch order, the dropout masks) from a
-    generator seeded by (seed, epoch), so that a run resumed from a checkpoint draws
-    exactly what the uninterrupted run would have.
+    Each epoch draws its randomness (the mini-batch order, the dropout masks, the
+    augmentation) from a generator seeded by (seed, epoch), so that a resumed run, and
+    every MPI rank, draws exactly what one uninterrupted process would have.
 
     ``checkpoint_seconds``: a checkpoint is written at the first epoch boundary at least
     this long after the last one (None: only when interrupted), so that a ``kill -9``,
@@ -291,32 +326,43 @@ class Trainer:
         run_dir: Path,
         progress: bool = True,
         checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+        world: World | None = None,
     ) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.progress = progress
+        self.world = world or OneProcess()
+        self.progress = progress and self.world.rank == 0
         self.checkpoint_seconds = checkpoint_seconds
-        self._last_checkpoint = time.monotonic()
-        self.data = load_split(cfg, progress=progress)
+        self.data = load_split(cfg, progress=self.progress)
         self.net = build_network(cfg, self.data)
         self.shape_inputs()
+        self.model = nn.DataParallel(self.net, self.world)
         self.opt = build_optimizer(cfg, self.net)
         # a network, batch or optimizer too large for memory: refused before any file
         n = len(self.data.y_train)
-        batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
-        self.net.check_memory(batch, training=True, state_vectors=len(self.opt.state_names))
+        self.batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
+        self.model.check_memory(self.batch, state_vectors=len(self.opt.state_names))
         self.schedule = build_schedule(cfg)
+        columns = (
+            HISTORY_COLUMNS
+            if self.data.y_val is None
+            else (*HISTORY_COLUMNS, "val_loss", "val_acc")
+        )
+        self.writer = RunWriter(run_dir, columns, writes=self.world.rank == 0)
+        self.stopping = EarlyStopping(cfg.patience)
         self.history: list[dict[str, Any]] = []
         self.epoch = 0  # epochs completed
         self.seconds = 0.0  # training time so far (evaluation included)
-        # early stopping: the best parameters seen on the validation set
-        self.best_params: np.ndarray | None = None
-        self.best_val_loss = math.inf
-        self.best_epoch = 0
-        self.bad_evals = 0  # evaluations since the best one
-        self.stopped_early = False
+        self._last_checkpoint = time.monotonic()
         self._snapshot: dict[str, np.ndarray] | None = None  # state at the last epoch end
         self._snapshot_epoch = -1  # the epoch count that state belongs to
+
+    @property
+    def run_dir(self) -> Path:
+        return self.writer.run_dir
+
+    @run_dir.setter
+    def run_dir(self, path: Path) -> None:
+        self.writer.run_dir = Path(path)
 
     def shape_inputs(self) -> None:
         """Give the feature rows the network's input shape ((n, 784) or (n, 1, 28, 28));
@@ -335,11 +381,83 @@ class Trainer:
         out = shift_rotate(images, rng, self.cfg.augment_shift, self.cfg.augment_rotate)
         return out.reshape(X.shape)
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        if self.data.y_val is None:
-            return HISTORY_COLUMNS
-        return (*HISTORY_COLUMNS, "val_loss", "val_acc")
+    # -- the loop
+
+    def run(self) -> None:
+        """Train from ``self.epoch`` to ``cfg.epochs``; Ctrl-C checkpoints and re-raises."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.epochs,
+            initial=self.epoch,
+            desc="train",
+            unit="epoch",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        augment = self.augment if cfg.augment_shift or cfg.augment_rotate else None
+        try:
+            # overflow on the way to a NaN loss is reported by check_loss, by epoch
+            with np.errstate(over="ignore", invalid="ignore"):
+                while self.epoch < cfg.epochs and not self.stopping.stopped:
+                    epoch = self.epoch + 1
+                    self.snapshot()
+                    start = time.perf_counter()
+                    rng = np.random.default_rng([cfg.seed, epoch])
+                    self.net.set_rng(rng)
+                    self.opt.lr = cfg.learning_rate * self.schedule.factor(epoch)
+                    loss, train_acc = run_epoch(
+                        self.model,
+                        self.opt,
+                        self.data.X_train,
+                        self.data.y_train,
+                        self.batch,
+                        rng,
+                        lambda loss, epoch=epoch: self.check_loss(loss, epoch),
+                        augment,
+                    )
+                    row: dict[str, Any] = {"epoch": epoch, "loss": loss}
+                    evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+                    if evaluated:
+                        self.evaluate(row, train_acc)
+                    self.seconds += time.perf_counter() - start
+                    row["seconds"] = self.seconds
+                    self.history.append(row)
+                    self.epoch = epoch
+                    if self.checkpoint_due():
+                        self.save_checkpoint(live=True)  # writes the history too
+                    elif evaluated:
+                        self.writer.history(self.history)  # a long run can be followed
+                    bar.set_postfix(progress_fields(row), refresh=False)
+                    bar.update(1)
+        finally:
+            bar.close()
+        if self.stopping.best_params is not None:
+            # early stopping ends on the best validated parameters, not the last ones
+            self.net.params[...] = self.stopping.best_params
+
+    def check_loss(self, loss: float, epoch: int) -> None:
+        if not math.isfinite(loss):
+            lr = self.cfg.learning_rate
+            raise DivergenceError(
+                f"the loss became {loss} at epoch {epoch} with learning rate {lr:g}; "
+                f"try a smaller learning rate (e.g. {lr / 10:g})",
+                epoch=epoch,
+            )
+
+    def evaluate(self, row: dict[str, Any], train_acc: float | None) -> None:
+        """Accuracies (and validation loss) into ``row``; early-stopping bookkeeping."""
+        data, model = self.data, self.model
+        if train_acc is None:
+            train_acc = model.accuracy(data.X_train, data.y_train)
+        row["train_acc"] = train_acc
+        row["test_acc"] = model.accuracy(data.X_test, data.y_test)
+        if data.y_val is not None:
+            row["val_loss"] = model.loss_value(data.X_val, data.y_val)
+            row["val_acc"] = model.accuracy(data.X_val, data.y_val)
+            self.stopping.update(row["epoch"], row["val_loss"], self.net.params)
 
     # -- checkpoints
 
@@ -359,34 +477,6 @@ class Trainer:
                 np.copyto(self._snapshot[k], v)
         self._snapshot_epoch = self.epoch
 
-    def save_checkpoint(self, live: bool = False) -> None:
-        """Write checkpoint.npz: the state at the end of epoch ``self.epoch``.
-
-        ``live``: take the state as it is now (at an epoch boundary) rather than the
-        snapshot taken when the current epoch began. The history is written first, so
-        that the checkpoint never names an epoch the history has not reached.
-        """
-        if live or self._snapshot_epoch != self.epoch:
-            # at an epoch boundary (Ctrl-C may land between the epoch count going up
-            # and the next snapshot): the live state is that epoch's end
-            saved = {"params": self.net.params, **self.opt.state_dict()}
-        else:
-            saved = self._snapshot
-        state = {f"opt_{k}": np.asarray(v) for k, v in saved.items() if k != "params"}
-        if self.best_params is not None:
-            state["best_params"] = self.best_params
-        self.write_history()
-        save_npz(
-            self.run_dir / CHECKPOINT_FILE,
-            params=saved["params"],
-            epoch=np.array(self.epoch),
-            seconds=np.array(self.seconds),
-            best=np.array([self.best_val_loss, self.best_epoch, self.bad_evals]),
-            config=np.array(to_toml(self.cfg)),  # what the saved state was trained with
-            **state,
-        )
-        self._last_checkpoint = time.monotonic()
-
     def checkpoint_due(self) -> bool:
         """Whether the periodic checkpoint is due at this epoch boundary."""
         return (
@@ -394,6 +484,29 @@ class Trainer:
             and self.epoch < self.cfg.epochs
             and time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds
         )
+
+    def save_checkpoint(self, live: bool = False) -> None:
+        """Write checkpoint.npz: the state at the end of epoch ``self.epoch``.
+
+        ``live``: take the state as it is now (at an epoch boundary) rather than the
+        snapshot taken when the current epoch began.
+        """
+        if live or self._snapshot_epoch != self.epoch:
+            # at an epoch boundary (Ctrl-C may land between the epoch count going up
+            # and the next snapshot): the live state is that epoch's end
+            saved = {"params": self.net.params, **self.opt.state_dict()}
+        else:
+            saved = self._snapshot
+        self.writer.checkpoint(
+            self.history,
+            params=saved["params"],
+            epoch=np.array(self.epoch),
+            seconds=np.array(self.seconds),
+            config=np.array(to_toml(self.cfg)),  # what the saved state was trained with
+            **{f"opt_{k}": np.asarray(v) for k, v in saved.items() if k != "params"},
+            **self.stopping.state(),
+        )
+        self._last_checkpoint = time.monotonic()
 
     def load_checkpoint(self) -> None:
         """Restore the state of checkpoint.npz, refusing one that this run cannot use.
@@ -404,35 +517,12 @@ class Trainer:
             The file is truncated or not a checkpoint, holds Python objects, names an
             impossible epoch, or its arrays do not fit the network and optimizer.
         """
-        from handprop.runs import read_history
-
         path = self.run_dir / CHECKPOINT_FILE
         try:
-            with np.load(path, allow_pickle=False) as ck:
-                self._restore({name: ck[name] for name in ck.files})
+            self._restore(self.writer.read_checkpoint())
         except ValueError as exc:
-            why = str(exc)
-            if "allow_pickle" in why:  # numpy's advice to unpickle is not ours to give
-                why = "it holds Python objects, which handprop never loads"
-            raise ConfigError(f"{path}: not a usable checkpoint: {why}") from None
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ConfigError(
-                f"{path}: not a usable checkpoint (truncated or not a .npz file: {why})"
-            ) from None
-        columns = read_history(self.run_dir / HISTORY_FILE)
-        self.history = [
-            {c: None if np.isnan(v[i]) else float(v[i]) for c, v in columns.items()}
-            for i in range(len(columns["epoch"]))
-            if columns["epoch"][i] <= self.epoch
-        ]
-        for row in self.history:
-            row["epoch"] = int(row["epoch"])
-        if len(self.history) != self.epoch:
-            raise ConfigError(
-                f"{self.run_dir / HISTORY_FILE}: has {len(self.history)} epochs up to the "
-                f"checkpoint's epoch {self.epoch}; the run folder was changed by hand"
-            )
+            raise ConfigError(f"{path}: not a usable checkpoint: {exc}") from None
+        self.history = self.writer.read_history(self.epoch)
 
     def _restore(self, ck: dict[str, np.ndarray]) -> None:
         """Check every array of a checkpoint, then load them (ValueError names the first
@@ -470,148 +560,32 @@ class Trainer:
         )
         net.params[...] = params
         self.epoch, self.seconds = int(epoch), float(seconds)
-        self.best_val_loss, best_epoch, bad_evals = best.tolist()
-        self.best_epoch, self.bad_evals = int(best_epoch), int(bad_evals)
-        self.best_params = None if best_params is None else np.array(best_params)
-
-    def write_history(self) -> None:
-        atomic_write_text(self.run_dir / HISTORY_FILE, history_csv(self.history, self.columns))
-
-    # -- training
-
-    def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
-        return float((self.net.predict(X) == y).mean()) if len(y) else float("nan")
-
-    def train_epoch(self, epoch: int) -> tuple[float, float | None]:
-        """One pass over the training set; returns the mean loss and, when it comes
-        for free (full batch, no dropout), the training accuracy before the update."""
-        cfg, net, opt = self.cfg, self.net, self.opt
-        X, y = self.data.X_train, self.data.y_train
-        n = len(y)
-        rng = np.random.default_rng([cfg.seed, epoch])
-        net.set_rng(rng)
-        opt.lr = cfg.learning_rate * self.schedule.factor(epoch)
-        batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
-        total = 0.0
-        train_acc = None
-        if batch == n:
-            # full batch: the original's gradient descent, no shuffling needed
-            loss, out = net.train_pass(X, y)
-            self.check_loss(loss, epoch)
-            if not any(isinstance(layer, nn.Dropout) for layer in net.layers):
-                train_acc = float((out.argmax(axis=1) == y).mean())
-            opt.step(net.params, net.grads)
-            return loss, train_acc
-        order = rng.permutation(n)
-        augmenting = bool(cfg.augment_shift or cfg.augment_rotate)
-        Xb = np.empty((batch, *X.shape[1:]), dtype=X.dtype)
-        for start in range(0, n, batch):
-            idx = order[start : start + batch]
-            xb = Xb[: len(idx)]
-            np.take(X, idx, axis=0, out=xb)  # into a reused buffer: no allocation
-            if augmenting:
-                xb = self.augment(xb, rng)
-            yb = y[idx]
-            loss, _ = net.train_pass(xb, yb)
-            self.check_loss(loss, epoch)
-            opt.step(net.params, net.grads)
-            total += loss * len(idx)
-        return total / n, train_acc
-
-    def check_loss(self, loss: float, epoch: int) -> None:
-        if not math.isfinite(loss):
-            lr = self.cfg.learning_rate
-            raise DivergenceError(
-                f"the loss became {loss} at epoch {epoch} with learning rate {lr:g}; "
-                f"try a smaller learning rate (e.g. {lr / 10:g})",
-                epoch=epoch,
-            )
-
-    def evaluate(self, row: dict[str, Any], train_acc: float | None) -> None:
-        """Accuracies (and validation loss) into ``row``; early-stopping bookkeeping."""
-        data, net = self.data, self.net
-        row["train_acc"] = (
-            train_acc if train_acc is not None else self.accuracy(data.X_train, data.y_train)
-        )
-        row["test_acc"] = self.accuracy(data.X_test, data.y_test)
-        if data.y_val is None:
-            return
-        out = net.forward(net.check_input(data.X_val))
-        row["val_loss"] = val_loss = net.loss.value(out, data.y_val)
-        row["val_acc"] = float((out.argmax(axis=1) == data.y_val).mean())
-        if val_loss < self.best_val_loss:
-            self.best_val_loss, self.best_epoch, self.bad_evals = val_loss, row["epoch"], 0
-            if self.best_params is None:
-                self.best_params = np.empty_like(net.params)
-            self.best_params[...] = net.params
-        else:
-            self.bad_evals += 1
-            if self.cfg.patience is not None and self.bad_evals >= self.cfg.patience:
-                self.stopped_early = True
-
-    def run(self) -> None:
-        """Train from ``self.epoch`` to ``cfg.epochs``; Ctrl-C checkpoints and re-raises."""
-        from tqdm import tqdm
-
-        cfg = self.cfg
-        bar = tqdm(
-            total=cfg.epochs,
-            initial=self.epoch,
-            desc="train",
-            unit="epoch",
-            disable=not self.progress,
-            dynamic_ncols=True,
-            leave=False,
-        )
-        postfix: dict[str, str] = {}
-        try:
-            # overflow on the way to a NaN loss is reported by check_loss, by epoch
-            with np.errstate(over="ignore", invalid="ignore"):
-                while self.epoch < cfg.epochs and not self.stopped_early:
-                    epoch = self.epoch + 1
-                    self.snapshot()
-                    start = time.perf_counter()
-                    loss, train_acc = self.train_epoch(epoch)
-                    row: dict[str, Any] = {"epoch": epoch, "loss": loss}
-                    evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-                    if evaluated:
-                        self.evaluate(row, train_acc)
-                    self.seconds += time.perf_counter() - start
-                    row["seconds"] = self.seconds
-                    self.history.append(row)
-                    self.epoch = epoch
-                    if self.checkpoint_due():
-                        self.save_checkpoint(live=True)  # writes the history too
-                    elif evaluated:
-                        self.write_history()  # so a long run can be followed as it goes
-                    postfix["loss"] = f"{loss:.4f}"
-                    for key in ("train_acc", "test_acc", "val_acc"):
-                        if row.get(key) is not None:
-                            postfix[key.removesuffix("_acc")] = f"{row[key]:.4f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
-        finally:
-            bar.close()
-        if self.best_params is not None:
-            # early stopping ends on the best validated parameters, not the last ones
-            self.net.params[...] = self.best_params
+        self.stopping.load(best, best_params)
 
     # -- results
 
     def finish(self) -> RunResult:
         """Write model, predictions, history and metrics of a completed run."""
-        d, data, net = self.run_dir, self.data, self.net
-        P = net.predict_proba(data.X_test)
-        metrics = classification_metrics(data.y_test, P.argmax(axis=1), data.class_names)
+        data, net = self.data, self.net
+        metrics: dict[str, Any] = {}
         final_loss = self.history[-1]["loss"] if self.history else None
-        metrics.update(self.summary_fields("completed", None, final_loss))
-        nn.save(net, d / MODEL_FILE)
-        atomic_write_text(d / PREDICTIONS_FILE, predictions_csv(data.test_idx, data.y_test, P))
-        self.write_history()
-        write_json(d / METRICS_FILE, metrics)
-        (d / CHECKPOINT_FILE).unlink(missing_ok=True)
+        if self.writer.writes:
+            P = self.model.predict_proba(data.X_test)
+            metrics = classification_metrics(data.y_test, P.argmax(axis=1), data.class_names)
+            metrics.update(self.summary_fields("completed", None, final_loss))
+            self.writer.history(self.history)
+            self.writer.results(
+                model_bytes(net), predictions_csv(data.test_idx, data.y_test, P), metrics
+            )
         return RunResult(
-            d, "completed", self.epoch, metrics["accuracy"], final_loss, self.seconds, None, metrics
+            self.run_dir,
+            "completed",
+            self.epoch,
+            metrics.get("accuracy"),
+            final_loss,
+            self.seconds,
+            None,
+            metrics,
         )
 
     def fail(self, status: str, message: str) -> RunResult:
@@ -622,8 +596,8 @@ class Trainer:
         if status == "interrupted":
             self.save_checkpoint()
         else:
-            self.write_history()
-        write_json(self.run_dir / METRICS_FILE, metrics)
+            self.writer.history(self.history)
+        self.writer.metrics(metrics)
         return RunResult(
             self.run_dir, status, self.epoch, None, final_loss, self.seconds, message, metrics
         )
@@ -640,13 +614,20 @@ class Trainer:
             "data_source": self.data.source,
             "split": split_description(self.cfg, self.data),
         }
+        if self.world.size > 1:
+            fields["ranks"] = self.world.size
         if self.data.y_val is not None:
-            fields["early_stopping"] = {
-                "best_epoch": self.best_epoch,
-                "best_val_loss": self.best_val_loss,
-                "stopped_early": self.stopped_early,
-            }
+            fields["early_stopping"] = self.stopping.summary()
         return fields
+
+
+def progress_fields(row: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's loss and accuracies for an epoch's history row."""
+    fields = {"loss": f"{row['loss']:.4f}"}
+    for key in ("train_acc", "test_acc", "val_acc"):
+        if row.get(key) is not None:
+            fields[key.removesuffix("_acc")] = f"{row[key]:.4f}"
+    return fields
 
 
 def train_run(
@@ -656,36 +637,50 @@ def train_run(
     default_name: str = "run",
     progress: bool = True,
     checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+    world: World | None = None,
 ) -> RunResult:
     """Train one config into a run folder and return how it ended.
 
     ``run_dir``: a folder handprop made for this run (a grid row's, see
     :func:`handprop.rundir.make_or_adopt`); by default a new one is made under
     ``cfg.out``, named ``cfg.name`` or ``default_name`` (``-2``, ``-3``, ... when taken).
+    ``world``: the MPI ranks training together (rank 0 makes and writes the folder).
 
     A diverged run is recorded in its folder and returned with status "diverged"; a
     Ctrl-C (or SIGTERM) is recorded with a checkpoint and re-raised as
     KeyboardInterrupt after the folder is consistent, so :func:`resume_run` can
     continue it; so can a run killed outright, from its last periodic checkpoint.
     """
+    world = world or OneProcess()
     # the data and the network are checked (and sized) before any folder is made
-    trainer = Trainer(cfg, Path(run_dir or "."), progress, checkpoint_seconds)
-    if run_dir is None:
+    trainer = Trainer(cfg, Path(run_dir or "."), progress, checkpoint_seconds, world)
+    if run_dir is None and world.rank == 0:
         run_dir = make_folder(cfg.out, cfg.name or default_name)
-    trainer.run_dir = run_dir = Path(run_dir)
-    with FolderLock(run_dir):
+    trainer.run_dir = run_dir = Path(_on_every_rank(world, run_dir))
+    with _lock(world, run_dir):
         _start(trainer)
         return _run(trainer)
 
 
+def _on_every_rank(world: World, value: Any) -> Any:
+    """Rank 0's ``value``, on every rank."""
+    return world.broadcast(value)
+
+
+def _lock(world: World, run_dir: Path) -> Any:
+    """The folder's lock, held by the rank that writes."""
+    import contextlib
+
+    return FolderLock(run_dir) if world.rank == 0 else contextlib.nullcontext()
+
+
 def _start(trainer: Trainer) -> None:
     """The files a run writes before its first epoch: its config and its split."""
-    run_dir, data = trainer.run_dir, trainer.data
-    atomic_write_text(run_dir / CONFIG_FILE, to_toml(trainer.cfg))
+    data = trainer.data
     indices = {"train_idx": data.train_idx, "test_idx": data.test_idx}
     if data.val_idx is not None:
         indices["val_idx"] = data.val_idx
-    save_npz(run_dir / SPLIT_FILE, **indices)
+    trainer.writer.start(trainer.cfg, indices)
 
 
 def resume_run(
@@ -694,13 +689,14 @@ def resume_run(
     *,
     epochs: int | None = None,
     checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+    world: World | None = None,
 ) -> RunResult:
     """Continue an interrupted or killed run to the result it would have reached.
 
     From the last checkpoint when there is one; a run killed before its first
     checkpoint starts again in its own folder. ``epochs`` changes the number of epochs
     (the one change that keeps the epochs already trained valid, unless the schedule
-    depends on it).
+    depends on it). Under MPI every rank reads the folder; rank 0 writes.
 
     Raises
     ------
@@ -710,6 +706,7 @@ def resume_run(
     OutputError
         Another handprop process is training in the folder now.
     """
+    world = world or OneProcess()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         what = "not found" if not run_dir.exists() else "not a folder"
@@ -719,8 +716,9 @@ def resume_run(
             f"{run_dir}: not a run folder made by handprop (no .handprop-run inside); "
             "nothing to resume"
         )
-    with FolderLock(run_dir):
-        remove_stale_temporaries(run_dir, RUN_FILES)  # left by a kill -9 mid-write
+    with _lock(world, run_dir):
+        if world.rank == 0:
+            remove_stale_temporaries(run_dir, RUN_FILES)  # left by a kill -9 mid-write
         checkpoint = run_dir / CHECKPOINT_FILE
         if not checkpoint.is_file() and is_complete(run_dir):
             raise ConfigError(f"{run_dir}: this run is already complete; nothing to resume")
@@ -729,51 +727,14 @@ def resume_run(
             check_unchanged(saved_config(checkpoint), cfg, run_dir / CONFIG_FILE)
         if epochs is not None and epochs != cfg.epochs:
             cfg = _with_epochs(cfg, epochs)
-        trainer = Trainer(cfg, run_dir, progress, checkpoint_seconds)
+        trainer = Trainer(cfg, run_dir, progress, checkpoint_seconds, world)
         if checkpoint.is_file():
             trainer.load_checkpoint()
-        else:
+        elif world.rank == 0:
             # killed before its first checkpoint: nothing to keep but the folder
             remove_own_files(run_dir, RUN_FILES)
         _start(trainer)
         return _run(trainer)
-
-
-def saved_config(checkpoint: Path) -> RunConfig | None:
-    """The config a checkpoint was trained with (None for one that does not say, or that
-    cannot be read: :meth:`Trainer.load_checkpoint` reports that)."""
-    try:
-        with np.load(checkpoint, allow_pickle=False) as ck:
-            if "config" not in ck.files:
-                return None
-            text = str(ck["config"])
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error):
-        return None
-    try:
-        return parse_toml_config(text, f"{checkpoint} (its config)")
-    except HandpropError:
-        return None
-
-
-def check_unchanged(saved: RunConfig | None, now: RunConfig, path: Path) -> None:
-    """Refuse a config.toml edited since the checkpoint in a field that alters the result.
-
-    Raises
-    ------
-    ConfigError
-        Naming the first such field, its value then and now.
-    """
-    if saved is None:
-        return
-    before, after = saved.to_dict(), now.to_dict()
-    for name, value in before.items():
-        if name not in RESUME_FREE_FIELDS and after.get(name) != value:
-            hint = " (to change the number of epochs, use --epochs N)" if name == "epochs" else ""
-            raise ConfigError(
-                f"{path}: {name} was {value!r} when the checkpoint was written, now "
-                f"{after.get(name)!r}; a resumed run continues with the config it began "
-                f"with: put it back{hint}"
-            )
 
 
 def _with_epochs(cfg: RunConfig, epochs: int) -> RunConfig:
@@ -807,15 +768,13 @@ def _run(trainer: Trainer) -> RunResult:
     return trainer.finish()
 
 
-def is_complete(run_dir: Path) -> bool:
-    """True when the folder holds a completed run (metrics.json says so)."""
-    try:
-        return json.loads((run_dir / METRICS_FILE).read_text())["status"] == "completed"
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 __all__ = [
+    "CHECKPOINT_FILE",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "SPLIT_FILE",
+    "EarlyStopping",
     "RunResult",
     "Split",
     "Trainer",
@@ -823,5 +782,6 @@ __all__ = [
     "is_complete",
     "load_split",
     "resume_run",
+    "run_epoch",
     "train_run",
 ]

@@ -1,4 +1,5 @@
-"""Batches split over threads: the same numbers as one thread, whatever the count."""
+"""Batches split over threads (and ranks): the same numbers as one thread, whatever
+the count."""
 
 import itertools
 import threading
@@ -6,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-import handprop.nn.network as network_module
+import handprop.nn.parallel as parallel_module
 from handprop.errors import ConfigError, ShapeError
-from handprop.nn import GD, Dropout, Network, gradcheck
+from handprop.nn import GD, DataParallel, Dropout, Network, gradcheck
 from handprop.nn import threads as threads_module
 from handprop.nn.threads import bounds, get_threads, rowwise, set_threads, side_by_side
 
@@ -16,8 +17,8 @@ from handprop.nn.threads import bounds, get_threads, rowwise, set_threads, side_
 @pytest.fixture
 def split_all(monkeypatch):
     """Split every batch of at least two rows per thread; restore the defaults after."""
-    monkeypatch.setattr(network_module, "MIN_SHARD_MACS", 0)
-    monkeypatch.setattr(network_module, "MIN_SHARD_MACS_PER_PARAM", 0)
+    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS", 0)
+    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS_PER_PARAM", 0)
     yield set_threads
     set_threads(None)
 
@@ -65,20 +66,16 @@ def test_a_split_pass_gives_what_one_thread_gives(split_all, threads, make, shap
     whole = make()
     expected = one_step(whole, X, y)
     split_all(threads)
-    net = make()
-    assert net.split(11, training=True) == bounds(11, threads)
-    got = one_step(net, X, y)
-    assert len(net.shards(threads)) == threads
-    for a, b in zip(got, expected, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-    # forward, loss and backward in one hand-off agree too
-    net.set_rng(np.random.default_rng(5))
-    loss, out = net.train_pass(X, y)
+    model = DataParallel(make())
+    assert model.split(11, training=True) == bounds(11, threads)
+    model.net.set_rng(np.random.default_rng(5))
+    loss, out = model.train_pass(X, y)
+    assert len(model.shards(threads)) == threads
     assert loss == pytest.approx(expected[1], rel=1e-12)
     np.testing.assert_allclose(out, expected[0], rtol=1e-12)
-    np.testing.assert_allclose(net.grads, expected[2], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(model.grads, expected[2], rtol=1e-12, atol=1e-14)
     # the inference pass splits too, and agrees
-    np.testing.assert_allclose(net.predict_proba(X), whole.predict_proba(X), rtol=1e-12)
+    np.testing.assert_allclose(model.predict_proba(X), whole.predict_proba(X), rtol=1e-12)
 
 
 def test_a_split_network_passes_gradcheck(split_all, rng):
@@ -88,17 +85,22 @@ def test_a_split_network_passes_gradcheck(split_all, rng):
     net = Network.from_layers(items, (2, 8, 8), 3, dtype=np.float64, rng=0)
     net.params += rng.normal(0, 0.1, size=net.n_params)
     X, y = rng.normal(size=(6, 2, 8, 8)), rng.integers(0, 3, size=6)
-    assert net.split(6, training=True) is not None
-    assert gradcheck(net, X, y) < 1e-6
+    model = DataParallel(net)
+    assert model.split(6, training=True) is not None
+    assert gradcheck(model, X, y) < 1e-6
 
 
 def test_pinned_dropout_masks_are_handed_to_the_shards_by_rows(split_all, rng):
     split_all(2)
     net = mlp(dropout=0.5)
     drop = next(layer for layer in net.layers if isinstance(layer, Dropout))
-    drop.fixed_mask = rng.uniform(size=(8, 9)) >= 0.5
+    mask = rng.uniform(size=(8, 9)) >= 0.5
+    drop.fixed_mask = mask
     X, y = rng.normal(size=(8, 12)), rng.integers(0, 4, size=8)
-    _, loss, grads, _ = one_step(net, X, y)
+    net.set_rng(np.random.default_rng(5))  # the other dropout layer draws as one_step does
+    loss = DataParallel(net).loss_and_grad(X, y)
+    grads = net.grads.copy()
+    assert drop.fixed_mask is mask  # the caller's pin is left in place
     split_all(1)
     _, loss1, grads1, _ = one_step(net, X, y)
     assert loss == pytest.approx(loss1, rel=1e-12)
@@ -110,26 +112,90 @@ def test_training_steps_on_two_threads_follow_one_thread(split_all, rng):
     params = {}
     for threads in (1, 2):
         split_all(threads)
-        net, opt = mlp(dropout=0.2), GD(0.5)
+        model, opt = DataParallel(mlp(dropout=0.2)), GD(0.5)
         for step in range(5):
-            one_step(net, X, y, seed=step)
-            opt.step(net.params, net.grads)  # in place: the shards see the new weights
-        params[threads] = net.params
+            model.net.set_rng(np.random.default_rng(step))
+            model.train_pass(X, y)
+            opt.step(model.params, model.grads)  # in place: the shards see the new weights
+        params[threads] = model.params
     np.testing.assert_allclose(params[2], params[1], rtol=1e-10, atol=1e-13)
 
 
+class ThreadRanks:
+    """``size`` ranks of a world played by threads of this process: ``sum`` is an
+    Allreduce through a shared buffer and a barrier, as MPI's would be."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=20)
+        self.parts: list = [None] * size
+
+    def rank(self, r: int):
+        world = self
+
+        class Rank:
+            rank, size = r, world.size
+
+            def sum(self, array):
+                world.parts[r] = array.copy()
+                world.barrier.wait()
+                total = np.sum(world.parts, axis=0)
+                world.barrier.wait()
+                array[...] = total
+
+            def broadcast(self, value):
+                return value
+
+        return Rank()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize(
+    "make, shape, k",
+    [(lambda: mlp(dropout=0.3), (12,), 4), (cnn, (2, 8, 8), 3)],
+    ids=["mlp-dropout", "cnn"],
+)
+def test_ranks_of_a_world_step_as_one_process_does(ranks, make, shape, k, rng):
+    X, y = rng.normal(size=(13, *shape)), rng.integers(0, k, size=13)
+    alone = DataParallel(make())
+    for step in range(3):
+        alone.net.set_rng(np.random.default_rng(step))
+        alone.train_pass(X, y)
+        GD(0.3).step(alone.params, alone.grads)
+    world, results = ThreadRanks(ranks), {}
+
+    def rank(r: int) -> None:
+        model = DataParallel(make(), world.rank(r))
+        for step in range(3):
+            model.net.set_rng(np.random.default_rng(step))
+            _, out = model.train_pass(X, y)
+            GD(0.3).step(model.params, model.grads)
+        lo, hi = model.rows(13)
+        results[r] = (model.params.copy(), out.shape[0] == hi - lo, model.accuracy(X, y))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for params, rows_ok, accuracy in results.values():
+        assert rows_ok
+        np.testing.assert_allclose(params, alone.params, rtol=1e-12, atol=1e-14)
+        assert accuracy == alone.accuracy(X, y)
+
+
 def test_small_batches_and_one_thread_run_whole(split_all):
-    net = Network.from_spec("784-100-10")
+    model = DataParallel(Network.from_spec("784-100-10"))
     split_all(1)
-    assert net.split(18000, training=True) is None
+    assert model.split(18000, training=True) is None
     split_all(2)
-    network_module.MIN_SHARD_MACS = 20_000_000
-    network_module.MIN_SHARD_MACS_PER_PARAM = 600
-    assert net.split(18000, training=True) == [(0, 9000), (9000, 18000)]
-    assert net.split(128, training=True) is None  # a mini-batch: the hand-off costs more
-    assert net.split(3, training=False) is None
+    parallel_module.MIN_SHARD_MACS = 20_000_000
+    parallel_module.MIN_SHARD_MACS_PER_PARAM = 600
+    assert model.split(18000, training=True) == [(0, 9000), (9000, 18000)]
+    assert model.split(128, training=True) is None  # a mini-batch: the hand-off costs more
+    assert model.split(3, training=False) is None
     # 784-800-800-10 mini-batches would spend the gain summing 1.3M-long gradients
-    big = Network.from_spec("784-800-800-10")
+    big = DataParallel(Network.from_spec("784-800-800-10"))
     assert big.split(128, training=True) is None
     assert big.split(128, training=False) is not None
 
@@ -200,11 +266,3 @@ def test_the_thread_count_comes_from_handprop_threads(monkeypatch):
     monkeypatch.delenv("HANDPROP_THREADS")
     set_threads(None)
     assert get_threads() >= 1
-
-
-def test_a_split_backward_refuses_a_gradient_of_another_batch(split_all, rng):
-    split_all(2)
-    net = mlp()
-    net.forward(rng.normal(size=(8, 12)), training=True)
-    with pytest.raises(ShapeError, match="G has 6 rows, the forward pass had 8 samples"):
-        net.backward(rng.normal(size=(6, 4)))

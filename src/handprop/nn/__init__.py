@@ -10,10 +10,13 @@ from handprop.nn.gradcheck import gradcheck, gradcheck_layer, numeric_gradient, 
 from handprop.nn.init import INITIALIZERS
 from handprop.nn.layers import Dense, Dropout, Flatten, Layer
 from handprop.nn.losses import LOSSES, Loss, MeanSquaredError, SoftmaxCrossEntropy, softmax
-from handprop.nn.network import LAYERS, Network, load, save
+from handprop.nn.modelfile import load, save
+from handprop.nn.network import Network
 from handprop.nn.optim import GD, OPTIMIZERS, SGD, Adam, Momentum, Nesterov, Optimizer, RMSprop
+from handprop.nn.parallel import DataParallel
 from handprop.nn.params import ParamLayout, ParamSlot
 from handprop.nn.schedules import SCHEDULES, Schedule
+from handprop.nn.spec import LAYERS
 from handprop.nn.threads import get_threads, set_threads
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "Adam",
     "AvgPool2D",
     "Conv2D",
+    "DataParallel",
     "Dense",
     "Dropout",
     "Flatten",

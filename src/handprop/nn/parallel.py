@@ -1,0 +1,317 @@
+"""Data parallelism around a plain :class:`~handprop.nn.Network`.
+
+One batch, many workers, the same numbers as one worker:
+
+1. **rows**: the batch's rows [0, n) are cut into near-equal blocks: one per MPI rank
+   (``world``), then this rank's block into one per thread (when the block has work
+   enough to gain, see ``MIN_SHARD_MACS``);
+2. **random streams**: each dropout layer's mask is drawn for the whole batch, by every
+   worker from the same generator, and each worker takes its rows of it, so a run does
+   not depend on the number of threads or ranks;
+3. each worker runs forward, loss and backward over its rows, dividing the loss by the
+   whole batch's n, into a flat gradient vector of its own (a thread's shard is a copy
+   of the layers that shares the parameter vector);
+4. **reduce**: the flat gradient vectors are summed, in process over the threads
+   (``np.add``), then over the ranks by one in-place Allreduce of ``grads``; the loss
+   rides in a second, one-number reduce.
+
+Every rank then holds the whole batch's gradient in ``grads`` and steps its optimizer
+identically. Threads and ranks are one mechanism with two reduces. The MPI side lives
+in :mod:`handprop.distributed` (which gives ``world``); this module needs only NumPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from handprop.nn.layers import Array, Dropout
+from handprop.nn.network import Network
+from handprop.nn.threads import bounds, get_threads, side_by_side, single_blas
+
+T = TypeVar("T")
+
+#: a batch is split over threads when each shard's forward pass has at least this many
+#: multiply-adds (below it the hand-off between threads costs more than it saves) ...
+MIN_SHARD_MACS = 20_000_000
+#: ... and, in training, this many per parameter: every shard writes a whole gradient
+#: vector and they are summed, which costs as much as the split saves on a dense net's
+#: mini-batch (784-800-800-10, batch 128: 6% slower split, 64 per parameter), while a
+#: full batch (9000 per parameter) or a CNN's mini-batch (740) gains.
+MIN_SHARD_MACS_PER_PARAM = 600
+
+
+class World(Protocol):
+    """The processes that share a batch: this one is ``rank`` of ``size``."""
+
+    rank: int
+    size: int
+
+    def sum(self, array: np.ndarray) -> None:
+        """Replace ``array`` by its sum over every rank (in place; an Allreduce)."""
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` (any picklable object), returned on every rank."""
+
+
+class OneProcess:
+    """The world of a process that trains alone: nothing to reduce."""
+
+    rank = 0
+    size = 1
+
+    def sum(self, array: np.ndarray) -> None:
+        return None
+
+    def broadcast(self, value: T) -> T:
+        return value
+
+
+class DataParallel:
+    """``net``'s training and inference passes with each batch split over workers.
+
+    Parameters
+    ----------
+    net : Network        the network; its ``params`` are shared by every thread's shard
+    world : World, optional
+        the MPI ranks sharing each batch (:func:`handprop.distributed.world`); by
+        default this process alone
+
+    ``params``, ``grads``, ``n_params``, ``check_input`` and ``check_labels`` are the
+    network's, so optimizers and :func:`~handprop.nn.gradcheck` take either.
+    """
+
+    def __init__(self, net: Network, world: World | None = None) -> None:
+        self.net = net
+        self.world: World = world or OneProcess()
+        self._shards: list[Network] = []  # one per thread, made when first needed
+        self._one = np.zeros(1, dtype=np.float64)  # the loss, reduced over the ranks
+        # (layer index, layer, shape of one sample at its input) of each dropout layer
+        self._dropouts: list[tuple[int, Dropout, tuple[int, ...]]] = []
+        shape = net.input_shape
+        for i, layer in enumerate(net.layers):
+            if isinstance(layer, Dropout) and layer.p > 0:
+                self._dropouts.append((i, layer, shape))
+            shape = layer.output_shape(shape)
+
+    # -- what optimizers and gradient checks see: the network's ------------------------
+
+    @property
+    def params(self) -> Array:
+        return self.net.params
+
+    @property
+    def grads(self) -> Array:
+        return self.net.grads
+
+    @property
+    def n_params(self) -> int:
+        return self.net.n_params
+
+    def check_input(self, X: Array) -> Array:
+        return self.net.check_input(X)
+
+    def check_labels(self, y: Array, n: int) -> Array:
+        return self.net.check_labels(y, n)
+
+    # -- rows -------------------------------------------------------------------------
+
+    def rows(self, n: int) -> tuple[int, int]:
+        """This rank's block [lo, hi) of a batch of ``n`` rows."""
+        if self.world.size == 1:
+            return 0, n
+        return bounds(n, self.world.size)[self.world.rank]
+
+    def split(self, n: int, training: bool = False) -> list[tuple[int, int]] | None:
+        """Thread blocks of ``n`` rows, one per thread, or None to run them whole: on
+        one thread, or when a shard would have too little work to gain."""
+        threads = get_threads()
+        per_shard = n * self.net.macs // threads
+        if threads < 2 or n < 2 * threads or per_shard < MIN_SHARD_MACS:
+            return None
+        if training and per_shard < MIN_SHARD_MACS_PER_PARAM * self.net.n_params:
+            return None
+        return bounds(n, threads)
+
+    def shards(self, count: int) -> list[Network]:
+        """``count`` copies of the network's layers that share its parameter vector;
+        each keeps its own gradient vector and work arrays."""
+        net = self.net
+        while len(self._shards) < count:
+            layers = [type(layer)(**layer.get_config()) for layer in net.layers]
+            self._shards.append(
+                Network(layers, net.input_shape, net.loss_name, net.dtype, params=net.params)
+            )
+        return self._shards[:count]
+
+    def check_memory(self, batch: int, state_vectors: int = 0) -> None:
+        """:meth:`Network.check_memory` for training on batches of ``batch`` rows: this
+        rank's rows, and a gradient vector per thread shard."""
+        lo, hi = self.rows(batch)
+        split = self.split(hi - lo, training=True)
+        extra = 0 if split is None else len(split)
+        self.net.check_memory(hi - lo, training=True, state_vectors=state_vectors + extra)
+
+    # -- training ---------------------------------------------------------------------
+
+    def train_pass(self, X: Array, y: Array) -> tuple[float, Array]:
+        """Forward (training), loss and backward over the whole batch (X, y), every
+        worker on its rows; fills ``grads`` with the batch's gradient on every rank.
+
+        Returns the batch's loss and the network's output for this rank's rows
+        (:meth:`rows`; all of them in a process that trains alone).
+        """
+        n = X.shape[0]
+        lo, hi = self.rows(n)
+        masks = self._draw_masks(n)
+        split = self.split(hi - lo, training=True)
+        try:
+            if split is None:
+                self._hand_masks(self.net, masks, lo, hi)
+                loss, out = self.net.train_pass(X[lo:hi], y[lo:hi], count=n)
+            else:
+                loss, out = self._train_on_shards(X[lo:hi], y[lo:hi], n, lo, split, masks)
+        finally:
+            self._hand_masks(self.net, masks, None, None)
+        return self._sum_over_ranks(loss), out
+
+    def loss_and_grad(self, X: Array, y: Array) -> float:
+        """The batch's loss; fills ``grads`` (see :meth:`train_pass`)."""
+        return self.train_pass(X, y)[0]
+
+    def count_correct(self, out: Array, y: Array) -> int:
+        """How many rows of the whole batch ``y`` the outputs of a :meth:`train_pass`
+        (this rank's rows) classify right, summed over the ranks."""
+        lo, hi = self.rows(len(y))
+        return self._sum_int(int((out.argmax(axis=1) == y[lo:hi]).sum()))
+
+    def _train_on_shards(
+        self,
+        X: Array,
+        y: Array,
+        n: int,
+        lo: int,
+        split: list[tuple[int, int]],
+        masks: list[tuple[Array, bool]],
+    ) -> tuple[float, Array]:
+        """Each thread's shard through forward, loss and backward in one hand-off; the
+        shards' gradient vectors summed into ``grads``."""
+        out = np.empty((X.shape[0], *self.net.output_shape), dtype=self.net.dtype)
+
+        def run(shard: Network, a: int, b: int) -> float:
+            self._hand_masks(shard, masks, lo + a, lo + b)
+            loss, out[a:b] = shard.train_pass(X[a:b], y[a:b], count=n)
+            return loss
+
+        shards = self.shards(len(split))
+        losses = self._on_threads(run, shards, split)
+        np.add(shards[0].grads, shards[1].grads, out=self.net.grads)
+        for shard in shards[2:]:
+            self.net.grads += shard.grads
+        return float(sum(losses)), out
+
+    def _draw_masks(self, n: int) -> list[tuple[Array, bool]]:
+        """Each dropout layer's mask for the whole batch, and whether it was pinned by
+        the caller; else it is drawn from the layer's generator exactly as the network
+        alone would draw it."""
+        return [
+            (layer.draw_mask((n, *shape)), False)
+            if layer.fixed_mask is None
+            else (layer.fixed_mask, True)
+            for _, layer, shape in self._dropouts
+        ]
+
+    def _hand_masks(
+        self, net: Network, masks: list[tuple[Array, bool]], lo: int | None, hi: int | None
+    ) -> None:
+        """Give ``net``'s dropout layers rows [lo, hi) of the batch's masks (None: give
+        the network's own layers back what they had: the pinned mask, or none)."""
+        for (i, _, _), (mask, pinned) in zip(self._dropouts, masks, strict=True):
+            if lo is None:
+                net.layers[i].fixed_mask = mask if pinned else None
+            else:
+                net.layers[i].fixed_mask = mask[lo:hi]
+
+    # -- inference and evaluation ----------------------------------------------------
+
+    def forward(self, X: Array, training: bool = False) -> Array:
+        """The network's output for X (this process's threads share the rows)."""
+        split = self.split(X.shape[0], training)
+        if split is None or training:
+            return self.net.forward(X, training)
+        out = np.empty((X.shape[0], *self.net.output_shape), dtype=self.net.dtype)
+
+        def run(shard: Network, a: int, b: int) -> None:
+            out[a:b] = shard.forward(X[a:b])
+
+        self._on_threads(run, self.shards(len(split)), split)
+        return out
+
+    def loss_value(self, X: Array, y: Array, training: bool = False) -> float:
+        """The loss over the whole batch (X, y), every rank on its rows."""
+        if training:  # a gradient check: the pinned masks, the same rows as train_pass
+            out = self.net.forward(X, training=True)
+            return self.net.loss.value(out, y)
+        lo, hi = self.rows(X.shape[0])
+        out = self.forward(X[lo:hi])
+        loss = self.net.loss.value(out, y[lo:hi]) * (hi - lo) / max(X.shape[0], 1)
+        return self._sum_over_ranks(loss, grads=False)
+
+    def predict_proba(self, X: Array, batch_size: int | None = None) -> Array:
+        """Class probabilities (n, k) of every row (:meth:`Network.predict_proba`, each
+        batch over the threads)."""
+        return self.net.predict_proba(X, batch_size, forward=self.forward)
+
+    def predict(self, X: Array, batch_size: int | None = None) -> Array:
+        """Class ids (n,) of the most probable class."""
+        return self.predict_proba(X, batch_size).argmax(axis=1)
+
+    def accuracy(self, X: Array, y: Array) -> float:
+        """The fraction of (X, y) classified right, every rank on its rows."""
+        if not len(y):
+            return float("nan")
+        lo, hi = self.rows(len(y))
+        correct = int((self.predict(X[lo:hi]) == y[lo:hi]).sum()) if hi > lo else 0
+        return self._sum_int(correct) / len(y)
+
+    # -- the two reduces -------------------------------------------------------------
+
+    def _on_threads(
+        self, fn: Callable[..., T], shards: list[Network], split: list[tuple[int, int]]
+    ) -> list[T]:
+        """``fn(shard, lo, hi)`` for each shard and its rows, side by side, BLAS on one
+        thread per call."""
+        calls = [(shard, a, b) for shard, (a, b) in zip(shards, split, strict=True)]
+        with single_blas():
+            return side_by_side(fn, calls)
+
+    def _sum_over_ranks(self, loss: float, grads: bool = True) -> float:
+        """Allreduce ``grads`` (in place) and the loss over the ranks."""
+        if self.world.size == 1:
+            return loss
+        if grads:
+            self.world.sum(self.net.grads)
+        self._one[0] = loss
+        self.world.sum(self._one)
+        return float(self._one[0])
+
+    def _sum_int(self, value: int) -> int:
+        if self.world.size == 1:
+            return value
+        self._one[0] = value
+        self.world.sum(self._one)
+        return round(self._one[0])
+
+    def __repr__(self) -> str:
+        world = self.world
+        return f"DataParallel({self.net!r}, rank {world.rank} of {world.size})"
+
+
+def parallel(model: Network | DataParallel) -> DataParallel:
+    """``model`` wrapped for data-parallel passes (a DataParallel is returned as is)."""
+    return model if isinstance(model, DataParallel) else DataParallel(model)
+
+
+__all__ = ["DataParallel", "OneProcess", "World", "parallel"]
