@@ -44,6 +44,7 @@ from handprop.runfolder import (
     HISTORY_COLUMNS,
     METRICS_FILE,
     MODEL_FILE,
+    RESUME_FREE_FIELDS,
     RUN_FILES,
     SPLIT_FILE,
     RunWriter,
@@ -333,6 +334,8 @@ class Trainer:
         self.progress = progress and self.world.rank == 0
         self.checkpoint_seconds = checkpoint_seconds
         self.data = load_split(cfg, progress=self.progress)
+        if self.world.size > 1:
+            self.check_same_on_every_rank()
         self.net = build_network(cfg, self.data)
         self.shape_inputs()
         self.model = nn.DataParallel(self.net, self.world)
@@ -363,6 +366,15 @@ class Trainer:
     @run_dir.setter
     def run_dir(self, path: Path) -> None:
         self.writer.run_dir = Path(path)
+
+    def check_same_on_every_rank(self) -> None:
+        """Refuse, on every rank, a config or data that differ from rank 0's."""
+        d = self.data
+        fields = sorted(
+            (k, v) for k, v in self.cfg.to_dict().items() if k not in RESUME_FREE_FIELDS
+        )
+        self.world.check_same("config", [repr(fields).encode()])
+        self.world.check_same("data", [d.train_idx, d.test_idx, d.X_train, d.y_train])
 
     def shape_inputs(self) -> None:
         """Give the feature rows the network's input shape ((n, 784) or (n, 1, 28, 28));

@@ -63,6 +63,11 @@ class _Group(click.Group):
 
 
 def _fail(message: str) -> None:
+    from handprop import distributed
+
+    mpi = distributed.active()
+    if mpi is not None and mpi.size > 1:
+        mpi.abort(message, EXIT_USER_ERROR)  # the other ranks would wait for this one
     click.echo(f"handprop: error: {message}", err=True)
     sys.exit(EXIT_USER_ERROR)
 

@@ -35,16 +35,22 @@ def command(config, dataset, data_dir, seed, out, resume, epochs, checkpoint_eve
     A checkpoint is written every --checkpoint-every seconds and on Ctrl-C or SIGTERM;
     `handprop train --resume RUN` continues from it, also after a kill.
     """
+    from handprop import distributed
     from handprop.config import load_config
     from handprop.train import resume_run, train_run
 
     progress = not quiet
+    world = distributed.world()  # MPI's under `mpiexec -n N`, else this process alone
     try:
         if resume is not None:
             if config is not None:
                 raise ConfigError("give either CONFIG or --resume RUN, not both")
             result = resume_run(
-                resume, progress=progress, epochs=epochs, checkpoint_seconds=checkpoint_every
+                resume,
+                progress=progress,
+                epochs=epochs,
+                checkpoint_seconds=checkpoint_every,
+                world=world,
             )
         else:
             if config is None:
@@ -69,19 +75,28 @@ def command(config, dataset, data_dir, seed, out, resume, epochs, checkpoint_eve
                 default_name=config.stem,
                 progress=progress,
                 checkpoint_seconds=checkpoint_every,
+                world=world,
             )
     except KeyboardInterrupt as exc:
         result = getattr(exc, "result", None)
         said = result.message if result is not None else "interrupted"
-        click.echo(f"\nhandprop: {said}", err=True)
+        if world.rank == 0:
+            click.echo(f"\nhandprop: {said}", err=True)
         raise
 
     if result.status != "completed":
+        if world.size > 1:  # every rank stopped at the same step: one of them says why
+            if world.rank == 0:
+                click.echo(f"handprop: error: {result.message} (recorded in {result.run_dir})")
+            raise SystemExit(1)
         raise HandpropError(f"{result.message} (recorded in {result.run_dir})")
+    if world.rank != 0:
+        return
     m = result.metrics
+    ranks = f", {world.size} MPI ranks" if world.size > 1 else ""
     click.echo(
         f"test accuracy {m['accuracy']:.2%} on {m['split']['test']} samples "
         f"(train {m['split']['train']}, {result.epochs_completed} epochs, "
-        f"{result.train_seconds:.1f} s, {m['n_params']:,d} parameters)"
+        f"{result.train_seconds:.1f} s, {m['n_params']:,d} parameters{ranks})"
     )
     click.echo(f"results in {result.run_dir}/")

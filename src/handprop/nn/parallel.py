@@ -22,11 +22,13 @@ in :mod:`handprop.distributed` (which gives ``world``); this module needs only N
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import numpy as np
 
+from handprop.errors import Interrupted
 from handprop.nn.layers import Array, Dropout
 from handprop.nn.network import Network
 from handprop.nn.threads import bounds, get_threads, side_by_side, single_blas
@@ -44,10 +46,16 @@ MIN_SHARD_MACS_PER_PARAM = 600
 
 
 class World(Protocol):
-    """The processes that share a batch: this one is ``rank`` of ``size``."""
+    """The processes that share a batch: this one is ``rank`` of ``size``.
+
+    ``stop_signal`` is nonzero once this rank was asked to stop (Ctrl-C, SIGTERM): it
+    rides along each training step's reduce, so that every rank stops after the same
+    step (a rank that stopped alone would leave the others waiting in an Allreduce).
+    """
 
     rank: int
     size: int
+    stop_signal: int
 
     def sum(self, array: np.ndarray) -> None:
         """Replace ``array`` by its sum over every rank (in place; an Allreduce)."""
@@ -61,6 +69,7 @@ class OneProcess:
 
     rank = 0
     size = 1
+    stop_signal = 0
 
     def sum(self, array: np.ndarray) -> None:
         return None
@@ -87,7 +96,7 @@ class DataParallel:
         self.net = net
         self.world: World = world or OneProcess()
         self._shards: list[Network] = []  # one per thread, made when first needed
-        self._one = np.zeros(1, dtype=np.float64)  # the loss, reduced over the ranks
+        self._two = np.zeros(2, dtype=np.float64)  # the loss and the stop flag, reduced
         # (layer index, layer, shape of one sample at its input) of each dropout layer
         self._dropouts: list[tuple[int, Dropout, tuple[int, ...]]] = []
         shape = net.input_shape
@@ -288,21 +297,25 @@ class DataParallel:
             return side_by_side(fn, calls)
 
     def _sum_over_ranks(self, loss: float, grads: bool = True) -> float:
-        """Allreduce ``grads`` (in place) and the loss over the ranks."""
-        if self.world.size == 1:
+        """Allreduce ``grads`` (in place) and the loss over the ranks; after a training
+        step, stop every rank if any was asked to."""
+        world = self.world
+        if world.size == 1:
             return loss
         if grads:
-            self.world.sum(self.net.grads)
-        self._one[0] = loss
-        self.world.sum(self._one)
-        return float(self._one[0])
+            world.sum(self.net.grads)
+        self._two[:] = loss, world.stop_signal if grads else 0
+        world.sum(self._two)
+        if self._two[1]:
+            raise Interrupted(world.stop_signal or signal.SIGTERM)
+        return float(self._two[0])
 
     def _sum_int(self, value: int) -> int:
         if self.world.size == 1:
             return value
-        self._one[0] = value
-        self.world.sum(self._one)
-        return round(self._one[0])
+        self._two[:] = value, 0
+        self.world.sum(self._two)
+        return round(self._two[0])
 
     def __repr__(self) -> str:
         world = self.world
