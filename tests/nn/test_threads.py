@@ -134,7 +134,7 @@ class ThreadRanks:
         world = self
 
         class Rank:
-            rank, size = r, world.size
+            rank, size, stop_signal = r, world.size, 0
 
             def sum(self, array):
                 world.parts[r] = array.copy()
@@ -178,6 +178,7 @@ def test_ranks_of_a_world_step_as_one_process_does(ranks, make, shape, k, rng):
         t.start()
     for t in threads:
         t.join()
+    assert sorted(results) == list(range(ranks))
     for params, rows_ok, accuracy in results.values():
         assert rows_ok
         np.testing.assert_allclose(params, alone.params, rtol=1e-12, atol=1e-14)
