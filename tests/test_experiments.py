@@ -46,23 +46,15 @@ def test_grid_runs_every_row_and_writes_a_summary(tmp_path):
     assert again[0].accuracy == summaries[0].accuracy
 
 
-def test_an_interrupted_grid_resumes(tmp_path, monkeypatch):
-    from handprop import nn
+def test_an_interrupted_grid_resumes(tmp_path, monkeypatch, ctrl_c_after_step):
     from handprop.train import resume_run
 
     grid = write(tmp_path / "g.csv", "a,400,300,100,8,2.0,12,digits,4")
     rows = read_grid(grid)
-    real_step = nn.GD.step
-
-    def interrupt(self, params, grads):
-        if self.t == 5:
-            raise KeyboardInterrupt
-        real_step(self, params, grads)
-
-    monkeypatch.setattr(nn.GD, "step", interrupt)
+    ctrl_c_after_step(5)
     with pytest.raises(KeyboardInterrupt):
         run_grid(rows, tmp_path / "out", progress=False)
-    monkeypatch.setattr(nn.GD, "step", real_step)
+    ctrl_c_after_step(None)
     resumed = []
     monkeypatch.setattr(
         "handprop.train.resume_run",

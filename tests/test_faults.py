@@ -394,19 +394,10 @@ def test_a_parallel_grid_stops_its_rows_cancels_the_queue_and_writes_the_summary
         assert checkpoint_epoch(out / r) > 0
 
 
-def test_a_sequential_grid_interrupted_writes_the_summary(tmp_path, monkeypatch):
-    from handprop import nn
-
+def test_a_sequential_grid_interrupted_writes_the_summary(tmp_path, ctrl_c_after_step):
     grid = tmp_path / "g.csv"
     grid.write_text(f"{GRID_HEADER}\na,400,300,100,8,2.0,5,digits\nb,400,300,100,8,2.0,5,digits\n")
-    real_step = nn.GD.step
-
-    def interrupt(self, params, grads):
-        if self.t == 3:
-            raise KeyboardInterrupt
-        real_step(self, params, grads)
-
-    monkeypatch.setattr(nn.GD, "step", interrupt)
+    ctrl_c_after_step(3)
     result = CliRunner().invoke(main, ["experiments", str(grid), "--out", str(tmp_path / "o")])
     assert result.exit_code == 130
     summary = (tmp_path / "o" / "summary.csv").read_text()

@@ -87,6 +87,12 @@ def config(tmp_path: Path, name: str, epochs: int | None = None, extra: str = ""
     return path
 
 
+def two_ranks(config_0: Path, config_1: Path) -> list[str]:
+    """mpiexec's arguments for 2 ranks that train different configs (MPMD)."""
+    one = ["-n", "1", *HANDPROP, "train"]
+    return [*one, str(config_0), "-q", ":", *one, str(config_1), "-q"]
+
+
 def params(run_dir: Path) -> np.ndarray:
     with np.load(run_dir / "model.npz") as f:
         return f["params"]
@@ -122,21 +128,7 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, mpiexec
     bad = tmp_path / "bad.toml"
     bad.write_text(good.read_text().replace("hidden = [16]", "hidden = [-3]"))
     start = time.monotonic()
-    job = mpiexec(
-        "-n",
-        "1",
-        *HANDPROP,
-        "train",
-        str(good),
-        "-q",
-        ":",
-        "-n",
-        "1",
-        *HANDPROP,
-        "train",
-        str(bad),
-        "-q",
-    )
+    job = mpiexec(*two_ranks(good, bad))
     code, _, err = job.finish(timeout=60)
     assert code != 0
     assert time.monotonic() - start < 30
@@ -148,21 +140,7 @@ def test_ranks_with_different_configs_are_refused_at_start_up(tmp_path, mpiexec)
     a = config(tmp_path, "seed")
     b = tmp_path / "b.toml"
     b.write_text(a.read_text() + "seed = 5\n")
-    job = mpiexec(
-        "-n",
-        "1",
-        *HANDPROP,
-        "train",
-        str(a),
-        "-q",
-        ":",
-        "-n",
-        "1",
-        *HANDPROP,
-        "train",
-        str(b),
-        "-q",
-    )
+    job = mpiexec(*two_ranks(a, b))
     code, _, err = job.finish(timeout=60)
     assert code != 0
     assert "the config on rank 1 differs from rank 0's" in err
