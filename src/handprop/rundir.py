@@ -79,15 +79,22 @@ def make_folder(base: str | Path, name: str, marker: str = RUN_MARKER) -> Path:
     _make_base(base)
     for k in range(1, 10_000):
         folder = base / (name if k == 1 else f"{name}-{k}")
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise output_error(folder, exc, "cannot make the folder") from None
-        _mark(folder, marker)
-        return folder
+        if _claim(folder, marker):
+            return folder
     raise OutputError(f"{base}: {name}, {name}-2, ... {name}-9999 are all taken")
+
+
+def _claim(folder: Path, marker: str) -> bool:
+    """Make ``folder`` with one atomic mkdir and mark it: True, or False when the name
+    is taken already (by anyone)."""
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise output_error(folder, exc, "cannot make the folder") from None
+    _mark(folder, marker)
+    return True
 
 
 def is_owned(folder: str | Path, marker: str = RUN_MARKER) -> bool:
@@ -108,14 +115,7 @@ def make_or_adopt(folder: str | Path, marker: str = RUN_MARKER) -> tuple[Path, b
     """
     folder = Path(folder)
     _make_base(folder.parent)
-    try:
-        folder.mkdir()
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise output_error(folder, exc, "cannot make the folder") from None
-    else:
-        _mark(folder, marker)
+    if _claim(folder, marker):
         return folder, True
     if not folder.is_dir():
         raise OutputError(f"{folder}: exists and is not a folder; handprop will not replace it")
