@@ -18,6 +18,11 @@ class DataError(HandpropError):
     """A dataset file is missing, malformed, truncated or fails verification."""
 
 
+class ImageTooLargeError(DataError):
+    """An image has more pixels than handprop reads (Pillow's decompression-bomb limit,
+    or a server's own limit): refused from its header, before it is decoded."""
+
+
 class ModelFileError(HandpropError):
     """A saved model file is missing keys, has wrong sizes or is not a handprop model."""
 

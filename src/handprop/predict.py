@@ -13,7 +13,9 @@ no more memory than one batch of them as floats.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import math
 import re
 import struct
@@ -22,10 +24,11 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from handprop.errors import DataError, HandpropError, ModelFileError
+from handprop.errors import DataError, HandpropError, ImageTooLargeError, ModelFileError
 from handprop.memory import check_fits
 from handprop.nn import Network
 
@@ -53,29 +56,47 @@ def load_model(path: str | Path) -> Network:
 # -- images --------------------------------------------------------------------------
 
 
-def _open_image(path: Path):
-    """The image, opened (header read); Pillow's faults become one DataError line."""
+def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: int | None = None):
+    """An image opened (header read, pixels not yet decoded) from a file or from bytes;
+    Pillow's faults become one DataError line that starts with ``name`` (default: the
+    path, or "image" for bytes).
+
+    Raises ImageTooLargeError (a DataError) when the image has more pixels than
+    Pillow's decompression-bomb limit or than ``max_pixels``: a small compressed file
+    can claim a huge picture, refused before a byte of it is decoded.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    if name is None:
+        name = "image" if isinstance(source, (bytes, bytearray)) else str(source)
+    file = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else Path(source)
     try:
         with warnings.catch_warnings():
             # an image over Pillow's pixel limit warns (over twice it, raises): refuse both
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)
+            img = Image.open(file)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found[1]):,} pixels" if found else "too many pixels"
-        raise DataError(
-            f"{path}: the image has {size}, more than the {Image.MAX_IMAGE_PIXELS:,} "
+        raise ImageTooLargeError(
+            f"{name}: the image has {size}, more than the {Image.MAX_IMAGE_PIXELS:,} "
             "handprop reads; scale it down"
         ) from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not a readable image (not a format Pillow knows)") from None
+        raise DataError(f"{name}: not a readable image (not a format Pillow knows)") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
+        raise DataError(f"{name}: cannot read the image ({exc.strerror or exc})") from None
+    pixels = img.size[0] * img.size[1]
+    if max_pixels is not None and pixels > max_pixels:
+        img.close()
+        raise ImageTooLargeError(
+            f"{name}: the image has {pixels:,} pixels, more than the {max_pixels:,} "
+            "handprop reads; scale it down"
+        )
+    return img
 
 
-def _grayscale(img, path: Path) -> np.ndarray:
+def _grayscale(img) -> np.ndarray:
     """Image -> float (H, W) in [0, 1]; transparent pixels take the background's place."""
     from PIL import Image
 
@@ -99,33 +120,48 @@ def _grayscale(img, path: Path) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
 
 
-def prepare_image(path: str | Path, image_shape: tuple[int, int]) -> np.ndarray:
+def prepare_image(
+    source: str | Path | bytes | Any,
+    image_shape: tuple[int, int],
+    name: str | None = None,
+    max_pixels: int | None = None,
+) -> np.ndarray:
     """A picture as a float array (H, W) in [0, 1], white digit on black, MNIST-style.
 
+    ``source`` is a file's path, an image file's bytes (an upload) or a PIL image;
+    messages start with ``name`` (default: the path, or "image"). ``handprop predict``
+    and ``handprop serve`` both prepare their images here.
+
     Raises DataError naming the file when it is not an image Pillow can read, is too
-    large (Pillow's decompression-bomb limit), is truncated, or is blank (one colour:
-    there is no digit to read). An animated image is read by its first frame.
+    large (Pillow's decompression-bomb limit, or more than ``max_pixels``:
+    ImageTooLargeError), is truncated, or is blank (one colour: there is no digit to
+    read). An animated image is read by its first frame.
     """
     from PIL import Image
 
-    path = Path(path)
-    img = _open_image(path)
+    if isinstance(source, Image.Image):
+        name = name or "image"
+        img, owned = source, False
+    else:
+        if name is None:
+            name = "image" if isinstance(source, (bytes, bytearray)) else str(source)
+        img, owned = open_image(source, name, max_pixels), True
     try:
-        with img:
+        with img if owned else contextlib.nullcontext(img):
             img.seek(0)  # an animated GIF or a multi-page TIFF: the first frame
             img.load()
-            gray = _grayscale(img, path)
+            gray = _grayscale(img)
     except HandpropError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+        raise DataError(f"{name}: not a readable image ({exc})") from None
 
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if border.mean() > 0.5:  # dark digit on a light background
         gray = 1.0 - gray
     gray = np.clip((gray - np.median(border if border.mean() <= 0.5 else 1 - border)), 0, None)
     if gray.max() <= 0.05:
-        raise DataError(f"{path}: the image is blank (one colour); no digit to read")
+        raise DataError(f"{name}: the image is blank (one colour); no digit to read")
     gray /= gray.max()
 
     ink = np.argwhere(gray > 0.1)

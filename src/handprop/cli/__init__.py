@@ -33,6 +33,8 @@ COMMAND_MODULES = (
     "compare",
     "figures",
     "report",
+    "serve",
+    "export",
 )
 
 EXIT_USER_ERROR = 1

@@ -1,0 +1,48 @@
+"""handprop serve: a page to draw digits on, with the network's answer live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("serve")
+@click.argument("source", required=False, default="runs", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port."
+)
+def command(source: Path, host: str, port: int) -> None:
+    """Open a page to draw digits on and watch SOURCE's networks read them.
+
+    SOURCE is a .npz model file, a run folder, or a folder of runs (default: runs/),
+    whose models a picker lists. The page shows the class probabilities, the 28x28
+    input the network sees, a saliency map from the network's own backward pass and
+    its first layer's activity; scripts use the JSON API (docs/api.md). Needs the
+    serve extra: pip install -e ".[serve]".
+    """
+    from handprop.errors import ConfigError
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"handprop serve needs the serve extra ({exc.name} is missing): "
+            'pip install -e ".[serve]"'
+        ) from None
+    from handprop.serve import find_models
+    from handprop.serve.app import run
+
+    models = find_models(source)
+
+    def ready(bound: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        names = ", ".join(m.id for m in models[:5]) + (", ..." if len(models) > 5 else "")
+        click.echo(
+            f"handprop serve: {len(models)} model{'s' * (len(models) != 1)} ({names}) "
+            f"at http://{shown}:{bound}/  (Ctrl-C stops)"
+        )
+
+    run(models, host, port, ready)
