@@ -154,7 +154,7 @@ def run_one(
     locked while the row trains, so two grids on one folder never train a row twice.
     A Ctrl-C propagates, after the row has checkpointed.
     """
-    from handprop.runfolder import CONFIG_FILE, is_complete
+    from handprop.runfolder import CONFIG_FILE
     from handprop.train import CHECKPOINT_SECONDS, resume_run, train_run
 
     seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
@@ -164,14 +164,9 @@ def run_one(
         folder, made = make_or_adopt(run_dir)
         with FolderLock(folder):
             config_file = folder / CONFIG_FILE
-            if config_file.is_file():
-                if config_file.read_text(encoding="utf-8") != to_toml(cfg):
-                    raise ConfigError(
-                        f"{folder} holds a run with another config; rename the row's "
-                        "run_name or choose another --out"
-                    )
-                if is_complete(folder):
-                    return _summary(folder, "skipped")
+            skipped = existing_row(cfg, folder)
+            if skipped is not None:
+                return skipped
             with _thread_limits(threads):
                 if config_file.is_file():  # interrupted, killed, diverged: continue it
                     result = resume_run(folder, progress=progress, checkpoint_seconds=seconds)
@@ -184,6 +179,29 @@ def run_one(
         if isinstance(exc, MemoryError):
             return RunSummary(name, "failed", message="ran out of memory")
         return RunSummary(name, "failed", message=_one_line(exc))
+
+
+def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
+    """What a row's folder already holds: its summary ("skipped") when the row is
+    complete, None when it must (re)start or resume.
+
+    Raises
+    ------
+    ConfigError
+        The folder holds a run with another config.
+    """
+    from handprop.runfolder import CONFIG_FILE, is_complete
+
+    config_file = folder / CONFIG_FILE
+    if config_file.is_file():
+        if config_file.read_text(encoding="utf-8") != to_toml(cfg):
+            raise ConfigError(
+                f"{folder} holds a run with another config; rename the row's "
+                "run_name or choose another --out"
+            )
+        if is_complete(folder):
+            return _summary(folder, "skipped")
+    return None
 
 
 def _one_line(exc: BaseException) -> str:

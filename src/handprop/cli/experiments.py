@@ -24,15 +24,44 @@ import click
     show_default=True,
     help="Seconds between each run's checkpoints.",
 )
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Run the rows on the Dask cluster behind this scheduler (tcp://HOST:8786), "
+    "or 'local' for a LocalCluster of --jobs workers.",
+)
+@click.option(
+    "--cluster",
+    type=click.Choice(["local"]),
+    help="'local': a Dask LocalCluster of --jobs worker processes (as --scheduler local).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def command(csv_file, out, jobs, base, data_dir, checkpoint_every, quiet) -> None:
+def command(
+    csv_file, out, jobs, base, data_dir, checkpoint_every, scheduler, cluster, quiet
+) -> None:
     """Run every row of FILE.csv (run_name,d,dtrain,dtest,m,alpha,epochs,...).
 
     Running it again continues: finished rows are skipped, interrupted or killed ones
     resume from their checkpoints. Ctrl-C stops the running rows with a checkpoint,
     cancels the queued ones and writes the summary.
+
+    With --scheduler the rows are tasks on a Dask cluster whose workers need not share
+    a disk with this machine: each worker finds the data itself (--data-dir is then a
+    path on the workers; without it, each worker's HANDPROP_DATA or cache), and the run
+    folders come back here into --out.
     """
+    from handprop.errors import ConfigError
     from handprop.experiments import load_base, read_grid, run_grid, summary_markdown
+
+    if cluster is not None:
+        if scheduler not in (None, "local"):
+            raise ConfigError(f"--cluster local and --scheduler {scheduler}: give one of them")
+        scheduler = "local"
+    if scheduler not in (None, "local") and jobs > 1:
+        raise ConfigError(
+            f"--jobs {jobs} sizes a local cluster; the workers of the cluster behind "
+            f"{scheduler} are the ones started with `dask worker`"
+        )
 
     rows = read_grid(csv_file, load_base(base))
     if data_dir is not None:
@@ -49,14 +78,27 @@ def command(csv_file, out, jobs, base, data_dir, checkpoint_every, quiet) -> Non
         click.echo(f"summary in {out}/summary.csv and summary.md")
 
     try:
-        summaries = run_grid(
-            rows,
-            out,
-            jobs=jobs,
-            progress=not quiet and jobs == 1,
-            on_done=done,
-            checkpoint_seconds=checkpoint_every,
-        )
+        if scheduler is None:
+            summaries = run_grid(
+                rows,
+                out,
+                jobs=jobs,
+                progress=not quiet and jobs == 1,
+                on_done=done,
+                checkpoint_seconds=checkpoint_every,
+            )
+        else:
+            from handprop.cluster import connect, run_grid_on_cluster
+
+            with connect(scheduler, jobs if jobs > 1 else None) as client:
+                summaries = run_grid_on_cluster(
+                    rows,
+                    out,
+                    client,
+                    progress=not quiet,
+                    on_done=done,
+                    checkpoint_seconds=checkpoint_every,
+                )
     except KeyboardInterrupt as exc:
         if hasattr(exc, "summaries"):
             report(exc.summaries)
