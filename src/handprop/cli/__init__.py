@@ -37,6 +37,15 @@ COMMAND_MODULES = (
     "export",
 )
 
+#: ``--checkpoint-every SECONDS``, shared by ``train`` and ``experiments``
+checkpoint_every = click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds between a run's checkpoints (written at epoch boundaries).",
+)
+
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from handprop.cli import checkpoint_every
+
 
 @click.command("experiments")
 @click.argument("csv_file", metavar="FILE.csv", type=click.Path(path_type=Path))
@@ -17,13 +19,7 @@ import click
     "--base", type=click.Path(path_type=Path), help="Config whose values fill empty cells."
 )
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Directory holding the data.")
-@click.option(
-    "--checkpoint-every",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    help="Seconds between each run's checkpoints.",
-)
+@checkpoint_every
 @click.option(
     "--scheduler",
     metavar="ADDRESS",

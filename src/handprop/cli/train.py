@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from handprop.cli import checkpoint_every
 from handprop.errors import ConfigError, HandpropError
 
 
@@ -21,13 +22,7 @@ from handprop.errors import ConfigError, HandpropError
     type=click.IntRange(min=1),
     help="With --resume: train to this many epochs instead (not with a cosine schedule).",
 )
-@click.option(
-    "--checkpoint-every",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    help="Seconds between checkpoints (written at epoch boundaries).",
-)
+@checkpoint_every
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(config, dataset, data_dir, seed, out, resume, epochs, checkpoint_every, quiet) -> None:
     """Train the network CONFIG describes (6-line .cfg or .toml) into a run folder.
