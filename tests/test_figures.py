@@ -52,10 +52,19 @@ RUN_FIGURES = {
 }
 
 
+def size_of(kind: str, run: RunFolder) -> tuple[int, int]:
+    """The pixel size a figure of ``kind`` must have for ``run``: fixed by the kind, and
+    for the misclassified grid by the rows of errors it shows."""
+    if kind == "misclassified":
+        P = run.predictions
+        return pixel_size(kind, figures.misclassified_rows(int((P.y_true != P.y_pred).sum())))
+    return pixel_size(kind)
+
+
 @pytest.mark.parametrize("kind", RUN_FIGURES)
 def test_each_run_figure_is_a_png_of_its_fixed_size(run, kind):
     data = png_bytes(RUN_FIGURES[kind](run))
-    assert png_dimensions(data) == pixel_size(kind)
+    assert png_dimensions(data) == size_of(kind, run)
 
 
 def test_write_figures_writes_every_run_figure(tmp_path, images):
@@ -73,11 +82,12 @@ def test_write_figures_writes_every_run_figure(tmp_path, images):
         "top_confusions.png": "top_confusions",
         "misclassified.png": "misclassified",
         "first_layer.png": "first_layer",
+        "diagnostics.png": "diagnostics",
     }
     assert {p.name for p in result.written} == set(expected)
     assert result.skipped == []
     for name, kind in expected.items():
-        assert png_dimensions((folder / name).read_bytes()) == pixel_size(kind)
+        assert png_dimensions((folder / name).read_bytes()) == size_of(kind, RunFolder(run))
     # atomic writes leave no temporary file behind
     assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
 
@@ -91,7 +101,8 @@ def test_unloadable_dataset_skips_only_the_misclassified_figure(tmp_path, monkey
     out = tmp_path / "elsewhere"
     result = write_figures(folder, out)
     assert "misclassified.png" not in {p.name for p in result.written}
-    assert len(result.written) == 6 and all(p.parent == out for p in result.written)
+    # 7: one confusion matrix + 6 other figures (diagnostics among them)
+    assert len(result.written) == 7 and all(p.parent == out for p in result.written)
     assert result.skipped == [
         "misclassified: cannot load the dataset's images: fake3: unknown dataset"
     ]
@@ -113,9 +124,11 @@ def test_run_without_history_skips_the_curves(tmp_path, images):
 def test_perfect_run_still_draws_its_figures(tmp_path, images):
     from test_runs import Y_TRUE
 
-    figs, _ = figures.build_run_figures(RunFolder(write_run(tmp_path / "r", y_pred=Y_TRUE)))
+    run = RunFolder(write_run(tmp_path / "r", y_pred=Y_TRUE))
+    figs, _ = figures.build_run_figures(run)
     for stem in ("misclassified", "top_confusions"):
-        assert png_dimensions(png_bytes(dict(figs)[stem])) == pixel_size(stem)
+        assert png_dimensions(png_bytes(dict(figs)[stem])) == size_of(stem, run)
+    assert size_of("misclassified", run) == pixel_size("misclassified", rows=1)
 
 
 # --- grids --------------------------------------------------------------------------------
@@ -190,7 +203,7 @@ def test_cli_prints_the_files_written(tmp_path, monkeypatch):
     printed = [Path(line) for line in result.stdout.splitlines()]
     warnings = result.stderr.splitlines()
     assert len(warnings) == 2 and all(w.startswith("handprop: warning: skipped ") for w in warnings)
-    assert len(printed) == 5 and all(p.is_file() and p.parent == out for p in printed)
+    assert len(printed) == 6 and all(p.is_file() and p.parent == out for p in printed)
 
 
 def test_first_layer_of_a_cnn_and_of_an_mlp(tmp_path):

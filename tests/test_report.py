@@ -97,8 +97,8 @@ def test_run_report_is_self_contained(tmp_path):
     assert "learning_rate" in text and "cross_entropy" in text  # the config table
     assert "bar" in text and "macro avg" in text  # per class
     sizes = embedded_png_sizes(p)
-    assert len(sizes) == 8  # 2 confusion matrices + 6 other figures
-    assert pixel_size("misclassified") in sizes
+    assert len(sizes) == 9  # 2 confusion matrices + 7 other figures (diagnostics too)
+    assert pixel_size("misclassified", rows=1) in sizes  # 6 errors: one row of the grid
     # internal links point at anchors that exist
     anchors = {url[1:] for tag, name, url in p.urls if name == "href"}
     assert anchors and all(f'id="{a}"' in page for a in anchors)
@@ -119,7 +119,7 @@ def test_report_of_a_run_without_comparisons_config_or_dataset(tmp_path, monkeyp
     assert "Comparison" not in text
     assert "has no config.toml" in text
     assert "Not shown: misclassified: cannot load the dataset" in text
-    assert len(embedded_png_sizes(p)) == 6
+    assert len(embedded_png_sizes(p)) == 7
 
 
 def test_grid_report(tmp_path):
@@ -176,4 +176,40 @@ def test_report_of_a_diverged_run_shows_why(tmp_path):
     p = assert_self_contained(report_html(folder))
     text = " ".join(p.text)
     assert "diverged" in text and "loss is nan at learning rate 50" in text
-    assert embedded_png_sizes(p) == [pixel_size("training_curves")]
+    # its inside is still worth seeing: where did the gradients go?
+    assert embedded_png_sizes(p) == [pixel_size("training_curves"), pixel_size("diagnostics")]
+
+
+def test_config_table_shows_what_defines_the_run_and_folds_the_rest():
+    from handprop.report import config_html, defining_fields
+
+    gd = {"hidden": [100], "activation": ["sigmoid"], "learning_rate": 2.5, "epochs": 1000}
+    names = defining_fields(gd)
+    assert "learning_rate" in names and "batch_size" in names
+    assert not {"momentum", "beta1", "beta2", "rho", "eps", "out", "name"} & set(names)
+    adam = defining_fields({**gd, "optimizer": "adam", "dropout": [0.2]})
+    assert {"beta1", "beta2", "eps", "dropout"} <= set(adam) and "rho" not in adam
+    page = config_html({**gd, "init": "glorot_uniform", "batch_size": None})
+    assert "['sigmoid']" not in page and "[100]" not in page  # lists read as values
+    assert '<tr class="changed"><td title="weight initialisation">init</td>' in page
+    assert "full batch" in page and "<details>" in page
+
+
+def test_report_carries_every_caveat_compare_knows(tmp_path, monkeypatch):
+    from handprop.compare import comparison_caveats
+
+    monkeypatch.setattr(figures, "_load_images", lambda run: fake_images())
+    folder = write_run(tmp_path / "run", comparisons=True)
+    models = {
+        "sklearn_default": {"label": "scikit-learn (default)", "accuracy": 0.5,
+                            "macro_f1": 0.5, "converged": False, "notes": []},
+        "sklearn_analogue": {"label": "scikit-learn (analogue)", "accuracy": 1.0,
+                             "macro_f1": 1.0, "notes": ["scikit-learn has no dropout",
+                             "initialisation is scikit-learn's own, not the run's uniform"]},
+    }  # fmt: skip
+    (folder / "comparison.json").write_text(json.dumps({"models": models}))
+    caveats = comparison_caveats(models)
+    assert len(caveats) == 3 and "stopped at max_iter" in caveats[0]
+    text = " ".join(assert_self_contained(report_html(folder)).text)
+    for caveat in caveats:
+        assert caveat in text

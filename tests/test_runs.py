@@ -63,6 +63,7 @@ def write_run(
     train: int = 18,
     y_pred: np.ndarray = Y_PRED,
     model: bool = True,
+    diagnostics: bool = True,
 ) -> Path:
     """A complete run folder per docs/formats.md; the model is 64-hidden-3 on 8x8 images
     with its initial weights (only the first-layer figure reads it)."""
@@ -85,6 +86,8 @@ def write_run(
             acc = f"{0.4 + 0.05 * e:.3f},{0.35 + 0.04 * e:.3f}" if e % 2 == 0 else ","
             rows.append(f"{e},{1.2 / e:.4f},{acc},{0.01 * e:.2f}")
         (folder / "history.csv").write_text("\n".join(rows) + "\n")
+    if diagnostics:
+        (folder / "diagnostics.csv").write_text(diagnostics_text(epochs, hidden))
     acc = float((y_pred == Y_TRUE).mean())
     metrics = {
         "status": "completed",
@@ -108,6 +111,32 @@ def write_run(
         'activation = ["sigmoid"]\nloss = "cross_entropy"\n'
     )
     return folder
+
+
+def diagnostics_text(epochs: int, hidden: int) -> str:
+    """diagnostics.csv of a 64-hidden-3 sigmoid network evaluated every other epoch."""
+    from handprop.diagnostics import diagnostics_csv
+
+    rows = []
+    for e in range(2, epochs + 1, 2):
+        for number, name, act in (
+            (1, f"dense 64-{hidden}", "sigmoid"),
+            (2, f"dense {hidden}-3", "softmax"),
+        ):
+            rows.append(
+                {
+                    "epoch": e,
+                    "layer": number,
+                    "name": name,
+                    "activation": act,
+                    "grad_norm": 0.5 / e / number,
+                    "weight_norm": 1.0 + 0.1 * e,
+                    "update_ratio": 0.01 / e if e > 2 else None,
+                    "saturated": 0.02 * e if act == "sigmoid" else None,
+                    "dead": None,
+                }
+            )
+    return diagnostics_csv(rows)
 
 
 def write_grid(folder: Path, runs: dict[str, dict]) -> Path:
@@ -296,3 +325,20 @@ def test_grid_folder_lists_its_runs(tmp_path):
 def test_empty_folder_is_not_a_grid(tmp_path):
     with pytest.raises(ConfigError, match="no run folders inside"):
         GridFolder(tmp_path)
+
+
+def test_a_config_names_its_latest_run(tmp_path, monkeypatch):
+    from handprop.rundir import make_folder
+    from handprop.runs import latest_run
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "quick.toml"
+    config.write_text('dataset = "digits"\nsplit = "standard"\nlearning_rate = 1.0\nepochs = 2\n')
+    with pytest.raises(ConfigError, match="no run of this config under runs/ yet"):
+        latest_run(config)
+    for _ in range(11):
+        make_folder("runs", "quick")
+    (tmp_path / "runs" / "quick-12").mkdir()  # not made by handprop: never chosen
+    assert latest_run(config) == Path("runs") / "quick-11"
+    run = write_run(tmp_path / "runs" / "quick-11")
+    assert RunFolder(config).path == run.relative_to(tmp_path)

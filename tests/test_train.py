@@ -42,6 +42,7 @@ def test_train_writes_a_complete_run_folder(cfg):
         "history.csv",
         "predictions.csv",
         "metrics.json",
+        "diagnostics.csv",
     }
     metrics = json.loads((d / "metrics.json").read_text())
     assert metrics["status"] == "completed"

@@ -279,6 +279,23 @@ def comparison_table_rows(result: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def comparison_caveats(models: dict[str, dict[str, Any]]) -> list[str]:
+    """Every caveat of a comparison, one sentence each: a scikit-learn default run that
+    stopped at max_iter unconverged, and each note on what the analogue cannot mirror.
+
+    ``models``: ``comparison.json``'s ``models`` (name -> entry). ``format_comparison``
+    prints these and the report shows them, so the two never disagree.
+    """
+    caveats = []
+    for model, entry in models.items():
+        label = entry.get("label") or MODEL_LABELS.get(model, model)
+        if model == "sklearn_default" and entry.get("converged") is False:
+            caveats.append(f"{label} stopped at max_iter before converging")
+        for note in entry.get("notes", []):
+            caveats.append(f"{label}: {note}")
+    return caveats
+
+
 def format_comparison(result: dict[str, Any]) -> str:
     """The side-by-side table, then the notes on what the analogue cannot mirror."""
     from handprop.evaluate import format_table
@@ -288,11 +305,7 @@ def format_comparison(result: dict[str, Any]) -> str:
         f"test {result['split']['test']}, {result['split']['dtype']})",
         format_table(COMPARISON_HEADER, comparison_table_rows(result)),
     ]
-    for model, entry in result["models"].items():
-        if model == "sklearn_default" and entry.get("converged") is False:
-            lines.append(f"note: {entry['label']} stopped at max_iter before converging")
-        for note in entry.get("notes", []):
-            lines.append(f"note: {entry['label']}: {note}")
+    lines += [f"note: {caveat}" for caveat in comparison_caveats(result["models"])]
     return "\n".join(lines)
 
 
@@ -300,6 +313,7 @@ __all__ = [
     "COMPARISON_FILE",
     "MODELS",
     "compare_run",
+    "comparison_caveats",
     "comparison_table_rows",
     "format_comparison",
     "sklearn_params",

@@ -3,14 +3,26 @@
 Figures are built with matplotlib's object-oriented API on the Agg canvas: no pyplot,
 so no global figure registry, no backend switch and nothing left open; the style is
 applied with ``rc_context`` per figure, so a caller's matplotlib settings are untouched.
-Every figure has a fixed size in inches at a fixed dpi (``STYLE``), so the same run
-gives images of the same pixel size, and each file is written under a temporary name
-and renamed into place.
+Every figure has a fixed size in inches at a fixed dpi (``SIZES``, ``DPI``), so the same
+run gives images of the same pixel size (the misclassified grid is as tall as the rows
+of errors it shows), and each file is written under a temporary name and renamed into
+place.
+
+Axis scales follow one rule: quantities that training changes by factors (losses,
+gradient and weight norms, update ratios) are drawn on logarithmic axes, always, so
+that runs compare at a glance; fractions (accuracy, precision, recall, F1, saturated
+or dead units) on linear axes that start at 0 (accuracy curves excepted: they zoom on
+the range the run covers).
+
+The confusion heat maps are scikit-learn's ``ConfusionMatrixDisplay`` drawn into our
+own axes (it imports pyplot for its colormap lookup, but draws no pyplot figure).
 """
 
 from __future__ import annotations
 
 import io
+import math
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from handprop.atomic import atomic_write_bytes
 from handprop.errors import ConfigError, DataError, HandpropError
@@ -32,10 +44,12 @@ from handprop.runs import (
     HANDPROP,
     MODEL_LABELS,
     GridFolder,
+    LayerDiagnostics,
     Predictions,
     RunFolder,
     find_key,
     is_grid,
+    resolve_run,
 )
 
 # --- the one style -----------------------------------------------------------------------
@@ -53,6 +67,8 @@ SIZES: dict[str, tuple[float, float]] = {
     "grid_training_curves": (14.0, 5.2),
     "grid_accuracy": (13.0, 4.8),
     "first_layer": (12.0, 6.4),
+    "diagnostics": (13.0, 9.0),
+    "overlay_training_curves": (13.0, 5.0),
 }
 
 #: one color per model, the same in every figure
@@ -87,25 +103,41 @@ RC = {
 }
 
 MISCLASSIFIED_ROWS, MISCLASSIFIED_COLS = 4, 8
+#: height in inches of one row of the misclassified grid, and of its title
+MISCLASSIFIED_ROW_HEIGHT, MISCLASSIFIED_TITLE_HEIGHT = 1.9, 0.5
 FIRST_LAYER_ROWS, FIRST_LAYER_COLS = 4, 8
 TOP_PAIRS = 10
 #: grid accuracy panels label their points with run names up to this many runs
 MAX_POINT_LABELS = 12
 
 
-def pixel_size(kind: str) -> tuple[int, int]:
-    """(width, height) in pixels of the figures of ``kind`` (a key of ``SIZES``)."""
-    w, h = SIZES[kind]
+def misclassified_rows(n_wrong: int) -> int:
+    """Rows of the misclassified grid for ``n_wrong`` errors: as many as they fill (at
+    least one, for the message that there are none), at most MISCLASSIFIED_ROWS."""
+    shown = min(n_wrong, MISCLASSIFIED_ROWS * MISCLASSIFIED_COLS)
+    return max(1, math.ceil(shown / MISCLASSIFIED_COLS))
+
+
+def _size(kind: str, rows: int | None = None) -> tuple[float, float]:
+    if kind == "misclassified" and rows is not None:
+        return SIZES[kind][0], MISCLASSIFIED_TITLE_HEIGHT + rows * MISCLASSIFIED_ROW_HEIGHT
+    return SIZES[kind]
+
+
+def pixel_size(kind: str, rows: int | None = None) -> tuple[int, int]:
+    """(width, height) in pixels of the figures of ``kind`` (a key of ``SIZES``); for
+    "misclassified", ``rows`` of errors (:func:`misclassified_rows`) set the height."""
+    w, h = _size(kind, rows)
     return round(w * DPI), round(h * DPI)
 
 
 @contextmanager
-def _figure(kind: str) -> Iterator[Figure]:
+def _figure(kind: str, rows: int | None = None) -> Iterator[Figure]:
     """A new Figure of the fixed size of ``kind``, built under the handprop style."""
     with rc_context(RC):
         # a margin of 0.1 in keeps tick labels off the image edge
         layout = ConstrainedLayoutEngine(w_pad=0.1, h_pad=0.1)
-        fig = Figure(figsize=SIZES[kind], dpi=DPI, layout=layout)
+        fig = Figure(figsize=_size(kind, rows), dpi=DPI, layout=layout)
         FigureCanvasAgg(fig)
         yield fig
 
@@ -145,33 +177,35 @@ def _no_data(ax: Any, message: str) -> None:
 def _matrix_panel(
     ax: Any, M: np.ndarray, names: list[str], title: str, fmt: str, vmax: float | None = None
 ) -> Any:
-    """One annotated heat map; text turns white on dark cells to stay readable."""
+    """One annotated heat map by scikit-learn's ConfusionMatrixDisplay; zero cells are
+    left blank, so the errors stand out."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     k = len(names)
     norm = Normalize(vmin=0, vmax=vmax if vmax is not None else max(float(M.max()), 1.0))
-    im = ax.imshow(M, cmap=CMAP, norm=norm)
+    display = ConfusionMatrixDisplay(M, display_labels=names)
+    rotation = _tick_rotation(names)
+    display.plot(
+        ax=ax,
+        cmap=CMAP,
+        colorbar=False,
+        values_format=fmt,
+        xticks_rotation=rotation,
+        # annotations stop being legible beyond ~15 classes
+        include_values=k <= 15,
+        im_kw={"norm": norm},
+        text_kw={"fontsize": 9 if k > 10 else 10},
+    )
+    if display.text_ is not None:
+        for (i, j), text in np.ndenumerate(display.text_):
+            text.set_visible(M[i, j] != 0)
+    if rotation:
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
     ax.set_title(title)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_xticks(
-        range(k),
-        names,
-        rotation=_tick_rotation(names),
-        ha="right" if _tick_rotation(names) else "center",
-    )
-    ax.set_yticks(range(k), names)
-    # annotations stop being legible beyond ~15 classes
-    if k <= 15:
-        size = 9 if k > 10 else 10
-        for i in range(k):
-            for j in range(k):
-                value = M[i, j]
-                if value == 0:
-                    continue
-                color = "white" if norm(value) > 0.55 else "black"
-                ax.text(
-                    j, i, format(value, fmt), ha="center", va="center", fontsize=size, color=color
-                )
-    return im
+    return display.im_
 
 
 def confusion_figure(P: Predictions, names: list[str], model: str) -> Figure:
@@ -186,7 +220,7 @@ def confusion_figure(P: Predictions, names: list[str], model: str) -> Figure:
         fig.colorbar(im, ax=axes[0], shrink=0.85)
         im = _matrix_panel(axes[1], R, names, "row-normalized (recall)", ".2f", vmax=1.0)
         fig.colorbar(im, ax=axes[1], shrink=0.85)
-        fig.suptitle(f"Confusion matrix: {_label(model)} (accuracy {100 * acc:.2f}%)")
+        fig.suptitle(f"Confusion matrix of {_label(model)}: accuracy {100 * acc:.2f}%")
     return fig
 
 
@@ -207,10 +241,8 @@ def per_class_figure(models: dict[str, Predictions], names: list[str]) -> Figure
                     label=_label(model),
                     color=MODEL_COLORS.get(model),
                 )
-            values = np.concatenate([scores[m][metric] for m in models])
-            # start the axis near the worst class so small gaps between models show
-            low = max(0.0, min(0.9, float(values.min()) - 0.05))
-            ax.set_ylim(np.floor(low * 20) / 20, 1.0)
+            # from 0: a cut axis would make a gap of 0.01 look like one of 0.5
+            ax.set_ylim(0, 1.0)
             ax.set_ylabel("F1" if metric == "f1" else metric)
             ax.grid(axis="y")
             ax.set_axisbelow(True)
@@ -229,22 +261,49 @@ def per_class_figure(models: dict[str, Predictions], names: list[str]) -> Figure
     return fig
 
 
+def _log_axis(ax: Any) -> None:
+    """A logarithmic y axis labelled in plain numbers ("0.5", "20", "1e-05"), with the
+    in-between ticks labelled when it spans less than a decade or so."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+class PlainLogFormatter(LogFormatter):
+    """Label the ticks matplotlib's LogFormatter labels, as plain numbers ("0.6", not
+    "6e-01")."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def _loss_axis(ax: Any, losses: np.ndarray, loss_name: str = "loss") -> None:
+    """The one rule for loss axes: logarithmic, always (see the module docstring)."""
+    finite = losses[np.isfinite(losses) & (losses > 0)]
+    if finite.size:
+        _log_axis(ax)
+    ax.set_title("training loss")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"{loss_name} (log scale)")
+    ax.grid(True, which="both" if finite.size and finite.max() / finite.min() < 10 else "major")
+
+
+LOSS_LABELS = {"cross_entropy": "cross-entropy", "mse": "mean squared error"}
+
+
 def training_curves_figure(
-    history: dict[str, np.ndarray], title: str = "Training curves"
+    history: dict[str, np.ndarray], title: str = "Training curves", loss: str | None = None
 ) -> Figure:
-    """Loss per epoch, and train/test accuracy on the epochs that evaluated them."""
+    """Loss per epoch, and train/test accuracy on the epochs that evaluated them.
+
+    ``loss``: the config's loss name, for the axis label.
+    """
     epoch = history["epoch"]
     with _figure("training_curves") as fig:
         ax_loss, ax_acc = fig.subplots(1, 2)
-        loss = history["loss"]
-        ax_loss.plot(epoch, loss, color=MODEL_COLORS[HANDPROP], lw=1.8)
-        finite = loss[np.isfinite(loss)]
-        if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
-            ax_loss.set_yscale("log")
-        ax_loss.set_title("loss")
-        ax_loss.set_xlabel("epoch")
-        ax_loss.set_ylabel("cross-entropy" if finite.size else "loss")
-        ax_loss.grid(True)
+        ax_loss.plot(epoch, history["loss"], color=MODEL_COLORS[HANDPROP], lw=1.8)
+        _loss_axis(ax_loss, history["loss"], LOSS_LABELS.get(loss or "", "loss"))
         plotted = False
         for key, label, color in (
             ("train_acc", "train", TRAIN_COLOR),
@@ -284,30 +343,43 @@ def misclassified_figure(
     """
     wrong = np.flatnonzero(P.y_true != P.y_pred)
     wrong = wrong[np.argsort(-P.confidence[wrong], kind="stable")]
-    n_show = MISCLASSIFIED_ROWS * MISCLASSIFIED_COLS
-    with _figure("misclassified") as fig:
-        axes = fig.subplots(MISCLASSIFIED_ROWS, MISCLASSIFIED_COLS)
-        for ax in axes.flat:
+    shown = min(MISCLASSIFIED_ROWS * MISCLASSIFIED_COLS, wrong.size)
+    rows = misclassified_rows(wrong.size)
+    with _figure("misclassified", rows) as fig:
+        axes = np.atleast_1d(fig.subplots(rows, MISCLASSIFIED_COLS)).reshape(-1)
+        for ax in axes:
             ax.set_axis_off()
-        for ax, r in zip(axes.flat, wrong[:n_show], strict=False):
+        for ax, r in zip(axes, wrong[:shown], strict=False):
             ax.imshow(images[P.index[r]], cmap=IMAGE_CMAP, interpolation="nearest")
-            confidence = f"{100 * P.confidence[r]:.0f}%"
             ax.set_title(
-                f"true {names[P.y_true[r]]}\npred {names[P.y_pred[r]]} ({confidence})",
-                fontsize=10,
+                _error_caption(names[P.y_true[r]], names[P.y_pred[r]], P.confidence[r]),
+                fontsize=9,
                 fontweight="normal",
                 color=INCORRECT_COLOR,
             )
         if wrong.size == 0:
-            axes.flat[0].text(
-                0, 0.5, "no misclassified test samples", transform=axes.flat[0].transAxes
-            )
-        shown = min(n_show, wrong.size)
-        fig.suptitle(
-            f"Misclassified test samples: {_label(model)} "
-            f"(the {shown} most confident of {wrong.size})"
-        )
+            fig.text(0.5, 0.4, "no misclassified test samples", ha="center", color="0.4")
+            fig.suptitle(f"Misclassified test samples of {_label(model)}: none")
+        else:
+            which = "the one" if wrong.size == 1 else f"all {shown}"
+            if shown < wrong.size:
+                which = f"the {shown} most confident of {wrong.size}"
+            fig.suptitle(f"Misclassified test samples of {_label(model)}: {which}")
     return fig
+
+
+#: characters per line of a misclassified caption (a cell is 1.5 in wide at 9 pt)
+CAPTION_WIDTH = 18
+
+
+def _error_caption(true: str, pred: str, confidence: float) -> str:
+    """ "true X / pred Y / 87%" on three lines, a long class name wrapped to the cell."""
+    lines = [
+        *textwrap.wrap(f"true {true}", CAPTION_WIDTH, break_on_hyphens=False),
+        *textwrap.wrap(f"pred {pred}", CAPTION_WIDTH, break_on_hyphens=False),
+        f"{100 * confidence:.0f}% sure",
+    ]
+    return "\n".join(lines)
 
 
 def first_layer_images(net: Any) -> tuple[np.ndarray, str]:
@@ -378,11 +450,14 @@ def correct_incorrect_figure(models: dict[str, Predictions]) -> Figure:
 def top_confusions_figure(models: dict[str, Predictions], names: list[str]) -> Figure:
     """handprop's most frequent confusions, with each model's count for the same pairs."""
     Cs = {m: confusion_matrix(P.y_true, P.y_pred, P.k) for m, P in models.items()}
-    pairs = top_confusions(Cs[HANDPROP] if HANDPROP in Cs else next(iter(Cs.values())), TOP_PAIRS)
+    ranked = HANDPROP if HANDPROP in Cs else next(iter(Cs))
+    pairs = top_confusions(Cs[ranked], TOP_PAIRS)
     with _figure("top_confusions") as fig:
         ax = fig.subplots()
-        ax.set_title(f"Most confused pairs (top {TOP_PAIRS} of {_label(next(iter(models)))})")
+        many = "the most confused pair" if len(pairs) == 1 else f"{len(pairs)} most confused pairs"
+        ax.set_title(f"The {many} of {_label(ranked)}, counted for every model")
         if not pairs:
+            ax.set_title("Most confused pairs")
             _no_data(ax, "no confusions: every test sample is classified correctly")
             return fig
         y = np.arange(len(pairs))
@@ -396,13 +471,145 @@ def top_confusions_figure(models: dict[str, Predictions], names: list[str]) -> F
                 label=_label(model),
                 color=MODEL_COLORS.get(model),
             )
-            ax.bar_label(bars, padding=2, fontsize=9)
+            # a bar of 0 has no length: its label sits just right of the axis
+            ax.bar_label(bars, padding=3, fontsize=9)
         ax.set_yticks(y, [f"{names[t]} → {names[p]}" for t, p, _ in pairs])
+        ax.tick_params(axis="y", length=0, pad=6)
         ax.invert_yaxis()
         ax.set_xlabel("test samples (true → predicted)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        top = max(int(C[t, p]) for C in Cs.values() for t, p, _ in pairs)
+        ax.set_xlim(0, max(top, 1) * 1.12)  # room for the count after the longest bar
         ax.grid(axis="x")
         ax.set_axisbelow(True)
-        ax.legend(loc="lower right")
+        if len(models) > 1:  # below the axes: inside, it would cover bars
+            fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3)
+    return fig
+
+
+# --- diagnostics of training ------------------------------------------------------------
+
+#: the panels of the diagnostics figure: (quantity, title, axis label, log scale)
+DIAGNOSTIC_PANELS = (
+    ("grad_norm", "gradient norm ||dW||", "||dW|| (log scale)", True),
+    ("weight_norm", "weight norm ||W||", "||W|| (log scale)", True),
+    (
+        "update_ratio",
+        "update / weight ratio of the epoch's last step",
+        "||ΔW|| / ||W|| (log)",
+        True,
+    ),
+    ("health", "activation health on the probe batch", "units (%)", False),
+)
+#: line styles telling layers apart when color tells runs apart (the output layer solid)
+LAYER_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+
+
+def _layer_style(layer: LayerDiagnostics, n_layers: int) -> Any:
+    if layer.number == n_layers:
+        return "-"
+    return LAYER_STYLES[(layer.number - 1) % len(LAYER_STYLES)]
+
+
+def diagnostics_figure(runs: list[tuple[str, list[LayerDiagnostics]]]) -> Figure:
+    """Per-layer diagnostics (``diagnostics.csv``) of one run or several overlaid.
+
+    One panel per quantity, a line per layer: gradient norm, weight norm and update
+    ratio on log axes (they move by factors), the saturated (sigmoid, tanh) and dead
+    (ReLU) units on a linear axis from 0 to 100%. One run: a color per layer. Several:
+    a color per run, and a line style per layer (the output layer solid).
+    """
+    colors = _run_colors(max(len(runs), 1))
+    with _figure("diagnostics") as fig:
+        axes = fig.subplots(2, 2).reshape(-1)
+        for ax, (_, title, ylabel, log) in zip(axes, DIAGNOSTIC_PANELS, strict=True):
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.grid(True)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if log:
+                _log_axis(ax)
+        ax_health = axes[3]
+        any_health = False
+        for r, (run_name, layers) in enumerate(runs):
+            n_layers = len(layers)
+            layer_colors = _run_colors(n_layers)
+            for layer in layers:
+                if len(runs) == 1:
+                    color, style, label = layer_colors[layer.number - 1], "-", layer.label
+                else:
+                    color, style = colors[r], _layer_style(layer, n_layers)
+                    label = f"{run_name}: {layer.label}"
+                width = 2.0 if layer.number == n_layers else 1.5
+                for ax, (quantity, _, _, log) in zip(axes[:3], DIAGNOSTIC_PANELS, strict=False):
+                    values = layer.values[quantity]
+                    if log:  # a 0 or a missing value has no place on a log axis
+                        values = np.where(values > 0, values, np.nan)
+                    ax.plot(layer.epoch, values, color=color, ls=style, lw=width, label=label)
+                for quantity, what, marker in (
+                    ("saturated", "saturated", "o"),
+                    ("dead", "dead", "s"),
+                ):
+                    values = layer.values[quantity]
+                    if np.isfinite(values).any():
+                        any_health = True
+                        ax_health.plot(
+                            layer.epoch,
+                            100 * values,
+                            color=color,
+                            ls=style,
+                            lw=width,
+                            marker=marker,
+                            markevery=max(1, len(values) // 12),
+                            ms=4,
+                            label=f"{label}: {what}",
+                        )
+        if any_health:
+            ax_health.set_ylim(0, 100)
+            ax_health.legend(loc="best", fontsize=8)
+        else:
+            _no_data(ax_health, "no sigmoid, tanh or ReLU layer")
+        from handprop.diagnostics import SATURATION_DERIVATIVE
+
+        ax_health.set_title(
+            f"saturated (σ', tanh' < {SATURATION_DERIVATIVE:g}) and dead (ReLU) units"
+        )
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(
+                handles, labels, loc="outside lower center", ncols=min(len(handles), 4), fontsize=9
+            )
+        what = runs[0][0] if len(runs) == 1 else " vs ".join(name for name, _ in runs)
+        fig.suptitle(f"Inside training: {what}")
+    return fig
+
+
+def overlay_training_curves_figure(runs: list[RunFolder]) -> Figure:
+    """Training loss and test accuracy of several runs on shared axes."""
+    colors = _run_colors(len(runs))
+    with _figure("overlay_training_curves") as fig:
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        losses = []
+        for run, color in zip(runs, colors, strict=True):
+            h = run.history
+            if h is None:
+                continue
+            losses.append(h["loss"])
+            loss_name = LOSS_LABELS.get(str(find_key(run.config, "loss") or ""), "loss")
+            label = f"{run.name} ({loss_name})"
+            ax_loss.plot(h["epoch"], h["loss"], color=color, lw=1.6, label=label)
+            ok = np.isfinite(h["test_acc"])
+            if ok.any():
+                ax_acc.plot(h["epoch"][ok], 100 * h["test_acc"][ok], color=color, lw=1.6)
+        _loss_axis(ax_loss, np.concatenate(losses) if losses else np.array([]), "each run's loss")
+        ax_acc.set_title("test accuracy")
+        ax_acc.set_xlabel("epoch")
+        ax_acc.set_ylabel("accuracy (%)")
+        ax_acc.grid(True)
+        if losses:
+            fig.legend(loc="outside lower center", ncols=min(len(runs), 4))
+        fig.suptitle("Training curves: " + " vs ".join(r.name for r in runs))
     return fig
 
 
@@ -460,12 +667,7 @@ def grid_training_curves_figure(grid: GridFolder) -> Figure:
                 ax_acc.plot(h["epoch"][ok], 100 * h["test_acc"][ok], color=color, lw=1.5)
                 any_acc = True
         losses = np.concatenate([r.history["loss"] for r in runs]) if runs else np.array([])
-        finite = losses[np.isfinite(losses)]
-        if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
-            ax_loss.set_yscale("log")
-        ax_loss.set_title("loss")
-        ax_loss.set_xlabel("epoch")
-        ax_loss.grid(True)
+        _loss_axis(ax_loss, losses)
         ax_acc.set_title("test accuracy")
         if any_acc:
             ax_acc.set_xlabel("epoch")
@@ -576,9 +778,11 @@ def build_run_figures(run: RunFolder) -> tuple[list[tuple[str, Figure]], list[st
         figures.append((f"confusion_{model}", confusion_figure(P, names, model)))
     figures.append(("per_class_metrics", per_class_figure(models, names)))
     if run.history is not None and run.history["epoch"].size:
-        figures.append(("training_curves", training_curves_figure(run.history)))
+        loss = find_key(run.config, "loss")
+        figures.append(("training_curves", training_curves_figure(run.history, loss=loss)))
     else:
         skipped.append("training_curves: the run has no history.csv")
+    figures += diagnostics_figures(run, skipped)
     figures.append(("correct_incorrect", correct_incorrect_figure(models)))
     figures.append(("top_confusions", top_confusions_figure(models, names)))
     if run.has("model.npz"):
@@ -600,6 +804,33 @@ def build_run_figures(run: RunFolder) -> tuple[list[tuple[str, Figure]], list[st
         figures.append(("misclassified", misclassified_figure(P, images, names)))
     except (HandpropError, ImportError, OSError, KeyError, ValueError) as exc:
         skipped.append(f"misclassified: cannot load the dataset's images: {exc}")
+    return figures, skipped
+
+
+def diagnostics_figures(run: RunFolder, skipped: list[str]) -> list[tuple[str, Figure]]:
+    """The run's diagnostics figure, or a reason in ``skipped``."""
+    if run.diagnostics:
+        return [("diagnostics", diagnostics_figure([(run.name, run.diagnostics)]))]
+    skipped.append("diagnostics: the run has no diagnostics.csv (trained before it was written)")
+    return []
+
+
+def build_overlay_figures(paths: list[str | Path]) -> tuple[list[tuple[str, Figure]], list[str]]:
+    """Figures that overlay several runs: their diagnostics and their training curves."""
+    runs = [RunFolder(p) for p in paths]
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # two folders of one name: tell them apart
+        names = [str(r.path) for r in runs]
+    figures: list[tuple[str, Figure]] = []
+    skipped: list[str] = []
+    with_diag = [(n, r.diagnostics) for n, r in zip(names, runs, strict=True) if r.diagnostics]
+    for n, r in zip(names, runs, strict=True):
+        if not r.diagnostics:
+            skipped.append(f"{n}: no diagnostics.csv to overlay")
+    if with_diag:
+        figures.append(("overlay_diagnostics", diagnostics_figure(with_diag)))
+    if any(r.history is not None for r in runs):
+        figures.append(("overlay_training_curves", overlay_training_curves_figure(runs)))
     return figures, skipped
 
 
@@ -644,8 +875,29 @@ def write_figures(
     FigureSet
         The files written, in order, and one message per figure skipped.
     """
+    path = resolve_run(path)
     figures, skipped = build_figures(path)
     folder = Path(out) if out is not None else Path(path) / "figures"
+    return _write(figures, skipped, folder, on_figure)
+
+
+def write_overlay_figures(
+    paths: list[str | Path],
+    out: str | Path,
+    on_figure: Callable[[Path], None] | None = None,
+) -> FigureSet:
+    """Write the figures overlaying several runs (each a run folder or a config, for its
+    latest run) as PNG into ``out``: overlay_diagnostics.png, overlay_training_curves.png."""
+    figures, skipped = build_overlay_figures(paths)
+    return _write(figures, skipped, Path(out), on_figure)
+
+
+def _write(
+    figures: list[tuple[str, Figure]],
+    skipped: list[str],
+    folder: Path,
+    on_figure: Callable[[Path], None] | None,
+) -> FigureSet:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from handprop import __version__
 from handprop.atomic import atomic_write_text
+from handprop.compare import comparison_caveats
 from handprop.errors import ConfigError
 from handprop.evaluate import (
     COMPARISON_HEADER,
@@ -29,11 +30,12 @@ from handprop.evaluate import (
 from handprop.figures import (
     build_grid_figures,
     build_run_figures,
+    diagnostics_figures,
     png_bytes,
     run_accuracy,
     training_curves_figure,
 )
-from handprop.runs import MODEL_LABELS, GridFolder, RunFolder, is_grid
+from handprop.runs import MODEL_LABELS, GridFolder, RunFolder, find_key, is_grid, resolve_run
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
@@ -56,6 +58,11 @@ figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
 .accuracy { font-size: 2.2em; font-weight: bold; color: #1f77b4; }
 .columns { display: flex; flex-wrap: wrap; gap: 2.5em; }
+tr.changed td { font-weight: bold; }
+td.default { color: #888; font-weight: normal; }
+details { margin: 0.6em 0 1em; }
+summary { cursor: pointer; color: #1f77b4; }
+ul.caveats { color: #444; }
 """
 
 
@@ -99,8 +106,12 @@ def figure_html(fig: Figure, caption: str, anchor: str) -> str:
 
 
 FIGURE_CAPTIONS = {
-    "per_class_metrics": "Per-class precision, recall and F1 of every model.",
-    "training_curves": "Loss and accuracy per epoch (history.csv).",
+    "per_class_metrics": "Per-class precision, recall and F1 of every model (axes from 0).",
+    "training_curves": "Loss (log scale, as every loss axis) and accuracy per epoch (history.csv).",
+    "diagnostics": "Inside training, per layer at every evaluation (diagnostics.csv): the "
+    "weight gradient's norm, the weights' norm, the last step's update relative to the "
+    "weights, and the share of sigmoid/tanh outputs saturated (derivative below 0.01) or "
+    "of ReLU units dead on 512 training samples.",
     "correct_incorrect": "Correct and incorrect test predictions per model.",
     "top_confusions": "The most frequent confusions, counted for every model.",
     "misclassified": "The most confident mistakes on the test set.",
@@ -161,8 +172,144 @@ def _run_facts(metrics: dict[str, Any]) -> list[list[str]]:
             facts.append([label, f"{value:.4g}" if isinstance(value, float) else str(value)])
     split = metrics.get("split")
     if isinstance(split, dict):
-        facts.append(["split", ", ".join(f"{k} {v}" for k, v in split.items())])
+        facts.append(["split", split_text(split)])
     return facts
+
+
+def _config_value(name: str, value: Any) -> str:
+    """A config value as a reader writes it: 100-50, sigmoid, full batch, 1e-08."""
+    if value is None:
+        return "full batch" if name == "batch_size" else "not set"
+    if isinstance(value, list):
+        if not value:
+            return "none"
+        if len(set(map(str, value))) == 1 and name in ("activation", "dropout"):
+            return _config_value(name, value[0])  # one value for every layer
+        sep = " · " if name == "layers" else "-"
+        return sep.join(_config_value(name, v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def defining_fields(config: dict[str, Any]) -> list[str]:
+    """The config fields that define this run's algorithm, in a reading order: the data
+    and its split, the network, the loss, the optimizer and only its own settings, the
+    schedule, and regularization or augmentation when used."""
+    from handprop.config import field_specs
+
+    known = field_specs()
+
+    def get(name: str) -> Any:
+        value = find_key(config, name)
+        return value if value is not None else _default(name)
+
+    names = ["dataset", "split"]
+    names += ["total", "train", "test"] if get("split") == "original" else ["train", "test"]
+    names += ["seed"]
+    names += ["layers"] if get("layers") else ["hidden", "activation"]
+    names += ["loss", "init", "dtype", "optimizer", "learning_rate", "batch_size", "epochs"]
+    optimizer = get("optimizer")
+    if optimizer in ("momentum", "nesterov"):
+        names.append("momentum")
+    elif optimizer == "adam":
+        names += ["beta1", "beta2", "eps"]
+    elif optimizer == "rmsprop":
+        names += ["rho", "eps"]
+    schedule = get("schedule")
+    names.append("schedule")
+    if schedule == "step":
+        names += ["step_size", "gamma"]
+    elif schedule == "exponential":
+        names.append("gamma")
+    if get("warmup"):
+        names.append("warmup")
+    for name in ("weight_decay", "augment_shift", "augment_rotate"):
+        if get(name):
+            names.append(name)
+    dropout = get("dropout")
+    if any(dropout) if isinstance(dropout, list) else dropout:
+        names.append("dropout")
+    if get("validation"):
+        names += ["validation", "patience"]
+    return [n for n in names if n in known]
+
+
+#: what _default returns for a field every config must set (no default to differ from)
+REQUIRED = object()
+
+
+def _default(name: str) -> Any:
+    from dataclasses import MISSING, fields
+
+    from handprop.config import RunConfig
+
+    for f in fields(RunConfig):
+        if f.name == name:
+            default = REQUIRED if f.default is MISSING else f.default
+            return list(default) if isinstance(default, tuple) else default
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and not isinstance(b, list):
+        return all(_same(x, b) for x in a)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def config_html(config: dict[str, Any]) -> str:
+    """The fields that define the run (non-defaults in bold, the default beside), and
+    the whole config.toml folded away in a <details>."""
+    from handprop.config import field_specs
+
+    specs = field_specs()
+    rows = []
+    for name in defining_fields(config):
+        value = find_key(config, name)
+        default = _default(name)
+        changed = default is not REQUIRED and value is not None and not _same(value, default)
+        shown_default = _config_value(name, default) if changed else ""
+        if value is None and default is not REQUIRED:
+            value = default
+        rows.append(
+            f'<tr class="{"changed" if changed else ""}">'
+            f'<td title="{_esc(specs[name].label)}">{_esc(name)}</td>'
+            f"<td>{_esc(_config_value(name, value))}</td>"
+            f'<td class="default">{_esc(shown_default)}</td></tr>'
+        )
+    table = (
+        "<table><thead><tr><th>setting</th><th>value</th><th>handprop's default</th>"
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    full = html_table(
+        ("field", "value"), [(k, _config_value(k.rsplit(".")[-1], v)) for k, v in flatten(config)]
+    )
+    return (
+        "<p>What defines this run: the settings its algorithm uses; those that differ "
+        "from handprop's default are in bold, with the default beside them.</p>"
+        + table
+        + "<details><summary>The full config (every field of config.toml)</summary>"
+        + full
+        + "</details>"
+    )
+
+
+def split_text(split: dict[str, Any]) -> str:
+    """metrics.json's split in words: "18000 train / 2000 test (original split of the
+    first 20000 samples, seed 0)"."""
+    parts = [f"{split.get('train')} train", f"{split.get('test')} test"]
+    if split.get("validation"):
+        parts.insert(1, f"{split['validation']} validation")
+    how = split.get("kind")
+    if how == "original":
+        how = f"original split of the first {split.get('total')} samples, seed {split.get('seed')}"
+    elif how == "standard":
+        how = "the dataset's standard training and test parts"
+    return " / ".join(parts) + (f" ({how})" if how else "")
 
 
 def _per_class_html(m: dict[str, Any]) -> str:
@@ -209,10 +356,14 @@ def run_report_html(run: RunFolder | str | Path) -> str:
             "<p>Every model scored on the same test samples.</p>",
             html_table(COMPARISON_HEADER, comparison_rows(result)),
         ]
+        caveats = comparison_caveats(run.comparison)
+        if caveats:
+            items = "".join(f"<li>{_esc(c)}</li>" for c in caveats)
+            parts.append(f"<p>Caveats:</p><ul class='caveats'>{items}</ul>")
     nav += [("config", "Config"), ("metrics", "Metrics"), ("figures", "Figures")]
     parts.append('<h2 id="config">Config</h2>')
     if run.config:
-        parts.append(html_table(("setting", "value"), flatten(run.config)))
+        parts.append(config_html(run.config))
     else:
         parts.append("<p class='meta'>The run folder has no config.toml.</p>")
     pairs = [[c["true"], c["pred"], c["count"]] for c in hp["top_confusions"]]
@@ -236,10 +387,12 @@ def _unfinished_report_html(run: RunFolder) -> str:
     if facts:
         parts.append(html_table(("fact", "value"), facts))
     parts.append('<h2 id="config">Config</h2>')
-    parts.append(html_table(("setting", "value"), flatten(run.config)) if run.config else "")
+    parts.append(config_html(run.config) if run.config else "")
     figures, skipped = [], ["every figure of the test predictions: the run wrote none"]
     if run.history is not None and run.history["epoch"].size:
-        figures.append(("training_curves", training_curves_figure(run.history)))
+        loss = find_key(run.config, "loss")
+        figures.append(("training_curves", training_curves_figure(run.history, loss=loss)))
+    figures += diagnostics_figures(run, skipped)
     parts.append(_figures_section(figures, skipped))
     nav = [("summary", "Summary"), ("config", "Config"), ("figures", "Figures")]
     return _page(f"handprop run: {run.name}", nav, "\n".join(parts))
@@ -292,6 +445,7 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     The page is written under a temporary name in the same folder and renamed into
     place, so a reader never sees half a page.
     """
+    path = resolve_run(path)
     page = report_html(path)
     out = Path(out) if out is not None else Path(path) / "report.html"
     try:

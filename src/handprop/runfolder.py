@@ -21,6 +21,7 @@ import numpy as np
 
 from handprop.atomic import atomic_write_bytes, atomic_write_text
 from handprop.config import RunConfig, parse_toml_config, to_toml
+from handprop.diagnostics import DIAGNOSTICS_FILE, diagnostics_csv
 from handprop.errors import ConfigError, HandpropError
 
 HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_acc", "seconds")
@@ -41,6 +42,7 @@ RUN_FILES = (
     PREDICTIONS_FILE,
     METRICS_FILE,
     CHECKPOINT_FILE,
+    DIAGNOSTICS_FILE,
 )
 
 #: config fields a resumed run may change: where things are, not what is computed
@@ -125,6 +127,11 @@ class RunWriter:
     def history(self, rows: list[dict[str, Any]]) -> None:
         if self.writes:
             atomic_write_text(self.run_dir / HISTORY_FILE, history_csv(rows, self.columns))
+
+    def diagnostics(self, rows: list[dict[str, Any]]) -> None:
+        """diagnostics.csv (:mod:`handprop.diagnostics`): one row per evaluation and layer."""
+        if self.writes:
+            atomic_write_text(self.run_dir / DIAGNOSTICS_FILE, diagnostics_csv(rows))
 
     def checkpoint(self, rows: list[dict[str, Any]], **arrays: np.ndarray) -> None:
         """The history, then checkpoint.npz: a checkpoint never names an epoch the

@@ -216,6 +216,101 @@ def read_history(path: str | Path) -> dict[str, np.ndarray]:
     return history
 
 
+#: diagnostics.csv's columns that hold numbers (handprop.diagnostics writes them)
+DIAGNOSTICS_NUMBERS = ("grad_norm", "weight_norm", "update_ratio", "saturated", "dead")
+
+
+@dataclass(frozen=True)
+class LayerDiagnostics:
+    """One layer's rows of ``diagnostics.csv``: a series per quantity over the epochs.
+
+    Attributes
+    ----------
+    number : int         1, 2, ... among the layers with parameters (the last: output)
+    name : str           "dense 784-100", "conv 1-32 3x3", ...
+    activation : str     the activation after it ("sigmoid", ..., "softmax", "none")
+    epoch : ndarray (m,) the evaluated epochs
+    values : dict        quantity -> ndarray (m,) float64, NaN where empty
+    """
+
+    number: int
+    name: str
+    activation: str
+    epoch: np.ndarray
+    values: dict[str, np.ndarray]
+
+    @property
+    def label(self) -> str:
+        """The layer in a legend: "dense 784-100 (sigmoid)"."""
+        return f"{self.name} ({self.activation})" if self.activation != "none" else self.name
+
+
+def read_diagnostics_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``diagnostics.csv`` as dicts (numbers as floats, None where empty).
+
+    Raises
+    ------
+    DataError
+        Missing file, a missing column, a wrong column count or a non-number.
+    """
+    path = Path(path)
+    rows = _rows(path)
+    try:
+        line, header = next(rows)
+    except StopIteration:
+        raise DataError(f"{path}: file is empty, expected a header") from None
+    for required in ("epoch", "layer", "name", "activation", *DIAGNOSTICS_NUMBERS):
+        if required not in header:
+            raise DataError(
+                f"{path} line {line}: header lacks column {required!r}, got {','.join(header)!r}"
+            )
+    out = []
+    for line, cells in rows:
+        if len(cells) != len(header):
+            raise DataError(f"{path} line {line}: expected {len(header)} columns, got {len(cells)}")
+        cell = dict(zip(header, cells, strict=True))
+        row: dict[str, Any] = {
+            "epoch": _int(path, line, "epoch", cell["epoch"]),
+            "layer": _int(path, line, "layer", cell["layer"]),
+            "name": cell["name"],
+            "activation": cell["activation"],
+        }
+        for name in DIAGNOSTICS_NUMBERS:
+            text = cell[name]
+            if text == "":
+                row[name] = None
+            elif text.lower() in ("nan", "inf", "-inf"):  # a run on its way to diverging
+                row[name] = float(text)
+            else:
+                row[name] = _float(path, line, name, text)
+        out.append(row)
+    return out
+
+
+def read_diagnostics(path: str | Path) -> list[LayerDiagnostics]:
+    """``diagnostics.csv`` as one :class:`LayerDiagnostics` per layer, in layer order."""
+    by_layer: dict[int, list[dict[str, Any]]] = {}
+    for row in read_diagnostics_rows(path):
+        by_layer.setdefault(row["layer"], []).append(row)
+    layers = []
+    for number in sorted(by_layer):
+        rows = sorted(by_layer[number], key=lambda r: r["epoch"])
+        values = {
+            q: np.array([math.nan if r[q] is None else r[q] for r in rows], dtype=np.float64)
+            for q in DIAGNOSTICS_NUMBERS
+        }
+        layers.append(
+            LayerDiagnostics(
+                number,
+                rows[-1]["name"],
+                rows[-1]["activation"],
+                np.array([r["epoch"] for r in rows], dtype=np.int64),
+                values,
+            )
+        )
+    return layers
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     """Read a JSON object (``metrics.json``); DataError names the line of a syntax error."""
     path = Path(path)
@@ -292,21 +387,70 @@ def _require_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+#: suffixes of the config files ``handprop train`` reads
+CONFIG_SUFFIXES = (".toml", ".cfg")
+
+
+def latest_run(config: str | Path) -> Path:
+    """The newest run folder ``handprop train CONFIG`` made: ``OUT/NAME-K`` with the
+    largest K (``OUT/NAME`` is K = 1), where OUT is the config's ``out`` and NAME its
+    ``name`` or else the file's stem, as ``handprop train`` names them.
+
+    Raises
+    ------
+    ConfigError
+        The config cannot be read, or no run of it exists yet.
+    """
+    from handprop.config import load_config
+    from handprop.rundir import is_owned
+
+    config = Path(config)
+    cfg = load_config(config)
+    name = cfg.name or config.stem
+    base = Path(cfg.out)
+    found: list[tuple[int, Path]] = []
+    if base.is_dir():
+        for folder in base.iterdir():
+            if folder.name == name:
+                k = 1
+            elif folder.name.startswith(name + "-") and folder.name[len(name) + 1 :].isdigit():
+                k = int(folder.name[len(name) + 1 :])
+            else:
+                continue
+            if folder.is_dir() and is_owned(folder):
+                found.append((k, folder))
+    if not found:
+        raise ConfigError(
+            f"{config}: no run of this config under {base}/ yet (looked for {name}, "
+            f"{name}-2, ...); train it first: handprop train {config}"
+        )
+    return max(found)[1]
+
+
+def resolve_run(path: str | Path) -> Path:
+    """A run folder or grid as given, or for a config file (.toml, .cfg) its latest run
+    (:func:`latest_run`)."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in CONFIG_SUFFIXES:
+        return latest_run(path)
+    return path
+
+
 class RunFolder:
     """A run folder written by ``handprop train``; each file is read once, on first use.
 
     Parameters
     ----------
-    path : str or Path   the folder
+    path : str or Path   the folder, or a config file: its latest run (:func:`latest_run`)
 
     Raises
     ------
     ConfigError
-        ``path`` does not exist or is not a folder.
+        ``path`` does not exist or is not a folder (nor a config with a run).
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = _require_dir(path, "run folder")
+        self.path = _require_dir(resolve_run(path), "run folder")
 
     @property
     def name(self) -> str:
@@ -331,6 +475,12 @@ class RunFolder:
     def history(self) -> dict[str, np.ndarray] | None:
         """``history.csv`` columns, or None when absent."""
         return read_history(self.path / "history.csv") if self.has("history.csv") else None
+
+    @cached_property
+    def diagnostics(self) -> list[LayerDiagnostics] | None:
+        """``diagnostics.csv`` per layer, or None when absent (a run from before it)."""
+        path = self.path / "diagnostics.csv"
+        return read_diagnostics(path) if path.is_file() else None
 
     @cached_property
     def predictions(self) -> Predictions:

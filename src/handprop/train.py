@@ -27,6 +27,7 @@ import numpy as np
 
 from handprop import nn
 from handprop.config import RunConfig, load_config, to_toml
+from handprop.diagnostics import Diagnostics
 from handprop.errors import ConfigError, DivergenceError
 from handprop.metrics import classification_metrics
 from handprop.nn.modelfile import model_bytes
@@ -351,6 +352,7 @@ class Trainer:
             else (*HISTORY_COLUMNS, "val_loss", "val_acc")
         )
         self.writer = RunWriter(run_dir, columns, writes=self.world.rank == 0)
+        self.diagnostics = Diagnostics(self.net, self.opt, steps_per_epoch=-(-n // self.batch))
         self.stopping = EarlyStopping(cfg.patience)
         self.history: list[dict[str, Any]] = []
         self.epoch = 0  # epochs completed
@@ -462,6 +464,9 @@ class Trainer:
     def evaluate(self, row: dict[str, Any], train_acc: float | None) -> None:
         """Accuracies (and validation loss) into ``row``; early-stopping bookkeeping."""
         data, model = self.data, self.model
+        if self.writer.writes:  # per-layer norms and unit health: diagnostics.csv
+            self.diagnostics.record(row["epoch"], data.X_train, self.run_dir)
+            self.writer.diagnostics(self.diagnostics.rows)
         if train_acc is None:
             train_acc = model.accuracy(data.X_train, data.y_train)
         row["train_acc"] = train_acc

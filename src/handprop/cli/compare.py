@@ -26,8 +26,10 @@ def command(run: Path, only: tuple[str, ...], data_dir: Path | None, as_json: bo
 
     Two settings: scikit-learn's defaults (ReLU, Adam), and the closest analogue of
     the run's own algorithm (for the original: logistic, full-batch SGD, no momentum,
-    no L2, the same epochs). Their predictions are saved in RUN as
-    predictions_sklearn_*.csv and the side-by-side figures in RUN/comparison.json.
+    no L2, the same epochs). RUN is a run folder or a config file (its latest run).
+    Their predictions are saved in RUN as predictions_sklearn_*.csv, and the
+    side-by-side numbers (accuracy, macro F1, time, epochs, scikit-learn's parameters
+    and caveats) in RUN/comparison.json.
     """
     from handprop.compare import MODELS, compare_run, format_comparison
 
