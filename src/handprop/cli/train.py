@@ -7,12 +7,15 @@ from pathlib import Path
 import click
 
 from handprop.cli import checkpoint_every
+from handprop.data.registry import DATASETS
 from handprop.errors import ConfigError, HandpropError
+
+DATASET_NAMES = tuple(DATASETS)
 
 
 @click.command("train")
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--dataset", help="Dataset name (mnist, fashion-mnist, digits).")
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), help="Dataset to train on.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Directory holding the files.")
 @click.option("--seed", type=int, help="Seed of the split and the initialisation.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder in which runs are made.")

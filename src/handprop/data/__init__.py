@@ -97,6 +97,14 @@ def load_dataset(
     )
 
 
+def _how_on(spec: DatasetSpec) -> str:
+    """What to do about a copy that fails verification."""
+    return (
+        f"; use another folder (--data-dir DIR or HANDPROP_DATA), or `handprop data fetch "
+        f"{spec.name}` to download a verified copy into the cache"
+    )
+
+
 def verify_files(spec: DatasetSpec, paths: list[Path]) -> None:
     """Refuse files whose content fails the dataset's pinned checksums.
 
@@ -108,7 +116,7 @@ def verify_files(spec: DatasetSpec, paths: list[Path]) -> None:
         if status == "UNREADABLE":
             raise UnreadableFileError(f"{path}: {why}")
         if status != "OK":
-            raise DataError(f"{path}: not the published {spec.name} file: {why}")
+            raise DataError(f"{path}: not the published {spec.name} file: {why}{_how_on(spec)}")
 
 
 def _read_verified(spec: DatasetSpec, paths: list[Path]) -> list[np.ndarray]:
@@ -122,7 +130,7 @@ def _read_verified(spec: DatasetSpec, paths: list[Path]) -> list[np.ndarray]:
         if f.size is not None and h.size != f.size:  # refused before a byte of data is read
             raise DataError(
                 f"{path}: not the published {spec.name} file: its header announces "
-                f"{h.size} bytes of content (dims {h.shape}), expected {f.size}"
+                f"{h.size} bytes of content (dims {h.shape}), expected {f.size}{_how_on(spec)}"
             )
     check_fits(2 * sum(h.size for h in headers), f"loading {spec.name} from {paths[0].parent}")
     arrays = []
@@ -132,7 +140,7 @@ def _read_verified(spec: DatasetSpec, paths: list[Path]) -> list[np.ndarray]:
         if digest != f.sha256:
             raise DataError(
                 f"{path}: not the published {spec.name} file: "
-                f"sha256 of the content is {digest}, expected {f.sha256}"
+                f"sha256 of the content is {digest}, expected {f.sha256}{_how_on(spec)}"
             )
         arrays.append(parse_idx(content, str(path)))
     k = len(spec.class_names)
