@@ -123,23 +123,33 @@ def minibatch_epoch(
 
 
 def cnn_batches(
-    torch: Any, X: np.ndarray, y: np.ndarray, batch: int, lr: float, seed: int
+    torch: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    batch: int,
+    lr: float,
+    seed: int,
+    dropout: float = 0.5,
+    dtype: Any = np.float32,
 ) -> Callable[[], float]:
     """Mini-batch steps of the reference CNN, the idiomatic PyTorch way (autograd, Adam).
 
     conv 32@3x3, ReLU, max pool 2, conv 64@3x3, ReLU, max pool 2, dense 128, ReLU,
-    dense 10 on X (n, 1, 28, 28); one call is one pass over X in order, batch by batch.
+    dropout, dense 10 on X (n, 1, 28, 28) (experiments/cnn.toml's network); one call is
+    one pass over X in order, batch by batch, in ``dtype`` (float32 or float64).
     """
     torch.manual_seed(seed)
     nn = torch.nn
+    tdtype = torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
     model = nn.Sequential(
         nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10),
-    ).float()  # fmt: skip
+        nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(128, 10),
+    ).to(tdtype)  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
-    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=dtype))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
 
     def run() -> float:
@@ -150,8 +160,22 @@ def cnn_batches(
             loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
         return total
+
+    return run
+
+
+def with_threads(torch: Any, n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with PyTorch held to ``n`` threads (its count restored after)."""
+
+    def run() -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
 
     return run
 
