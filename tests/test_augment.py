@@ -34,3 +34,60 @@ def test_random_draws_are_seeded_and_bounded():
     ys, xs = np.nonzero(a[:, 0])[1:]
     assert ys.min() >= 2 and ys.max() <= 6 and xs.min() >= 2 and xs.max() <= 6
     assert len(set(zip(ys.tolist(), xs.tolist(), strict=True))) > 10  # really random
+
+
+# -- elastic distortions (Simard et al. 2003) ------------------------------------------
+
+
+def test_elastic_distortions_are_seeded_and_keep_shape_and_dtype(rng):
+    from handprop.augment import elastic
+
+    X = rng.random((6, 1, 28, 28)).astype(np.float32)
+    a = elastic(X, np.random.default_rng(7), alpha=34, sigma=4)
+    b = elastic(X, np.random.default_rng(7), alpha=34, sigma=4)
+    c = elastic(X, np.random.default_rng(8), alpha=34, sigma=4)
+    assert a.shape == X.shape and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)  # the same generator state, the same distortions
+    assert not np.array_equal(a, c) and not np.array_equal(a, X)
+    assert a.min() >= 0 and a.max() <= 1  # bilinear: a convex mix of pixels and background
+
+
+def test_elastic_alpha_zero_is_the_identity(rng):
+    from handprop.augment import augment, elastic
+
+    X = rng.random((3, 2, 9, 7))
+    np.testing.assert_array_equal(elastic(X, np.random.default_rng(1), alpha=0), X)
+    # augment() without elastic is shift_rotate itself, draw for draw
+    np.testing.assert_array_equal(
+        augment(X, np.random.default_rng(2), 2, 10.0, 0.0),
+        shift_rotate(X, np.random.default_rng(2), 2, 10.0),
+    )
+    # an elastic field of alpha 0 on top of a zero shift and rotation moves nothing
+    np.testing.assert_allclose(augment(X, np.random.default_rng(2), 0, 0.0, 1e-12), X, atol=1e-9)
+
+
+def test_the_displacement_field_is_a_smoothed_uniform_field():
+    from scipy.ndimage import gaussian_filter
+
+    from handprop.augment import elastic_field, gaussian_matrix
+
+    v = np.random.default_rng(0).normal(size=28)
+    for sigma in (1.5, 4.0, 10.0):  # the matrix smooths as scipy.ndimage does (reflect)
+        np.testing.assert_allclose(gaussian_matrix(28, sigma) @ v, gaussian_filter(v, sigma))
+    dy, dx = elastic_field(np.random.default_rng(3), 50, 28, 28, alpha=34, sigma=4)
+    D = np.random.default_rng(3).uniform(-1, 1, size=(2, 50, 28, 28))
+    expect = 34 * gaussian_filter(D, sigma=(0, 0, 4, 4))
+    np.testing.assert_allclose(dy, expect[0], atol=1e-12)
+    np.testing.assert_allclose(dx, expect[1], atol=1e-12)
+    # Simard's alpha 34, sigma 4: displacements of about a pixel and a half
+    assert 1.0 < dy[:, 8:20, 8:20].std() < 2.0
+
+
+def test_a_uniform_displacement_moves_the_image_bilinearly(rng):
+    from handprop.augment import bilinear
+
+    X = rng.random((2, 1, 6, 6))
+    yy, xx = np.mgrid[0:6, 0:6].astype(float)
+    half = bilinear(X, np.broadcast_to(yy, (2, 6, 6)), np.broadcast_to(xx + 0.5, (2, 6, 6)))
+    np.testing.assert_allclose(half[..., :5], (X[..., :5] + X[..., 1:]) / 2)
+    np.testing.assert_allclose(half[..., 5], X[..., 5] / 2)  # half from the background

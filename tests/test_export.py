@@ -65,6 +65,11 @@ def networks():
          "dense 32", "sigmoid", "dropout 0.5"],
         (1, 8, 8), 10, rng=0, meta=META,
     )  # fmt: skip
+    yield "cnn-batchnorm", Network.from_layers(
+        ["conv 8 3 pad=1", "batchnorm", "relu", "maxpool 2",
+         "dense 32", "batchnorm momentum=0.3", "relu"],
+        (1, 8, 8), 10, rng=0, meta=META,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", [name for name, _ in networks()])
@@ -82,6 +87,8 @@ def test_the_onnx_graph_gives_handprops_probabilities(tmp_path, digits, kind):
     assert "Dropout" not in ops and ops[-1] in ("Softmax", "Div")
     if kind == "cnn":
         assert {"Conv", "MaxPool", "AveragePool", "Flatten", "Gemm", "Relu", "Tanh"} <= set(ops)
+    if kind == "cnn-batchnorm":  # per channel after the conv, per feature after the dense
+        assert ops.count("BatchNormalization") == 2
     batch = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param == "batch"  # dynamic batch dimension
     props = {p.key: p.value for p in model.metadata_props}

@@ -35,6 +35,14 @@ CONFIGS = {
         'layers = ["conv 4 3 pad=1", "relu", "maxpool 2", "dense 16", "relu"]\n'
         'optimizer = "adam"\nlearning_rate = 0.003\nbatch_size = 64\nepochs = 2\n'
     ),
+    # batchnorm: every rank normalizes with the whole batch's statistics (an Allreduce).
+    # Momentum, not Adam: a bias right before batchnorm has a gradient of 0 up to
+    # rounding, which Adam's m / sqrt(v) would blow up to steps of the learning rate
+    "cnn-batchnorm": (
+        'layers = ["conv 4 3 pad=1", "batchnorm", "relu", "maxpool 2", "dense 16", '
+        '"batchnorm", "relu"]\noptimizer = "momentum"\nlearning_rate = 0.05\n'
+        "batch_size = 64\nepochs = 2\n"
+    ),
 }
 DATA = 'dataset = "digits"\ntotal = 600\ntrain = 500\ntest = 100\neval_every = 1\n'
 

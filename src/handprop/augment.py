@@ -1,9 +1,14 @@
-"""Data augmentation for image mini-batches: small random shifts and rotations.
+"""Data augmentation for image mini-batches: small random shifts, rotations and
+elastic distortions.
 
-Each training image is moved by a random whole-pixel shift and turned by a random
-angle, drawn from the epoch's seeded generator, so a run (and a resumed run) sees the
-same augmented batches every time. Rotation uses bilinear interpolation about the image
-centre; pixels that come from outside the image are 0 (background).
+Each training image is moved by a random whole-pixel shift, turned by a random angle
+and, optionally, distorted elastically (Simard, Steinkraus & Platt 2003: a random
+displacement field, uniform in [-1, 1] per pixel and axis, smoothed by a Gaussian of
+standard deviation sigma and scaled by alpha), all drawn from the epoch's seeded
+generator, so a run (and a resumed run, and every MPI rank) sees the same augmented
+batches every time. The output pixels are read from the input by bilinear
+interpolation, once for all three transformations; pixels that come from outside the
+image are 0 (background).
 """
 
 from __future__ import annotations
@@ -26,6 +31,69 @@ def shift_rotate(
     return warp(X, dy, dx, theta)
 
 
+def augment(
+    X: np.ndarray,
+    rng: np.random.Generator,
+    max_shift: int = 0,
+    max_degrees: float = 0.0,
+    elastic_alpha: float = 0.0,
+    elastic_sigma: float = 4.0,
+) -> np.ndarray:
+    """Images X (n, c, h, w) shifted, rotated (see :func:`shift_rotate`, whose draws
+    come first, so that without elastic distortions the batches are its own) and
+    elastically distorted (:func:`elastic_field`; alpha 0: none), in one resampling.
+    The output has X's dtype."""
+    if not elastic_alpha:
+        return shift_rotate(X, rng, max_shift, max_degrees)
+    n, _, h, w = X.shape
+    dy = rng.integers(-max_shift, max_shift + 1, size=n) if max_shift else np.zeros(n)
+    dx = rng.integers(-max_shift, max_shift + 1, size=n) if max_shift else np.zeros(n)
+    theta = np.deg2rad(rng.uniform(-max_degrees, max_degrees, size=n)) if max_degrees else None
+    src_y, src_x = sources(n, h, w, dy, dx, theta)
+    ey, ex = elastic_field(rng, n, h, w, elastic_alpha, elastic_sigma)
+    return bilinear(X, src_y + ey, src_x + ex)
+
+
+def gaussian_matrix(size: int, sigma: float) -> np.ndarray:
+    """K (size, size): K @ v is v smoothed by a normalised Gaussian of standard deviation
+    ``sigma`` pixels, cut at 4 sigma, the border reflected (scipy.ndimage's defaults)."""
+    r = max(1, int(4.0 * sigma + 0.5))
+    t = np.arange(-r, r + 1)
+    g = np.exp(-0.5 * (t / sigma) ** 2)
+    g /= g.sum()
+    j = np.arange(size)[:, None] + t[None, :]  # (size, 2r + 1) source of each tap
+    period = 2 * size
+    j = np.mod(j, period)
+    j = np.where(j >= size, period - 1 - j, j)  # reflect: d c b a | a b c d | d c b a
+    K = np.zeros((size, size))
+    np.add.at(K, (np.repeat(np.arange(size), len(t)), j.ravel()), np.tile(g, size))
+    return K
+
+
+def elastic_field(
+    rng: np.random.Generator, n: int, h: int, w: int, alpha: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Simard et al.'s displacement fields (dy, dx), each (n, h, w) in pixels: uniform
+    in [-1, 1] per pixel, smoothed by a Gaussian of ``sigma`` (separable: K_h D K_w^T,
+    one small matrix product per axis for the whole batch), times ``alpha``."""
+    D = rng.uniform(-1.0, 1.0, size=(2, n, h, w))
+    smooth = gaussian_matrix(h, sigma) @ D @ (alpha * gaussian_matrix(w, sigma).T)
+    return smooth[0], smooth[1]
+
+
+def elastic(
+    X: np.ndarray, rng: np.random.Generator, alpha: float, sigma: float = 4.0
+) -> np.ndarray:
+    """Images X (n, c, h, w) elastically distorted: output pixel (i, j) is read at
+    (i + dy, j + dx) (:func:`elastic_field`), bilinearly. alpha 0 returns X's values."""
+    n, _, h, w = X.shape
+    if not alpha:
+        return X.copy()
+    ey, ex = elastic_field(rng, n, h, w, alpha, sigma)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    return bilinear(X, yy[None] + ey, xx[None] + ex)
+
+
 def warp(
     X: np.ndarray, dy: np.ndarray, dx: np.ndarray, theta: np.ndarray | None = None
 ) -> np.ndarray:
@@ -33,6 +101,13 @@ def warp(
     displayed with row 0 at the top) about their centre, then moved down by ``dy`` and
     right by ``dx`` pixels; dy, dx and theta have shape (n,)."""
     n, _, h, w = X.shape
+    return bilinear(X, *sources(n, h, w, dy, dx, theta))
+
+
+def sources(
+    n: int, h: int, w: int, dy: np.ndarray, dx: np.ndarray, theta: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each output pixel of :func:`warp` comes from: (src_y, src_x), each (n, h, w)."""
     # for every output pixel, where it comes from in the input (inverse mapping)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     cy, cx = (h - 1) / 2, (w - 1) / 2
@@ -45,31 +120,34 @@ def warp(
     else:
         src_y = np.broadcast_to(yy[None] - dy[:, None, None], (n, h, w))
         src_x = np.broadcast_to(xx[None] - dx[:, None, None], (n, h, w))
-    return bilinear(X, src_y, src_x)
+    return src_y, src_x
 
 
 def bilinear(X: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray:
     """Sample X (n, c, h, w) at fractional positions (n, h, w); 0 outside the image."""
-    n, _, h, w = X.shape
-    y0 = np.floor(src_y).astype(np.int64)
-    x0 = np.floor(src_x).astype(np.int64)
-    fy = (src_y - y0).astype(X.dtype)[:, None]
-    fx = (src_x - x0).astype(X.dtype)[:, None]
+    n, c, h, w = X.shape
+    H, W = h + 2, w + 2
+    y0 = np.floor(src_y)
+    x0 = np.floor(src_x)
+    fy = (src_y - y0).astype(X.dtype)
+    fx = (src_x - x0).astype(X.dtype)
     # pad by one pixel of zeros so that every neighbour index is valid
-    P = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    yi = np.clip(y0 + 1, 0, h + 1)
-    xi = np.clip(x0 + 1, 0, w + 1)
-    yj = np.clip(y0 + 2, 0, h + 1)
-    xj = np.clip(x0 + 2, 0, w + 1)
-    rows = np.arange(n)[:, None, None]
-
-    def at(yv: np.ndarray, xv: np.ndarray) -> np.ndarray:
-        return P[rows, :, yv, xv].transpose(0, 3, 1, 2)  # (n, c, h, w)
-
-    top = at(yi, xi) * (1 - fx) + at(yi, xj) * fx
-    bottom = at(yj, xi) * (1 - fx) + at(yj, xj) * fx
-    out = top * (1 - fy) + bottom * fy
+    P = np.zeros((n, c, H, W), dtype=X.dtype)
+    P[:, :, 1:-1, 1:-1] = X
+    yi = np.clip(y0.astype(np.int64) + 1, 0, h + 1) * W
+    xi = np.clip(x0.astype(np.int64) + 1, 0, w + 1)
+    yj = np.clip(y0.astype(np.int64) + 2, 0, h + 1) * W
+    xj = np.clip(x0.astype(np.int64) + 2, 0, w + 1)
+    base = (np.arange(n) * (c * H * W))[:, None, None]
+    corners = [base + yi + xi, base + yi + xj, base + yj + xi, base + yj + xj]
+    flat = P.reshape(-1)
+    out = np.empty(X.shape, dtype=X.dtype)
+    for ch in range(c):  # flat gathers (np.take): much faster than fancy indexing
+        a, b, d, e = (flat.take(idx + ch * H * W) for idx in corners)
+        top = a + (b - a) * fx
+        bottom = d + (e - d) * fx
+        out[:, ch] = top + (bottom - top) * fy
     # positions entirely outside the image (beyond the zero border) are background
     outside = (src_y <= -1) | (src_y >= h) | (src_x <= -1) | (src_x >= w)
     out[np.broadcast_to(outside[:, None], out.shape)] = 0
-    return out.astype(X.dtype, copy=False)
+    return out

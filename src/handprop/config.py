@@ -77,6 +77,7 @@ INIT_NAMES: tuple[str, ...] = (
     "glorot_normal",
     "he_uniform",
     "he_normal",
+    "pytorch",  # PyTorch's default: weights AND biases U(+-1/sqrt(fan_in)) (train.py)
 )
 DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
 #: "original": the first ``total`` samples, permuted by ``seed``, cut into train and test;
@@ -87,6 +88,10 @@ PER_LAYER_FIELDS: tuple[str, ...] = ("activation", "dropout")
 #: "gd" on full batches is the original's gradient descent; with batch_size it is SGD
 OPTIMIZER_NAMES: tuple[str, ...] = ("gd", "sgd", "momentum", "nesterov", "adam", "rmsprop")
 SCHEDULE_NAMES: tuple[str, ...] = ("constant", "step", "exponential", "cosine")
+#: batchnorm at inference: "running": the running averages of training (PyTorch's
+#: way); "recalibrate": re-estimated after the last epoch on the clean (not augmented)
+#: training images, exact averages over every batch
+BATCHNORM_STATS_NAMES: tuple[str, ...] = ("running", "recalibrate")
 
 _SPEC_KEY = "handprop.config"
 
@@ -490,6 +495,15 @@ class RunConfig:
     # data augmentation of image mini-batches
     augment_shift: int = option(0, _integer(0), "largest random shift in pixels")
     augment_rotate: float = option(0.0, _real(0, 180), "largest random rotation in degrees")
+    augment_elastic_alpha: float = option(
+        0.0, _real(0, math.inf), "elastic distortion scale alpha in pixels (0: off)"
+    )
+    augment_elastic_sigma: float = option(
+        4.0, _positive_real(), "elastic distortion smoothing sigma in pixels"
+    )
+    batchnorm_stats: str = option(
+        "running", _choice(BATCHNORM_STATS_NAMES), "batchnorm statistics at inference"
+    )
 
     def __post_init__(self) -> None:
         given = {f.name: (f.name, getattr(self, f.name)) for f in fields(self)}
@@ -640,10 +654,14 @@ def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
             f"probabilities for {len(hidden)} hidden layers; give one per hidden layer, "
             "or a single one for all"
         )
-    if (values["augment_shift"] or values["augment_rotate"]) and values["batch_size"] is None:
+    augmented = [
+        name
+        for name in ("augment_shift", "augment_rotate", "augment_elastic_alpha")
+        if values[name]
+    ]
+    if augmented and values["batch_size"] is None:
         raise ConfigError(
-            f"{origin.at('augment_shift' if values['augment_shift'] else 'augment_rotate')}: "
-            "augmentation is applied per mini-batch; set batch_size too"
+            f"{origin.at(augmented[0])}: augmentation is applied per mini-batch; set batch_size too"
         )
     if values["patience"] is not None and values["validation"] == 0:
         raise ConfigError(

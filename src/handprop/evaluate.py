@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from handprop.errors import ConfigError
 from handprop.metrics import classification_metrics, top_confusions
-from handprop.runs import MODEL_LABELS, Predictions, RunFolder
+from handprop.runs import MODEL_LABELS, GridFolder, Predictions, RunFolder, is_grid, resolve_run
 
 TOP_CONFUSIONS = 5
 
@@ -66,6 +67,83 @@ def evaluate_run(run: RunFolder | str | Path, top: int = TOP_CONFUSIONS) -> dict
         "recorded_accuracy": run.metrics.get("accuracy"),
         "class_names": names,
         "models": models,
+    }
+
+
+def ensemble_runs(paths: Sequence[str | Path]) -> tuple[list[RunFolder], list[str]]:
+    """The run folders of ``paths`` (run folders, config files: their latest run, grids:
+    every run), and a note for each run of a grid left out because it has no
+    predictions (it failed, or has not finished)."""
+    runs: list[RunFolder] = []
+    notes: list[str] = []
+    for path in paths:
+        path = resolve_run(path)
+        if is_grid(path):
+            for run in GridFolder(path).runs:
+                if run.has("predictions.csv"):
+                    runs.append(run)
+                else:
+                    status = run.metrics.get("status") or "unfinished"
+                    notes.append(f"left out {run.path}: no predictions.csv ({status})")
+        else:
+            runs.append(RunFolder(path))
+    return runs, notes
+
+
+def evaluate_ensemble(paths: Sequence[str | Path], top: int = TOP_CONFUSIONS) -> dict[str, Any]:
+    """Metrics of the ensemble of runs: the mean of their predicted probabilities
+    (predictions.csv), then each member's own, for comparison.
+
+    The runs must agree on the dataset, the classes and the test samples (the same
+    indices in the same order); ConfigError names the first that does not. The
+    ensemble's training time is the sum of its members'.
+
+    Returns
+    -------
+    dict
+        As :func:`evaluate_run`'s, with ``"ensemble"`` first in ``models``, then each
+        member by its folder's name; ``members`` lists the folders, ``notes`` the runs
+        of a grid left out.
+    """
+    runs, notes = ensemble_runs(paths)
+    if not runs:
+        raise ConfigError(f"{', '.join(map(str, paths))}: no finished run to put in an ensemble")
+    first = runs[0]
+    base = first.predictions
+    for run in runs[1:]:
+        P = run.predictions
+        problem = None
+        if run.dataset != first.dataset:
+            problem = f"dataset {run.dataset!r}, not {first.dataset!r}"
+        elif run.class_names != first.class_names or P.k != base.k:
+            problem = f"classes {run.class_names}, not {first.class_names}"
+        elif not np.array_equal(P.index, base.index) or not np.array_equal(P.y_true, base.y_true):
+            problem = f"other test samples ({P.n} rows) than its {base.n}"
+        if problem:
+            raise ConfigError(
+                f"{run.path}: {problem} in {first.path}; an ensemble's runs must agree on "
+                "input, classes and test samples"
+            )
+    names = first.class_names
+    mean_P = np.mean([run.predictions.P for run in runs], axis=0)
+    ensemble = Predictions(base.index, base.y_true, mean_P.argmax(axis=1), mean_P, base.path)
+    models = {"ensemble": evaluate_predictions(ensemble, names, top)}
+    seconds = [run.train_seconds.get("handprop") for run in runs]
+    if all(isinstance(t, float) for t in seconds):
+        models["ensemble"]["train_seconds"] = float(sum(seconds))  # every member's time
+    for run, t in zip(runs, seconds, strict=True):
+        key = run.name if run.name not in models else str(run.path)
+        models[key] = evaluate_predictions(run.predictions, names, top)
+        if t is not None:
+            models[key]["train_seconds"] = t
+    return {
+        "run": f"ensemble of {len(runs)} runs",
+        "status": "ensemble",
+        "recorded_accuracy": None,
+        "class_names": names,
+        "models": models,
+        "members": [str(run.path) for run in runs],
+        "notes": notes,
     }
 
 
@@ -167,10 +245,15 @@ def format_confusion(m: dict[str, Any]) -> str:
 
 def format_evaluation(result: dict[str, Any]) -> str:
     """The whole evaluation as plain text: one block per table."""
-    hp = result["models"]["handprop"]
+    hp = next(iter(result["models"].values()))  # handprop's, or the ensemble's
     blocks = [
         f"run: {result['run']}  (status: {result['status'] or 'unknown'}, {hp['n']} test samples)"
     ]
+    if result.get("members"):
+        blocks[0] += "\nmembers: " + ", ".join(result["members"])
+        blocks[0] += "\nthe ensemble's probabilities are the mean of its members'; its time is "
+        blocks[0] += "the sum of theirs"
+    blocks += result.get("notes") or []
     recorded = result.get("recorded_accuracy")
     if isinstance(recorded, (int, float)) and abs(recorded - hp["accuracy"]) > 1e-9:
         blocks.append(

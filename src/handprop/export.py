@@ -3,7 +3,9 @@
 Each layer becomes the ONNX operator that computes the same function: Dense -> Gemm
 (``X @ W + b``, W kept as handprop stores it, (d_in, d_out)), Conv2D -> Conv (the same
 cross-correlation, weights (c_out, c_in, k, k)), MaxPool2D/AvgPool2D -> MaxPool/
-AveragePool, Flatten -> Flatten, Sigmoid/Tanh/ReLU -> Sigmoid/Tanh/Relu; Identity and
+AveragePool, Flatten -> Flatten, BatchNorm -> BatchNormalization (inference: its
+running mean and variance, per feature (n, d) or per channel (n, c, h, w)),
+Sigmoid/Tanh/ReLU -> Sigmoid/Tanh/Relu; Identity and
 Dropout (the identity at inference) are left out. The output is the class
 probabilities, as ``Network.predict_proba`` gives them: Softmax over the logits for
 cross-entropy, the sigmoid outputs divided by their sum for mse. The parameters are
@@ -24,7 +26,16 @@ import numpy as np
 
 from handprop import __version__
 from handprop.errors import ConfigError, OutputError
-from handprop.nn import AvgPool2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, Network
+from handprop.nn import (
+    AvgPool2D,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    Network,
+)
 
 #: ONNX opset and IR version written: opset 17 (2022) is read by every current runtime
 OPSET = 17
@@ -88,6 +99,11 @@ def to_onnx(net: Network, name: str = "handprop") -> Any:
             emit(op, [current], label, kernel_shape=[layer.k] * 2, strides=[layer.stride] * 2)
         elif isinstance(layer, Flatten):
             emit("Flatten", [current], label, axis=1)
+        elif isinstance(layer, BatchNorm):
+            # inference form: gamma (x - running_mean) / sqrt(running_var + eps) + beta
+            names = ("gamma", "beta", "running_mean", "running_var")
+            inputs = [weight(getattr(layer, n), f"{label}.{n}") for n in names]
+            emit("BatchNormalization", [current, *inputs], label, epsilon=layer.eps)
         elif layer.kind in _ACTIVATION_OPS:
             emit(_ACTIVATION_OPS[layer.kind], [current], label)
         elif isinstance(layer, Dropout) or layer.kind == "identity":
@@ -95,7 +111,7 @@ def to_onnx(net: Network, name: str = "handprop") -> Any:
         else:
             raise ConfigError(
                 f"layer {i} ({layer!r}) has no ONNX form in handprop export; "
-                f"known: dense, conv2d, maxpool2d, avgpool2d, flatten, dropout, "
+                f"known: dense, conv2d, maxpool2d, avgpool2d, flatten, batchnorm, dropout, "
                 f"{', '.join(_ACTIVATION_OPS)}, identity"
             )
     if net.loss_name == "cross_entropy":

@@ -21,14 +21,20 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from handprop.errors import DataError, HandpropError, ImageTooLargeError, ModelFileError
+from handprop.errors import (
+    ConfigError,
+    DataError,
+    HandpropError,
+    ImageTooLargeError,
+    ModelFileError,
+)
 from handprop.memory import check_fits
 from handprop.nn import Network
 
@@ -51,6 +57,52 @@ def load_model(path: str | Path) -> Network:
             )
         path = path / MODEL_FILE
     return nn.load(path)
+
+
+def model_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Model files of ``paths``: a ``.npz`` file or a run folder names one; an
+    experiment grid (a folder of run folders) names each of its runs' model.npz."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir() and not (path / MODEL_FILE).is_file():
+            runs = sorted(p / MODEL_FILE for p in path.iterdir() if (p / MODEL_FILE).is_file())
+            if runs:  # a grid: every run that finished
+                found += runs
+                continue
+        found.append(path)
+    return found
+
+
+def input_facts(net: Network) -> tuple[Any, ...]:
+    """What the models of an ensemble must share: the input (image shape, or number of
+    values, and pixel scale) and the classes."""
+    image = tuple(net.meta.get("image_shape") or ())
+    values = math.prod(net.input_shape)
+    names = tuple(net.meta.get("class_names") or (str(i) for i in range(net.n_classes)))
+    return image, values, float(net.meta.get("pixel_max", 255)), names
+
+
+def describe_input(net: Network) -> str:
+    image, values, pixel_max, names = input_facts(net)
+    inputs = f"{_shape_text(image)} images" if image else f"{values:,} input values"
+    return f"{inputs} (pixel_max {pixel_max:g}) and {len(names)} classes ({', '.join(names)})"
+
+
+def load_ensemble(paths: Sequence[str | Path]) -> list[Network]:
+    """The models of ``paths`` (see :func:`model_paths`), which must agree on their
+    input and classes (:func:`input_facts`); ConfigError names the first that does not.
+    An MLP and a CNN on the same 28x28 images may go together."""
+    files = model_paths(paths)
+    nets = [load_model(p) for p in files]
+    first = input_facts(nets[0])
+    for path, net in zip(files[1:], nets[1:], strict=True):
+        if input_facts(net) != first:
+            raise ConfigError(
+                f"{path}: takes {describe_input(net)}, but {files[0]} takes "
+                f"{describe_input(nets[0])}; an ensemble's models must agree on input "
+                "shape and classes"
+            )
+    return nets
 
 
 # -- images --------------------------------------------------------------------------
@@ -361,22 +413,34 @@ def open_inputs(paths: list[str | Path], net: Network) -> list[Input]:
     return inputs
 
 
-def predict_batches(inputs: list[Input], net: Network) -> Iterator[tuple[list[str], np.ndarray]]:
+def predict_batches(
+    inputs: list[Input], net: Network | Sequence[Network]
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """(names, probabilities (k, n_classes)) batch by batch over every input's rows;
     each batch is converted to the network's dtype and normalized only when its turn
-    comes, so memory stays at one batch whatever the inputs' size."""
+    comes, so memory stays at one batch whatever the inputs' size.
+
+    Given several networks (an ensemble, checked by :func:`load_ensemble`), the
+    probabilities are the mean of theirs."""
     from handprop.nn import DataParallel
 
-    batch = max(1, min(BATCH_ROWS, net.inference_batch()))
-    net.check_memory(batch, training=False)
-    model = DataParallel(net)  # a large batch goes over every core
+    nets = [net] if isinstance(net, Network) else list(net)
+    batch = max(1, min(BATCH_ROWS, *(n.inference_batch() for n in nets)))
+    for n in nets:
+        n.check_memory(batch, training=False)
+    models = [DataParallel(n) for n in nets]  # a large batch goes over every core
     for item in inputs:
         for lo in range(0, item.count, batch):
             hi = min(lo + batch, item.count)
-            X = item.rows[lo:hi].astype(net.dtype)
-            if item.scale != 1.0:
-                X /= net.dtype.type(item.scale)
-            P = model.predict_proba(X.reshape(hi - lo, *net.input_shape), batch_size=batch)
+            P = None
+            for n, model in zip(nets, models, strict=True):
+                X = item.rows[lo:hi].astype(n.dtype)
+                if item.scale != 1.0:
+                    X /= n.dtype.type(item.scale)
+                Pn = model.predict_proba(X.reshape(hi - lo, *n.input_shape), batch_size=batch)
+                P = Pn if len(nets) == 1 else Pn.astype(np.float64) if P is None else P + Pn
+            if len(nets) > 1:
+                P /= len(nets)
             yield [item.name(i) for i in range(lo, hi)], P
 
 

@@ -161,28 +161,79 @@ def build_network(cfg: RunConfig, data: Split) -> nn.Network:
         "image_shape": list(data.image_shape),
         "pixel_max": data.pixel_max,
     }
+    init = "he_uniform" if cfg.init == "pytorch" else cfg.init  # pytorch: redrawn below
     if cfg.layers is not None:
-        return nn.Network.from_layers(
+        net = nn.Network.from_layers(
             cfg.layers,
             (1, *data.image_shape),  # grayscale images: one channel
             len(data.class_names),
             loss=cfg.loss,
-            init=cfg.init,
+            init=init,
             dtype=cfg.dtype,
             rng=np.random.default_rng(cfg.seed),
             meta=meta,
         )
-    spec = [data.X_train.shape[1], *cfg.hidden, len(data.class_names)]
-    return nn.Network.from_spec(
-        spec,
-        activation=list(cfg.activation),
-        loss=cfg.loss,
-        init=cfg.init,
-        dtype=cfg.dtype,
-        rng=np.random.default_rng(cfg.seed),
-        meta=meta,
-        dropout=list(cfg.dropout),
-    )
+    else:
+        spec = [data.X_train.shape[1], *cfg.hidden, len(data.class_names)]
+        net = nn.Network.from_spec(
+            spec,
+            activation=list(cfg.activation),
+            loss=cfg.loss,
+            init=init,
+            dtype=cfg.dtype,
+            rng=np.random.default_rng(cfg.seed),
+            meta=meta,
+            dropout=list(cfg.dropout),
+        )
+    if cfg.init == "pytorch":
+        init_like_pytorch(net, np.random.default_rng(cfg.seed))
+    return net
+
+
+def init_like_pytorch(net: nn.Network, rng: np.random.Generator) -> None:
+    """PyTorch's default initialisation of Linear and Conv2d, weights AND biases:
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5) for the
+    weights, its bound for the biases). fan_in is d_in for a dense layer, c_in k k for
+    a convolution; layers without W and b (batchnorm: gamma 1, beta 0) keep theirs."""
+    for layer in net.layers:
+        shapes = layer.param_shapes()
+        if "W" not in shapes or "b" not in shapes:
+            continue
+        W, b = layer.W, layer.b
+        # Dense stores W (d_in, d_out), Conv2D (c_out, c_in, k, k)
+        fan_in = W.shape[0] if W.ndim == 2 else math.prod(W.shape[1:])
+        bound = 1.0 / math.sqrt(fan_in)
+        W[...] = rng.uniform(-bound, bound, size=W.shape)
+        b[...] = rng.uniform(-bound, bound, size=b.shape)
+
+
+def recalibrate_batchnorm(net: nn.Network, X: np.ndarray, batch: int) -> None:
+    """Re-estimate every batchnorm layer's running mean and variance on X (the clean
+    training images), as the exact average of their batch statistics over every batch
+    of ``batch`` rows (momentum 1 / k for the k-th batch; PyTorch's momentum=None).
+
+    The running averages of training follow the augmented batches, whose statistics
+    differ from clean images' (elastic distortions and rotations most); inference sees
+    clean images. Dropout is held off meanwhile, as at inference. Deterministic: the
+    other parameters and X alone decide the result (a resumed run gets the same).
+    """
+    norms = [layer for layer in net.layers if isinstance(layer, nn.BatchNorm)]
+    if not norms:
+        return
+    drops = [(layer, layer.p) for layer in net.layers if isinstance(layer, nn.Dropout)]
+    momenta = [layer.momentum for layer in norms]
+    try:
+        for layer, _ in drops:
+            layer.p = 0.0
+        for k, start in enumerate(range(0, len(X), batch)):
+            for layer in norms:
+                layer.momentum = 1.0 / (k + 1)  # the first batch replaces, then averages
+            net.forward(X[start : start + batch], training=True)
+    finally:
+        for layer, p in drops:
+            layer.p = p
+        for layer, momentum in zip(norms, momenta, strict=True):
+            layer.momentum = momentum
 
 
 def build_optimizer(cfg: RunConfig, net: nn.Network) -> nn.Optimizer:
@@ -234,15 +285,16 @@ def run_epoch(
     The full batch is the original's gradient descent (no shuffling); mini-batches
     come in the order ``rng`` draws, each ``augment``-ed when given. ``check_loss``
     sees every batch's loss (and raises on a non-finite one). Returns the epoch's mean
-    loss and, when it comes for free (full batch, no dropout), the training accuracy
-    before the update.
+    loss and, when it comes for free (full batch, no dropout or batchnorm), the
+    training accuracy before the update.
     """
     n = len(y)
     if batch >= n:
         loss, out = model.train_pass(X, y)
         check_loss(loss)
         train_acc = None
-        if not any(isinstance(layer, nn.Dropout) for layer in model.net.layers):
+        # dropout's masks and batchnorm's batch statistics: not the inference outputs
+        if not any(isinstance(layer, (nn.Dropout, nn.BatchNorm)) for layer in model.net.layers):
             train_acc = model.count_correct(out, y) / n
         opt.step(model.params, model.grads)
         return loss, train_acc
@@ -388,11 +440,20 @@ class Trainer:
                 setattr(d, name, X.reshape(len(X), *shape))
 
     def augment(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """A mini-batch with random shifts and rotations, as the config asks."""
-        from handprop.augment import shift_rotate
+        """A mini-batch with random shifts, rotations and elastic distortions, as the
+        config asks."""
+        from handprop.augment import augment
 
+        cfg = self.cfg
         images = X.reshape(len(X), 1, *self.data.image_shape)
-        out = shift_rotate(images, rng, self.cfg.augment_shift, self.cfg.augment_rotate)
+        out = augment(
+            images,
+            rng,
+            cfg.augment_shift,
+            cfg.augment_rotate,
+            cfg.augment_elastic_alpha,
+            cfg.augment_elastic_sigma,
+        )
         return out.reshape(X.shape)
 
     # -- the loop
@@ -411,7 +472,8 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        augment = self.augment if cfg.augment_shift or cfg.augment_rotate else None
+        augmented = cfg.augment_shift or cfg.augment_rotate or cfg.augment_elastic_alpha
+        augment = self.augment if augmented else None
         try:
             # overflow on the way to a NaN loss is reported by check_loss, by epoch
             with np.errstate(over="ignore", invalid="ignore"):
@@ -451,6 +513,10 @@ class Trainer:
         if self.stopping.best_params is not None:
             # early stopping ends on the best validated parameters, not the last ones
             self.net.params[...] = self.stopping.best_params
+        if cfg.batchnorm_stats == "recalibrate":
+            start = time.perf_counter()
+            recalibrate_batchnorm(self.net, self.data.X_train, cfg.batch_size or 256)
+            self.seconds += time.perf_counter() - start  # part of the training time
 
     def check_loss(self, loss: float, epoch: int) -> None:
         if not math.isfinite(loss):

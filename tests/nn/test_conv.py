@@ -35,17 +35,63 @@ def bound(layer, rng):
 CASES = [(3, 1, 0), (3, 1, 1), (3, 2, 1), (2, 2, 0), (5, 1, 2), (1, 1, 0), (4, 3, 2)]
 
 
+@pytest.fixture(params=["batched", "per_image"])
+def layout(request, monkeypatch):
+    """Run a test under both of Conv2D's layouts: the whole batch as one product, and
+    a product per image (Conv2D.batched decides by the patch size)."""
+    import handprop.nn.conv as conv
+
+    monkeypatch.setattr(conv, "BATCHED_MIN_PATCH", 1 if request.param == "batched" else 10**9)
+    return request.param
+
+
+def conv_backward_naive(X, W, G, stride, pad):
+    """dX, dW, db of the cross-correlation by loops over every output value."""
+    n, _, h, w = X.shape
+    _, _, k, _ = W.shape
+    Xp = np.pad(X, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    dXp, dW = np.zeros_like(Xp), np.zeros_like(W)
+    for i in range(n):
+        for o in range(W.shape[0]):
+            for y in range(G.shape[2]):
+                for x in range(G.shape[3]):
+                    win = (i, slice(None), slice(y * stride, y * stride + k))
+                    win += (slice(x * stride, x * stride + k),)
+                    dW[o] += G[i, o, y, x] * Xp[win]
+                    dXp[win] += G[i, o, y, x] * W[o]
+    return dXp[:, :, pad : pad + h, pad : pad + w], dW, G.sum(axis=(0, 2, 3))
+
+
 @pytest.mark.parametrize("k, stride, pad", CASES)
-def test_conv_matches_the_nested_loop_reference(k, stride, pad, rng):
+def test_conv_matches_the_nested_loop_reference(k, stride, pad, rng, layout):
     layer = bound(Conv2D(3, 4, k, stride, pad), rng)
     X = rng.normal(size=(2, 3, 9, 8))
     np.testing.assert_allclose(
         layer.forward(X), conv_naive(X, layer.W, layer.b, stride, pad), rtol=1e-10, atol=1e-12
     )
+    Z = layer.forward(X, training=True)
+    np.testing.assert_allclose(Z, conv_naive(X, layer.W, layer.b, stride, pad), 1e-10, 1e-12)
 
 
 @pytest.mark.parametrize("k, stride, pad", CASES)
-def test_conv_backward_matches_central_differences(k, stride, pad, rng):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_backward_matches_the_nested_loop_reference(k, stride, pad, dtype, rng, layout):
+    layer = Conv2D(3, 4, k, stride, pad)
+    W, b = rng.normal(size=(4, 3, k, k)).astype(dtype), rng.normal(size=4).astype(dtype)
+    layer.bind({"W": W, "b": b}, {"W": np.zeros_like(W), "b": np.zeros_like(b)})
+    X = rng.normal(size=(3, 3, 9, 8))
+    Z = layer.forward(X.astype(dtype), training=True)
+    G = rng.normal(size=Z.shape)
+    dX = layer.backward(G.astype(dtype))
+    assert dX.dtype == layer.dW.dtype == dtype
+    want = conv_backward_naive(X.astype(dtype).astype(float), W.astype(float), G, stride, pad)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for got, ref in zip((dX, layer.dW, layer.db), want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("k, stride, pad", CASES)
+def test_conv_backward_matches_central_differences(k, stride, pad, rng, layout):
     errors = gradcheck_layer(Conv2D(2, 3, k, stride, pad), rng.normal(size=(2, 2, 7, 6)), rng)
     assert set(errors) == {"X", "W", "b"}
     assert max(errors.values()) < 1e-6, errors
@@ -67,12 +113,42 @@ def test_max_pool_forward_and_deterministic_ties():
     np.testing.assert_array_equal(dX, [[[[5.0, 0, 0, 7.0], [0, 0, 0, 0]]]])
 
 
+def max_pool_naive(X, G, k, stride):
+    """Max pooling and its gradient by loops: each window's first maximum in row-major
+    order gets the window's G."""
+    n, c, h, w = X.shape
+    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+    A, dX = np.zeros((n, c, ho, wo)), np.zeros_like(X)
+    for idx in np.ndindex(n, c, ho, wo):
+        i, ch, y, x = idx
+        win = X[i, ch, y * stride : y * stride + k, x * stride : x * stride + k]
+        a, b = np.unravel_index(np.argmax(win), win.shape)  # argmax: the first maximum
+        A[idx] = win[a, b]
+        dX[i, ch, y * stride + a, x * stride + b] += G[idx]
+    return A, dX
+
+
+@pytest.mark.parametrize("k, stride, size", [(2, None, 6), (2, None, 7), (3, 2, 7), (2, 1, 5),
+                                             (3, None, 8), (2, 3, 8)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_matches_the_loop_reference_with_many_ties(k, stride, size, dtype, rng):
+    pool = MaxPool2D(k, stride)
+    for _ in range(2):  # the second pass reuses the work arrays of the first
+        X = rng.integers(0, 3, size=(2, 3, size, size)).astype(dtype)  # ties everywhere
+        A = pool.forward(X, training=True)
+        G = rng.normal(size=A.shape).astype(dtype)
+        want_A, want_dX = max_pool_naive(X, G.astype(float), k, stride or k)
+        np.testing.assert_array_equal(A, want_A)
+        np.testing.assert_allclose(pool.backward(G), want_dX, rtol=1e-6)
+        np.testing.assert_array_equal(pool.forward(X), want_A)  # inference
+
+
 def test_avg_pool_forward():
     X = np.arange(16.0).reshape(1, 1, 4, 4)
     np.testing.assert_array_equal(AvgPool2D(2).forward(X), [[[[2.5, 4.5], [10.5, 12.5]]]])
 
 
-def test_a_whole_small_cnn_passes_gradcheck(rng):
+def test_a_whole_small_cnn_passes_gradcheck(rng, layout):
     net = Network.from_layers(
         [
             "conv 3 3 pad=1",

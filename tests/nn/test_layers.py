@@ -94,3 +94,22 @@ def test_dropout_is_inverted_and_off_at_inference(rng):
     assert set(np.unique(A)) == {0.0, 2.0}  # kept units scaled by 1 / (1 - p)
     assert A.mean() == pytest.approx(1.0, abs=0.02)  # the expectation is unchanged
     np.testing.assert_array_equal(layer.forward(X, training=False), X)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_training_pass_against_the_mask_by_hand(dtype, rng):
+    """Forward and backward (written into reused work arrays) equal X * M / (1 - p)
+    and G * M / (1 - p), step after step, in the input's dtype."""
+    from handprop.nn import Dropout
+
+    layer = Dropout(0.25)
+    for _ in range(2):
+        X, G = rng.normal(size=(6, 5)).astype(dtype), rng.normal(size=(6, 5)).astype(dtype)
+        mask = rng.random((6, 5)) >= 0.25
+        layer.fixed_mask = mask
+        A = layer.forward(X, training=True)
+        dX = layer.backward(G)
+        assert A.dtype == dX.dtype == dtype
+        scale = dtype(1 / 0.75)
+        np.testing.assert_allclose(A, X * mask * scale, rtol=1e-6)
+        np.testing.assert_allclose(dX, G * mask * scale, rtol=1e-6)

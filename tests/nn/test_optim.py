@@ -157,3 +157,30 @@ def test_schedules():
     assert warm.factor(13) == pytest.approx(0)
     with pytest.raises(ConfigError, match="unknown schedule 'linear'"):
         Schedule("linear", 10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_split_over_threads_gives_the_same_numbers(dtype):
+    """Adam's update runs in one block per thread on a large vector: elementwise, so the
+    numbers must not depend on the thread count."""
+    from handprop.nn import set_threads
+    from handprop.nn.threads import MIN_PARALLEL, get_threads
+
+    rng = np.random.default_rng(0)
+    n = 3 * MIN_PARALLEL + 7
+    p0 = rng.normal(size=n).astype(dtype)
+    grads = [rng.normal(size=n).astype(dtype) for _ in range(3)]
+    before = get_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            set_threads(threads)
+            p, opt = p0.copy(), Adam(1e-2)
+            for g in grads:
+                opt.step(p, g.copy())
+            results.append(p)
+    finally:
+        set_threads(before)
+    assert results[0].dtype == dtype
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])

@@ -1,4 +1,5 @@
-"""``handprop evaluate RUN``: metrics recomputed from a run folder's predictions."""
+"""``handprop evaluate RUN...``: metrics recomputed from run folders' predictions; several
+runs (or a grid with --ensemble) are scored as one ensemble."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import click
 
 
 @click.command("evaluate")
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--ensemble",
+    is_flag=True,
+    help="Score the runs (a grid: all its finished runs) as one ensemble: the mean of "
+    "their probabilities. Implied by several RUNs.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option(
     "--top",
@@ -18,13 +25,28 @@ import click
     show_default=True,
     help="How many confused pairs to list.",
 )
-def command(run: Path, as_json: bool, top: int) -> None:
+def command(runs: tuple[Path, ...], ensemble: bool, as_json: bool, top: int) -> None:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of RUN.
 
     Recomputed from RUN/predictions.csv; scikit-learn comparison predictions in RUN
     (predictions_sklearn_*.csv) are scored the same way and shown side by side.
-    """
-    from handprop.evaluate import evaluate_run, format_evaluation
 
-    result = evaluate_run(run, top=top)
+    Several RUNs, or --ensemble (e.g. handprop evaluate GRID --ensemble), are scored as
+    one ensemble: the mean of their predicted probabilities, next to each member's own
+    score. They must share the dataset, classes and test samples; the ensemble's
+    training time is the sum of its members'.
+    """
+    from handprop.errors import ConfigError
+    from handprop.evaluate import evaluate_ensemble, evaluate_run, format_evaluation
+    from handprop.runs import is_grid, resolve_run
+
+    if ensemble or len(runs) > 1:
+        result = evaluate_ensemble(runs, top=top)
+    else:
+        if is_grid(resolve_run(runs[0])):
+            raise ConfigError(
+                f"{runs[0]}: an experiment grid; name one of its run folders, or add "
+                "--ensemble to score its runs as one ensemble"
+            )
+        result = evaluate_run(runs[0], top=top)
     click.echo(json.dumps(result, indent=2) if as_json else format_evaluation(result))

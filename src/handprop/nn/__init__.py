@@ -5,6 +5,7 @@ holds BLAS to one thread per call through threadpoolctl, imported when first nee
 """
 
 from handprop.nn.activations import ACTIVATIONS, Identity, ReLU, Sigmoid, Tanh
+from handprop.nn.batchnorm import BatchNorm
 from handprop.nn.conv import AvgPool2D, Conv2D, MaxPool2D, col2im, im2col
 from handprop.nn.gradcheck import gradcheck, gradcheck_layer, numeric_gradient, relative_error
 from handprop.nn.init import INITIALIZERS
@@ -30,6 +31,7 @@ __all__ = [
     "SGD",
     "Adam",
     "AvgPool2D",
+    "BatchNorm",
     "Conv2D",
     "DataParallel",
     "Dense",

@@ -57,6 +57,7 @@ def gradcheck(
     eps: float = 1e-3,
     n_coords: int | None = None,
     rng: np.random.Generator | int | None = 0,
+    floor: float = FLOOR,
 ) -> float:
     """Max relative error between ``net.grads`` and finite differences of the loss.
 
@@ -64,6 +65,8 @@ def gradcheck(
     from ``rng`` for big networks. Use float64: in float32 the rounding noise of the
     differences is about 1e-3 and the check means little. Forward passes run in
     training mode, so layers with a fixed random mask (dropout) are checked as trained.
+    ``floor``: below it in both, differences are compared absolutely (a bias right before
+    a batchnorm layer has a gradient of exactly 0, and its differences ~1e-13 of noise).
     """
     X = net.check_input(X)
     y = net.check_labels(y, X.shape[0])
@@ -75,7 +78,7 @@ def gradcheck(
     numeric = numeric_gradient(lambda: net.loss_value(X, y, training=True), net.params, eps, coords)
     if coords is not None:
         analytic, numeric = analytic[coords], numeric[coords]
-    return relative_error(analytic, numeric)
+    return relative_error(analytic, numeric, floor)
 
 
 def gradcheck_layer(

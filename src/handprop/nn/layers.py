@@ -176,10 +176,12 @@ class Dropout(Layer):
             self._M = None
             return X
         mask = self.fixed_mask if self.fixed_mask is not None else self.draw_mask(X.shape)
-        M = mask.astype(X.dtype)
-        M *= X.dtype.type(1.0 / (1.0 - self.p))
+        # M = mask / (1 - p) and A = X * M, each one pass into a work array kept for the
+        # next batch of the same shape (no fresh arrays, no page faults per step)
+        M = self.buffer("M", X.shape, X.dtype)
+        np.multiply(mask, X.dtype.type(1.0 / (1.0 - self.p)), out=M)
         self._M = M
-        return X * M
+        return np.multiply(X, M, out=self.buffer("A", X.shape, X.dtype))
 
     def draw_mask(self, shape: tuple[int, ...]) -> Array:
         """A boolean keep-mask: each entry True with probability 1 - p."""
@@ -187,7 +189,9 @@ class Dropout(Layer):
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX = G * M / (1 - p)."""
-        return G if self._M is None else G * self._M
+        if self._M is None:
+            return G
+        return np.multiply(G, self._M, out=self.buffer("dX", G.shape, G.dtype))
 
     def get_config(self) -> dict[str, Any]:
         return {"p": self.p}

@@ -18,6 +18,7 @@ import numpy as np
 
 from handprop.errors import ConfigError
 from handprop.nn.layers import Array
+from handprop.nn.threads import rowwise
 
 
 def _positive(name: str, value: float) -> float:
@@ -186,7 +187,12 @@ class Adam(Optimizer):
         self.eps = _positive("eps", eps)
 
     def _update(self, params: Array, g: Array, f: type) -> None:
-        m, v, tmp = self.state["m"], self.state["v"], self._tmp
+        # elementwise only: a large vector (a CNN's 225k parameters) is cut into one
+        # block per thread, with the same result whatever the count
+        rowwise(self._update_block, params, g, self.state["m"], self.state["v"], self._tmp)
+
+    def _update_block(self, params: Array, g: Array, m: Array, v: Array, tmp: Array) -> None:
+        f = params.dtype.type
         b1, b2, t = self.beta1, self.beta2, self.t
         np.multiply(g, f(1 - b1), out=tmp)
         m *= f(b1)

@@ -22,6 +22,7 @@ in :mod:`handprop.distributed` (which gives ``world``); this module needs only N
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -29,6 +30,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from handprop.errors import Interrupted
+from handprop.nn.batchnorm import shared_batch_stats
 from handprop.nn.layers import Array, Dropout
 from handprop.nn.network import Network
 from handprop.nn.threads import bounds, get_threads, side_by_side, single_blas
@@ -43,6 +45,12 @@ MIN_SHARD_MACS = 20_000_000
 #: mini-batch (784-800-800-10, batch 128: 6% slower split, 64 per parameter), while a
 #: full batch (9000 per parameter) or a CNN's mini-batch (740) gains.
 MIN_SHARD_MACS_PER_PARAM = 600
+#: a pass that is not split and has fewer multiply-adds than this per thread runs its
+#: products on one BLAS thread: OpenBLAS splits even a 128 x 784 x 100 product over its
+#: threads, whose hand-offs cost more than they save, and on a loaded machine a worker
+#: that waits for a core stalls every product (784-100-10 mini-batch epoch, batch 128,
+#: 2 busy cores: 120-1720 ms with two BLAS threads, 150-260 ms with one)
+MIN_BLAS_THREAD_MACS = MIN_SHARD_MACS
 
 
 class World(Protocol):
@@ -144,6 +152,14 @@ class DataParallel:
             return None
         return bounds(n, threads)
 
+    def _blas_for(self, n: int) -> contextlib.AbstractContextManager[None]:
+        """One BLAS thread for an unsplit pass of ``n`` rows too small to share
+        (:data:`MIN_BLAS_THREAD_MACS`); else BLAS as it is."""
+        threads = get_threads()
+        if threads > 1 and n * self.net.macs // threads < MIN_BLAS_THREAD_MACS:
+            return single_blas()
+        return contextlib.nullcontext()
+
     def shards(self, count: int) -> list[Network]:
         """``count`` copies of the network's layers that share its parameter vector;
         each keeps its own gradient vector and work arrays."""
@@ -179,7 +195,9 @@ class DataParallel:
         try:
             if split is None:
                 self._hand_masks(self.net, masks, lo, hi)
-                loss, out = self.net.train_pass(X[lo:hi], y[lo:hi], count=n)
+                # batchnorm: the statistics of the whole batch, over the ranks
+                with self._blas_for(hi - lo), shared_batch_stats([self.net], self.world):
+                    loss, out = self.net.train_pass(X[lo:hi], y[lo:hi], count=n)
             else:
                 loss, out = self._train_on_shards(X[lo:hi], y[lo:hi], n, lo, split, masks)
         finally:
@@ -215,7 +233,8 @@ class DataParallel:
             return loss
 
         shards = self.shards(len(split))
-        losses = self._on_threads(run, shards, split)
+        with shared_batch_stats(shards, self.world) as guard:  # batchnorm: whole-batch stats
+            losses = self._on_threads(guard(run), shards, split)
         np.add(shards[0].grads, shards[1].grads, out=self.net.grads)
         for shard in shards[2:]:
             self.net.grads += shard.grads
@@ -249,7 +268,8 @@ class DataParallel:
         """The network's output for X (this process's threads share the rows)."""
         split = self.split(X.shape[0], training)
         if split is None or training:
-            return self.net.forward(X, training)
+            with self._blas_for(X.shape[0]):
+                return self.net.forward(X, training)
         out = np.empty((X.shape[0], *self.net.output_shape), dtype=self.net.dtype)
 
         def run(shard: Network, a: int, b: int) -> None:

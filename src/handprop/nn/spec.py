@@ -16,6 +16,7 @@ from typing import Any
 
 from handprop.errors import HandpropError, ShapeError
 from handprop.nn.activations import ACTIVATIONS
+from handprop.nn.batchnorm import BatchNorm
 from handprop.nn.conv import AvgPool2D, Conv2D, MaxPool2D
 from handprop.nn.layers import Dense, Dropout, Flatten, Layer
 from handprop.nn.losses import LOSSES
@@ -28,8 +29,12 @@ LAYERS: dict[str, type[Layer]] = {
     "conv2d": Conv2D,
     "maxpool2d": MaxPool2D,
     "avgpool2d": AvgPool2D,
+    "batchnorm": BatchNorm,
     **ACTIVATIONS,
 }
+
+#: layer settings that are real numbers (every other setting is an integer)
+FLOAT_SETTINGS = frozenset({"p", "momentum", "eps"})
 
 
 def parse_spec(spec: str | Sequence[int]) -> list[int]:
@@ -56,13 +61,15 @@ LAYER_WORDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "avgpool": ("avgpool2d", ("k", "stride")),
     "dense": ("dense", ("d_out",)),
     "dropout": ("dropout", ("p",)),
+    "batchnorm": ("batchnorm", ("momentum", "eps")),
     "flatten": ("flatten", ()),
     **{name: (name, ()) for name in ACTIVATIONS},
 }
 
 
 def parse_layer_item(item: str) -> tuple[str, dict[str, float]]:
-    """One layer-spec item, e.g. "conv 32 3 pad=1", "maxpool 2", "relu", "dropout 0.5".
+    """One layer-spec item, e.g. "conv 32 3 pad=1", "maxpool 2", "relu", "dropout 0.5",
+    "batchnorm" (or "batchnorm momentum=0.1 eps=1e-5").
 
     Returns the layer kind and its arguments by name (input sizes are left out: they
     follow from the shapes, so a spec never repeats them).
@@ -71,7 +78,8 @@ def parse_layer_item(item: str) -> tuple[str, dict[str, float]]:
     if not words or words[0].lower() not in LAYER_WORDS:
         raise ShapeError(
             f"unknown layer {item!r}; known: {', '.join(LAYER_WORDS)} "
-            "(e.g. 'conv 32 3 pad=1', 'maxpool 2', 'dense 128', 'dropout 0.5', 'relu')"
+            "(e.g. 'conv 32 3 pad=1', 'maxpool 2', 'dense 128', 'dropout 0.5', 'batchnorm', "
+            "'relu')"
         )
     kind, names = LAYER_WORDS[words[0].lower()]
     args: dict[str, float] = {}
@@ -84,7 +92,7 @@ def parse_layer_item(item: str) -> tuple[str, dict[str, float]]:
         if name not in names:
             raise ShapeError(f"layer {item!r}: unknown setting {name!r}; known: {', '.join(names)}")
         try:
-            args[name] = float(text) if name == "p" else int(text)
+            args[name] = float(text) if name in FLOAT_SETTINGS else int(text)
         except ValueError:
             raise ShapeError(f"layer {item!r}: {name} must be a number, got {text!r}") from None
     required = {"conv2d": 2, "maxpool2d": 1, "avgpool2d": 1, "dense": 1, "dropout": 1}
@@ -114,6 +122,8 @@ def build_layers(
                 layer: Layer = Conv2D(shape[0], **args)
             elif kind == "dense":
                 layer = Dense(shape[0], **args)
+            elif kind == "batchnorm":  # per feature (n, d) or per channel (n, c, h, w)
+                layer = BatchNorm(shape[0], **args)
             else:
                 layer = LAYERS[kind](**args)
             shape = layer.output_shape(shape)
@@ -144,6 +154,11 @@ def layer_words(layer: Layer) -> str:
         return f"{name} {layer.k}" + (f" stride={layer.stride}" if layer.stride != layer.k else "")
     if isinstance(layer, Dropout):
         return f"dropout {layer.p:g}"
+    if isinstance(layer, BatchNorm):
+        extra = (f" momentum={layer.momentum:g}" if layer.momentum != 0.1 else "") + (
+            f" eps={layer.eps:g}" if layer.eps != 1e-5 else ""
+        )
+        return "batchnorm" + extra
     return layer.kind
 
 
@@ -193,7 +208,7 @@ def check_architecture(arch: Any) -> None:
             if name not in params:
                 raise ShapeError(f"layer {i} ({kind}) has unknown setting {name!r:.80}")
             number = is_int(value) or (
-                name == "p" and isinstance(value, float) and math.isfinite(value)
+                name in FLOAT_SETTINGS and isinstance(value, float) and math.isfinite(value)
             )
             if not number:
                 raise ShapeError(f"layer {i} ({kind}): {name} must be a number, got {value!r:.80}")

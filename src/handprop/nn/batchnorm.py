@@ -1,0 +1,283 @@
+"""Batch normalization (Ioffe & Szegedy 2015), forward and backward by hand.
+
+One class for both kinds of input: dense activations (n, d) are normalized per
+feature, convolution maps (n, c, h, w) per channel, over the batch and every position
+(the statistics of channel j come from all n*h*w of its values).
+
+Where the running statistics live
+---------------------------------
+``running_mean`` and ``running_var`` are slots of the network's ONE flat parameter
+vector, after ``gamma`` and ``beta``, but they are not trained: their gradient is always
+exactly 0, and every optimizer (GD, momentum, Adam, RMSprop) leaves an entry whose
+gradient and state are 0 unchanged; weight decay spares them (``build_optimizer``'s
+decay mask holds only the ``W`` slots). Only a training forward pass writes them.
+Being in the flat vector, they are saved and loaded with the model (``params`` of
+model.npz), kept bit-exactly by checkpoints (``params``) and by early stopping's best
+parameters, and shared, like every weight, by the thread shards of
+:class:`~handprop.nn.DataParallel` (an inference pass split over threads reads them).
+
+The statistics of a split batch
+-------------------------------
+A training batch split over thread shards (and MPI ranks) must be normalized with the
+statistics of the *whole* batch, or the result would depend on the split. While
+:func:`shared_batch_stats` is active, each shard's layer sums its rows and one
+reduction (a barrier among the shards, then an Allreduce over the ranks) gives every
+shard the totals: sum x (and the count) for the mean, sum (x - mean)^2 for the variance,
+and in the backward pass sum G and sum G x_hat. Each shard writes only its own part of
+dgamma and dbeta into its gradient vector, which DataParallel sums as it sums every other
+gradient. Shard 0 alone updates the running averages (the shards share the vector; MPI
+ranks each update their own copy with the same global statistics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from handprop.errors import ConfigError, ShapeError
+from handprop.nn.layers import Array, Layer
+
+#: PyTorch's defaults: running = (1 - momentum) running + momentum batch, eps in sqrt
+MOMENTUM = 0.1
+EPS = 1e-5
+
+
+class BatchNorm(Layer):
+    """Batch normalization over the batch (and, for images, every position).
+
+    Training, per feature/channel j over its m values (m = n, or n*h*w for images)::
+
+        mu = mean(x)   var = mean((x - mu)^2)   sigma = sqrt(var + eps)
+        x_hat = (x - mu) / sigma            y = gamma x_hat + beta
+
+    and the running averages ``running <- (1 - momentum) running + momentum batch``
+    (the variance's with the unbiased m / (m - 1) factor, as PyTorch does). Inference:
+    ``y = gamma (x - running_mean) / sqrt(running_var + eps) + beta``.
+
+    Backward, with G = dL/dy (sums over the m values of the feature)::
+
+        dbeta  = sum G        dgamma = sum G x_hat
+        dx_hat = gamma G
+        dvar   = sum dx_hat (x - mu) (-1/2) sigma^-3 = -(gamma / (2 sigma^2)) sum G x_hat
+        dmu    = -sum dx_hat / sigma + dvar * mean(-2 (x - mu)) = -(gamma / sigma) sum G
+        dx     = dx_hat / sigma + dvar 2 (x - mu) / m + dmu / m
+               = (gamma / (m sigma)) (m G - sum G - x_hat sum(G x_hat))
+
+    (the mean of x - mu is 0, which drops dvar's term from dmu; 2 (x - mu) dvar / m
+    = -(gamma / (m sigma)) x_hat sum(G x_hat) since x - mu = sigma x_hat).
+
+    Parameters
+    ----------
+    c : int            features (dense input (n, c)) or channels (image input (n, c, h, w))
+    momentum : float   weight of the batch in the running averages, in (0, 1]
+    eps : float        added to the variance before the square root, > 0
+
+    Parameters in the flat vector: ``gamma`` (c,), ``beta`` (c,), and the running
+    averages ``running_mean`` (c,), ``running_var`` (c,), which are not trained (their
+    gradient is always 0; see the module's docstring).
+    """
+
+    kind = "batchnorm"
+
+    def __init__(self, c: int, momentum: float = MOMENTUM, eps: float = EPS) -> None:
+        self.c = int(c)
+        if self.c < 1:
+            raise ShapeError(f"batchnorm needs >= 1 features or channels, got {c}")
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        if not 0 < self.momentum <= 1:
+            raise ConfigError(f"batchnorm momentum must be in (0, 1], got {momentum!r}")
+        if not (np.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"batchnorm eps must be a finite number > 0, got {eps!r}")
+        #: (reducer, shard index) while a split batch is trained (shared_batch_stats)
+        self.shared: tuple[_Totals, int] | None = None
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = (self.c,)
+        return {"gamma": c, "beta": c, "running_mean": c, "running_var": c}
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(input_shape) not in (1, 3) or input_shape[0] != self.c:
+            raise ShapeError(
+                f"batchnorm over {self.c} features expects inputs of shape ({self.c},) or "
+                f"({self.c}, h, w), got {input_shape}"
+            )
+        return input_shape
+
+    def macs(self, input_shape: tuple[int, ...]) -> int:
+        return 4 * int(np.prod(input_shape))  # a few elementwise passes per value
+
+    def init_params(self, scheme: str, rng: np.random.Generator) -> None:
+        """gamma 1, beta 0: the identity on normalized values; running mean 0, var 1."""
+        self.gamma[...] = 1
+        self.beta[...] = 0
+        self.running_mean[...] = 0
+        self.running_var[...] = 1
+
+    def get_config(self) -> dict[str, Any]:
+        return {"c": self.c, "momentum": self.momentum, "eps": self.eps}
+
+    # -- passes ------------------------------------------------------------------------
+
+    def _bshape(self, X: Array) -> tuple[int, ...]:
+        """The shape a (c,) vector broadcasts as against X."""
+        return (1, self.c) if X.ndim == 2 else (1, self.c, 1, 1)
+
+    def forward(self, X: Array, training: bool = False) -> Array:
+        bshape = self._bshape(X)
+        f = X.dtype.type
+        if not training:
+            scale = self.gamma / np.sqrt(self.running_var + f(self.eps))  # (c,)
+            shift = self.beta - self.running_mean * scale
+            Z = X * scale.reshape(bshape)
+            Z += shift.reshape(bshape)
+            return Z
+        local = X.shape[0] * int(np.prod(X.shape[2:]))  # values per feature in these rows
+        totals = self._total(np.append(_sum(X), local))
+        m = totals[-1]
+        mean = (totals[:-1] / max(m, 1)).astype(X.dtype)
+        # x - mu is kept for backward (x_hat = (x - mu) / sigma is never stored)
+        xc = np.subtract(X, mean.reshape(bshape), out=self.buffer("xc", X.shape, X.dtype))
+        var = self._total(_dot(xc, xc)) / max(m, 1)  # biased: the batch's own variance
+        inv = (1.0 / np.sqrt(var + self.eps)).astype(X.dtype)  # 1 / sigma
+        scale = self.gamma * inv  # gamma / sigma
+        self._xc, self._inv, self._scale, self._m = xc, inv, scale, m
+        if self.shared is None or self.shared[1] == 0:  # one writer for the shared vector
+            mom = f(self.momentum)
+            unbiased = var * (m / (m - 1) if m > 1 else 1.0)
+            self.running_mean *= f(1) - mom
+            self.running_mean += mom * mean
+            self.running_var *= f(1) - mom
+            self.running_var += (self.momentum * unbiased).astype(X.dtype)
+        Z = np.multiply(xc, scale.reshape(bshape), out=self.buffer("Z", X.shape, X.dtype))
+        Z += self.beta.reshape(bshape)  # gamma x_hat + beta
+        return Z
+
+    def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
+        """dx = (gamma / (m sigma)) (m G - sum G - x_hat sum(G x_hat)) (see the class)."""
+        xc, inv, scale, m = self._xc, self._inv, self._scale, self._m
+        bshape = self._bshape(G)
+        sum_g = _sum(G)  # this shard's dbeta
+        sum_gx = _dot(G, xc) * inv  # this shard's dgamma = sum G x_hat
+        self.dbeta[...] = sum_g
+        self.dgamma[...] = sum_gx
+        self.drunning_mean[...] = 0  # not trained: an optimizer never moves them
+        self.drunning_var[...] = 0
+        if self.shared is not None:  # the whole batch's sums, for dx
+            both = self._total(np.concatenate([sum_g, sum_gx]))
+            sum_g, sum_gx = both[: self.c], both[self.c :]
+        if not need_input_grad:
+            return None
+        # dx = (gamma / sigma) (G - sum G / m) - (x - mu) gamma sum(G x_hat) / (m sigma^2)
+        k = (scale * inv * sum_gx / m).astype(G.dtype)
+        xc *= k.reshape(bshape)  # x - mu is not needed after this pass
+        dX = np.multiply(G, scale.reshape(bshape), out=self.buffer("dX", G.shape, G.dtype))
+        dX -= xc
+        dX -= (scale * sum_g / m).astype(G.dtype).reshape(bshape)
+        return dX
+
+    def _total(self, part: Array) -> Array:
+        """``part`` summed over the shards and ranks sharing the batch (itself alone)."""
+        if self.shared is None:
+            return part
+        totals, k = self.shared
+        return totals(k, part)
+
+
+def _sum(A: Array) -> Array:
+    """The sum over everything but axis 1 (per feature/channel): (c,) float64. Each
+    row's positions are summed in A's dtype (pairwise), the rows in float64."""
+    n, c = A.shape[:2]
+    return A.reshape(n, c, -1).sum(axis=2).sum(axis=0, dtype=np.float64)
+
+
+def _dot(A: Array, B: Array) -> Array:
+    """The sum of A * B over everything but axis 1: (c,) float64, rows added in float64."""
+    n, c = A.shape[:2]
+    per_row = np.einsum("ncs,ncs->nc", A.reshape(n, c, -1), B.reshape(n, c, -1))
+    return per_row.sum(axis=0, dtype=np.float64)
+
+
+class _Totals:
+    """Sums of the shards' (and ranks') partial statistics, one reduction at a time.
+
+    Every shard calls it with its index and its part, in the same order (the layers'
+    order in forward, then backward); the last to arrive adds the parts in index order
+    (the same numbers whatever the arrival order), Allreduces them over the ranks, and
+    releases every shard with the totals.
+    """
+
+    def __init__(self, parties: int, world: Any) -> None:
+        self.world = world
+        self.parts: list[Array | None] = [None] * parties
+        self.total: Array | None = None
+        self.error: BaseException | None = None
+        self.barrier = threading.Barrier(parties, action=self._sum) if parties > 1 else None
+
+    def _sum(self) -> None:
+        total = np.array(self.parts[0], dtype=np.float64)
+        for part in self.parts[1:]:
+            total += part
+        self.world.sum(total)  # over the ranks (nothing to do in one process)
+        self.total = total
+
+    def __call__(self, k: int, part: Array) -> Array:
+        self.parts[k] = part
+        if self.barrier is None:
+            self._sum()
+        else:
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError:
+                if self.error is not None:  # another shard failed: report its error
+                    raise self.error from None
+                raise
+        return self.total  # type: ignore[return-value]  # set by _sum before release
+
+    def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` whose failure releases the shards waiting for it (they raise its error
+        instead of waiting forever)."""
+
+        def run(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except threading.BrokenBarrierError:
+                raise
+            except BaseException as exc:
+                self.error = exc
+                if self.barrier is not None:
+                    self.barrier.abort()
+                raise
+
+        return run
+
+
+@contextlib.contextmanager
+def shared_batch_stats(
+    nets: Sequence[Any], world: Any
+) -> Iterator[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """While active, the batchnorm layers of ``nets`` (the shards of one split batch,
+    or one network on its rows of an MPI world's batch) normalize with the statistics
+    of the whole batch. Yields a wrapper for each shard's work function (see
+    :meth:`_Totals.guard`); a no-op when there is nothing to share."""
+    layers = [[lay for lay in net.layers if isinstance(lay, BatchNorm)] for net in nets]
+    if not layers[0] or (len(nets) == 1 and world.size == 1):
+        yield lambda fn: fn
+        return
+    totals = _Totals(len(nets), world)
+    for k, own in enumerate(layers):
+        for layer in own:
+            layer.shared = (totals, k)
+    try:
+        yield totals.guard
+    finally:
+        for own in layers:
+            for layer in own:
+                layer.shared = None
+
+
+__all__ = ["EPS", "MOMENTUM", "BatchNorm", "shared_batch_stats"]

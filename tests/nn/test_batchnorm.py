@@ -1,0 +1,197 @@
+"""Batch normalization: gradients, running averages, split batches, files."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import handprop.nn.parallel as parallel_module
+from handprop.errors import ShapeError
+from handprop.nn import (
+    GD,
+    BatchNorm,
+    DataParallel,
+    Network,
+    gradcheck,
+    gradcheck_layer,
+    load,
+    save,
+    set_threads,
+)
+from handprop.nn.spec import parse_layer_item
+
+DENSE = ["dense 7", "batchnorm", "tanh", "dense 5", "batchnorm", "sigmoid"]
+CONV = ["conv 3 3 pad=1", "batchnorm", "tanh", "avgpool 2", "dense 5", "batchnorm", "tanh"]
+#: a bias right before batchnorm has a gradient of exactly 0 (the mean subtraction
+#: removes it); its differences are ~1e-13 of rounding, compared absolutely below this
+FLOOR = 1e-6
+
+
+@pytest.fixture
+def split_all(monkeypatch):
+    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS", 0)
+    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS_PER_PARAM", 0)
+    yield set_threads
+    set_threads(None)
+
+
+def make(items, shape, seed=0, rng=None):
+    net = Network.from_layers(items, shape, 3, dtype=np.float64, rng=seed, init="glorot_normal")
+    if rng is not None:  # gamma and beta away from 1 and 0
+        net.params += rng.normal(0, 0.1, size=net.n_params)
+    return net
+
+
+@pytest.mark.parametrize("shape", [(9, 5), (4, 3, 5, 6)], ids=["dense", "conv"])
+def test_the_layer_passes_a_gradient_check(shape, rng):
+    X = rng.normal(1.5, 2.0, size=shape)
+    errors = gradcheck_layer(BatchNorm(shape[1]), X, rng=1)
+    assert max(errors.values()) < 1e-8, errors
+    assert errors["running_mean"] == errors["running_var"] == 0  # not trained: dL = 0
+
+
+@pytest.mark.parametrize("items, shape", [(DENSE, (6,)), (CONV, (2, 6, 6))], ids=["dense", "conv"])
+def test_a_network_with_batchnorm_passes_a_gradient_check(items, shape, rng):
+    net = make(items, shape, rng=rng)
+    X, y = rng.normal(size=(8, *shape)), rng.integers(0, 3, size=8)
+    assert gradcheck(net, X, y, floor=FLOOR) < 1e-6
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("items, shape", [(DENSE, (6,)), (CONV, (2, 6, 6))], ids=["dense", "conv"])
+def test_a_batch_split_over_threads_is_normalized_as_a_whole(split_all, threads, items, shape, rng):
+    X, y = rng.normal(size=(11, *shape)), rng.integers(0, 3, size=11)
+    split_all(1)
+    whole = make(items, shape, rng=np.random.default_rng(1))
+    loss1, out1 = DataParallel(whole).train_pass(X, y)
+    split_all(threads)
+    net = make(items, shape, rng=np.random.default_rng(1))
+    model = DataParallel(net)
+    assert model.split(11, training=True) is not None
+    loss, out = model.train_pass(X, y)
+    assert loss == pytest.approx(loss1, rel=1e-12)
+    np.testing.assert_allclose(out, out1, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(net.grads, whole.grads, rtol=1e-9, atol=1e-13)
+    # the running averages were updated once, with the whole batch's statistics
+    np.testing.assert_allclose(net.params, whole.params, rtol=1e-12, atol=1e-15)
+    assert all(layer.shared is None for shard in model.shards(threads) for layer in shard.layers
+               if isinstance(layer, BatchNorm))  # fmt: skip
+    assert gradcheck(model, X, y, floor=FLOOR) < 1e-6
+
+
+def test_running_averages_follow_pytorch_and_serve_inference(rng):
+    net = make(["dense 4", "batchnorm"], (3,))
+    bn = net.layers[1]
+    X = rng.normal(size=(10, 3))
+    Z = net.layers[0].forward(X)
+    net.forward(X, training=True)
+    # momentum 0.1; the variance in the running average is the unbiased one (n - 1)
+    np.testing.assert_allclose(bn.running_mean, 0.1 * Z.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * Z.var(axis=0, ddof=1), rtol=1e-12)
+    # training normalizes with the batch's own (biased) variance
+    out = bn.forward(Z, training=True)
+    np.testing.assert_allclose(out, (Z - Z.mean(0)) / np.sqrt(Z.var(0) + 1e-5), atol=1e-12)
+    # inference with the running averages, not the batch's
+    expect = (Z - bn.running_mean) / np.sqrt(bn.running_var + 1e-5) * bn.gamma + bn.beta
+    np.testing.assert_allclose(bn.forward(Z), expect, rtol=1e-12)
+
+
+def test_a_conv_layer_is_normalized_per_channel(rng):
+    bn = Network.from_layers(["batchnorm"], (2, 3, 4), 2, dtype=np.float64).layers[0]
+    X = rng.normal(3.0, 2.0, size=(5, 2, 3, 4))
+    out = bn.forward(X, training=True)
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-12)
+    np.testing.assert_allclose(out.var(axis=(0, 2, 3)), 1, rtol=1e-4)  # eps 1e-5
+
+
+class ThreadRanks:
+    """``size`` MPI ranks played by threads: ``sum`` is an Allreduce."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=20)
+        self.parts: list = [None] * size
+
+    def rank(self, r: int):
+        world = self
+
+        class Rank:
+            rank, size, stop_signal = r, world.size, 0
+
+            def sum(self, array):
+                world.parts[r] = array.copy()
+                world.barrier.wait()
+                total = np.sum(world.parts, axis=0)
+                world.barrier.wait()
+                array[...] = total
+
+            def broadcast(self, value):
+                return value
+
+        return Rank()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_mpi_ranks_normalize_with_the_whole_batch(ranks, rng):
+    X, y = rng.normal(size=(13, 2, 6, 6)), rng.integers(0, 3, size=13)
+    alone = DataParallel(make(CONV, (2, 6, 6)))
+    for _ in range(3):
+        alone.train_pass(X, y)
+        GD(0.3).step(alone.params, alone.grads)
+    world, results = ThreadRanks(ranks), {}
+
+    def rank(r: int) -> None:
+        model = DataParallel(make(CONV, (2, 6, 6)), world.rank(r))
+        for _ in range(3):
+            model.train_pass(X, y)
+            GD(0.3).step(model.params, model.grads)
+        results[r] = model.params.copy()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(ranks))
+    for params in results.values():  # weights and running averages alike
+        np.testing.assert_allclose(params, alone.params, rtol=1e-10, atol=1e-13)
+
+
+def test_a_failing_shard_releases_the_others(split_all, rng, monkeypatch):
+    split_all(2)
+    net = make(DENSE, (6,))
+    model = DataParallel(net)
+    X, y = rng.normal(size=(10, 6)), rng.integers(0, 3, size=10)
+    model.train_pass(X, y)  # makes the shards
+    shard = model.shards(2)[1]
+
+    def broken(X, training=False):
+        raise MemoryError("shard 1 is out of memory")
+
+    monkeypatch.setattr(shard.layers[0], "forward", broken)
+    with pytest.raises(MemoryError, match="shard 1"):
+        model.train_pass(X, y)
+
+
+def test_save_and_load_keep_the_running_averages_bit_exactly(tmp_path, rng):
+    net = make(CONV, (2, 6, 6), rng=rng)
+    net.layers[1].momentum = 0.25  # a float setting survives the JSON
+    net.forward(rng.normal(size=(7, 2, 6, 6)), training=True)
+    save(net, tmp_path / "m.npz")
+    back = load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(back.params, net.params)
+    assert back.layers[1].running_var is not None and back.layers[1].momentum == 0.25
+    X = rng.normal(size=(4, 2, 6, 6))
+    np.testing.assert_array_equal(back.predict_proba(X), net.predict_proba(X))
+
+
+def test_layer_items_and_errors():
+    assert parse_layer_item("batchnorm") == ("batchnorm", {})
+    assert parse_layer_item("batchnorm momentum=0.01 eps=1e-3") == (
+        "batchnorm",
+        {"momentum": 0.01, "eps": 1e-3},
+    )
+    with pytest.raises(ShapeError, match="momentum must be in"):
+        Network.from_layers(["dense 4", "batchnorm momentum=0"], (3,), 2)
+    with pytest.raises(ShapeError, match=r"batchnorm over 4 features expects"):
+        Network([BatchNorm(4)], (3,))
