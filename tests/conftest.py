@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 
@@ -24,3 +26,37 @@ def ctrl_c_after_step(monkeypatch):
         monkeypatch.setattr(nn.Optimizer, "step", step)
 
     return arm
+
+
+class ThreadRanks:
+    """``size`` ranks of a world played by threads of this process: ``sum`` is an
+    Allreduce through a shared buffer and a barrier, as MPI's would be."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=20)
+        self.parts: list = [None] * size
+
+    def rank(self, r: int):
+        world = self
+
+        class Rank:
+            rank, size, stop_signal = r, world.size, 0
+
+            def sum(self, array):
+                world.parts[r] = array.copy()
+                world.barrier.wait()
+                total = np.sum(world.parts, axis=0)
+                world.barrier.wait()
+                array[...] = total
+
+            def broadcast(self, value):
+                return value
+
+        return Rank()
+
+
+@pytest.fixture
+def thread_ranks():
+    """``thread_ranks(size)``: a world of ``size`` ranks played by threads."""
+    return ThreadRanks

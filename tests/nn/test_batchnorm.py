@@ -104,41 +104,14 @@ def test_a_conv_layer_is_normalized_per_channel(rng):
     np.testing.assert_allclose(out.var(axis=(0, 2, 3)), 1, rtol=1e-4)  # eps 1e-5
 
 
-class ThreadRanks:
-    """``size`` MPI ranks played by threads: ``sum`` is an Allreduce."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.barrier = threading.Barrier(size, timeout=20)
-        self.parts: list = [None] * size
-
-    def rank(self, r: int):
-        world = self
-
-        class Rank:
-            rank, size, stop_signal = r, world.size, 0
-
-            def sum(self, array):
-                world.parts[r] = array.copy()
-                world.barrier.wait()
-                total = np.sum(world.parts, axis=0)
-                world.barrier.wait()
-                array[...] = total
-
-            def broadcast(self, value):
-                return value
-
-        return Rank()
-
-
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_mpi_ranks_normalize_with_the_whole_batch(ranks, rng):
+def test_mpi_ranks_normalize_with_the_whole_batch(ranks, rng, thread_ranks):
     X, y = rng.normal(size=(13, 2, 6, 6)), rng.integers(0, 3, size=13)
     alone = DataParallel(make(CONV, (2, 6, 6)))
     for _ in range(3):
         alone.train_pass(X, y)
         GD(0.3).step(alone.params, alone.grads)
-    world, results = ThreadRanks(ranks), {}
+    world, results = thread_ranks(ranks), {}
 
     def rank(r: int) -> None:
         model = DataParallel(make(CONV, (2, 6, 6)), world.rank(r))

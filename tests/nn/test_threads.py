@@ -121,48 +121,20 @@ def test_training_steps_on_two_threads_follow_one_thread(split_all, rng):
     np.testing.assert_allclose(params[2], params[1], rtol=1e-10, atol=1e-13)
 
 
-class ThreadRanks:
-    """``size`` ranks of a world played by threads of this process: ``sum`` is an
-    Allreduce through a shared buffer and a barrier, as MPI's would be."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.barrier = threading.Barrier(size, timeout=20)
-        self.parts: list = [None] * size
-
-    def rank(self, r: int):
-        world = self
-
-        class Rank:
-            rank, size, stop_signal = r, world.size, 0
-
-            def sum(self, array):
-                world.parts[r] = array.copy()
-                world.barrier.wait()
-                total = np.sum(world.parts, axis=0)
-                world.barrier.wait()
-                array[...] = total
-
-            def broadcast(self, value):
-                return value
-
-        return Rank()
-
-
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize(
     "make, shape, k",
     [(lambda: mlp(dropout=0.3), (12,), 4), (cnn, (2, 8, 8), 3)],
     ids=["mlp-dropout", "cnn"],
 )
-def test_ranks_of_a_world_step_as_one_process_does(ranks, make, shape, k, rng):
+def test_ranks_of_a_world_step_as_one_process_does(ranks, make, shape, k, rng, thread_ranks):
     X, y = rng.normal(size=(13, *shape)), rng.integers(0, k, size=13)
     alone = DataParallel(make())
     for step in range(3):
         alone.net.set_rng(np.random.default_rng(step))
         alone.train_pass(X, y)
         GD(0.3).step(alone.params, alone.grads)
-    world, results = ThreadRanks(ranks), {}
+    world, results = thread_ranks(ranks), {}
 
     def rank(r: int) -> None:
         model = DataParallel(make(), world.rank(r))
