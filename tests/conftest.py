@@ -60,3 +60,16 @@ class ThreadRanks:
 def thread_ranks():
     """``thread_ranks(size)``: a world of ``size`` ranks played by threads."""
     return ThreadRanks
+
+
+@pytest.fixture
+def split_all(monkeypatch):
+    """Split every batch of at least two rows per thread: ``split_all(threads)`` sets the
+    thread count; the defaults come back after the test."""
+    import handprop.nn.parallel as parallel_module
+    from handprop.nn.threads import set_threads
+
+    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS", 0)
+    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS_PER_PARAM", 0)
+    yield set_threads
+    set_threads(None)

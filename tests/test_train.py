@@ -123,7 +123,9 @@ def test_divergence_stops_the_run_and_is_recorded(cfg):
     assert not (result.run_dir / "model.npz").exists()
 
 
-def test_a_small_cnn_trains_with_augmentation_and_resumes_exactly(tmp_path, monkeypatch):
+def test_a_small_cnn_trains_with_augmentation_and_resumes_exactly(
+    tmp_path, monkeypatch, ctrl_c_after_step
+):
     cfg = parse_toml_config(
         'dataset = "digits"\ntotal = 600\ntrain = 500\ntest = 100\n'
         'layers = ["conv 4 3 pad=1", "relu", "maxpool 2", "dense 16", "relu", "dropout 0.2"]\n'
@@ -137,17 +139,10 @@ def test_a_small_cnn_trains_with_augmentation_and_resumes_exactly(tmp_path, monk
     net = nn.load(full.run_dir / "model.npz")
     assert net.input_shape == (1, 8, 8) and net.layers[0].kind == "conv2d"
 
-    real_step = nn.Adam.step
-
-    def interrupt(self, params, grads):
-        if self.t == 55:  # in the sixth epoch (10 batches per epoch)
-            raise KeyboardInterrupt
-        real_step(self, params, grads)
-
-    monkeypatch.setattr(nn.Adam, "step", interrupt)
+    ctrl_c_after_step(55)  # in the sixth epoch (10 batches per epoch)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, default_name="cut", progress=False)
-    monkeypatch.setattr(nn.Adam, "step", real_step)
+    ctrl_c_after_step(None)
     resumed = resume_run(tmp_path / "cut", progress=False)
     np.testing.assert_array_equal(nn.load(resumed.run_dir / "model.npz").params, net.params)
 

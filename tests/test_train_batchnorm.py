@@ -65,7 +65,9 @@ def test_pytorch_init_draws_weights_and_biases_within_one_over_sqrt_fan_in(tmp_p
     np.testing.assert_array_equal(again.layers[0].W, conv.W)  # seeded
 
 
-def test_a_batchnorm_cnn_with_elastic_distortions_resumes_bit_exactly(tmp_path, monkeypatch):
+def test_a_batchnorm_cnn_with_elastic_distortions_resumes_bit_exactly(
+    tmp_path, monkeypatch, ctrl_c_after_step
+):
     cfg = config(tmp_path)
     full = train_run(cfg, default_name="full", progress=False)
     assert full.status == "completed" and full.accuracy > 0.7
@@ -73,17 +75,10 @@ def test_a_batchnorm_cnn_with_elastic_distortions_resumes_bit_exactly(tmp_path, 
     bn = net.layers[1]
     assert bn.kind == "batchnorm" and not (bn.running_var == 1).all()  # averages moved
 
-    real_step = nn.Adam.step
-
-    def interrupt(self, params, grads):
-        if self.t == 55:  # in the sixth epoch (10 batches per epoch)
-            raise KeyboardInterrupt
-        real_step(self, params, grads)
-
-    monkeypatch.setattr(nn.Adam, "step", interrupt)
+    ctrl_c_after_step(55)  # in the sixth epoch (10 batches per epoch)
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, default_name="cut", progress=False)
-    monkeypatch.setattr(nn.Adam, "step", real_step)
+    ctrl_c_after_step(None)
     resumed = resume_run(tmp_path / "cut", progress=False)
     # weights and the running averages alike: they live in the saved parameter vector
     np.testing.assert_array_equal(nn.load(resumed.run_dir / "model.npz").params, net.params)

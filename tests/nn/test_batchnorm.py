@@ -5,7 +5,6 @@ import threading
 import numpy as np
 import pytest
 
-import handprop.nn.parallel as parallel_module
 from handprop.errors import ShapeError
 from handprop.nn import (
     GD,
@@ -16,7 +15,6 @@ from handprop.nn import (
     gradcheck_layer,
     load,
     save,
-    set_threads,
 )
 from handprop.nn.spec import parse_layer_item
 
@@ -25,14 +23,6 @@ CONV = ["conv 3 3 pad=1", "batchnorm", "tanh", "avgpool 2", "dense 5", "batchnor
 #: a bias right before batchnorm has a gradient of exactly 0 (the mean subtraction
 #: removes it); its differences are ~1e-13 of rounding, compared absolutely below this
 FLOOR = 1e-6
-
-
-@pytest.fixture
-def split_all(monkeypatch):
-    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS", 0)
-    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS_PER_PARAM", 0)
-    yield set_threads
-    set_threads(None)
 
 
 def make(items, shape, seed=0, rng=None):

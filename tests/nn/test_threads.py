@@ -14,15 +14,6 @@ from handprop.nn import threads as threads_module
 from handprop.nn.threads import bounds, get_threads, rowwise, set_threads, side_by_side
 
 
-@pytest.fixture
-def split_all(monkeypatch):
-    """Split every batch of at least two rows per thread; restore the defaults after."""
-    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS", 0)
-    monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS_PER_PARAM", 0)
-    yield set_threads
-    set_threads(None)
-
-
 def mlp(rng_seed=0, loss="cross_entropy", dropout=0.0):
     return Network.from_spec(
         "12-9-7-4",
