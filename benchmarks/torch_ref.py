@@ -27,6 +27,7 @@ def hand_written_epoch(
     y: np.ndarray,
     params: list[np.ndarray],
     lr: float,
+    device: str = "cpu",
 ) -> tuple[Callable[[], float], list[Any]]:
     """One full-batch GD epoch of 784-h-10 sigmoid + softmax CE, written out by hand.
 
@@ -38,17 +39,18 @@ def hand_written_epoch(
     X : float32 (n, d)      y : int64 (n,)
     params : [W1 (d, h), b1 (h,), W2 (h, k), b2 (k,)], copied (the originals stay)
     lr : learning rate
+    device : the torch device of the copies ("cpu", "cuda")
 
     Returns
     -------
     epoch : callable running one epoch in place on the copies, returning the loss
     tensors : the parameter tensors [W1, b1, W2, b2]
     """
-    Xt = torch.from_numpy(np.ascontiguousarray(X))
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    W1, b1, W2, b2 = (torch.from_numpy(np.array(p, dtype=np.float32)) for p in params)
+    Xt = torch.from_numpy(np.ascontiguousarray(X)).to(device)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+    W1, b1, W2, b2 = (torch.from_numpy(np.array(p, dtype=np.float32)).to(device) for p in params)
     n = Xt.shape[0]
-    rows = torch.arange(n)
+    rows = torch.arange(n, device=device)
 
     def epoch() -> float:
         with torch.no_grad():
@@ -122,7 +124,13 @@ def minibatch_epoch(
     return epoch, predict
 
 
-def cnn_batches(
+def cnn_batches(torch: Any, *args: Any, **kwargs: Any) -> Callable[[], float]:
+    """The training callable of :func:`cnn_training` (same arguments): one pass over X
+    in order, batch by batch."""
+    return cnn_training(torch, *args, **kwargs)[0]
+
+
+def cnn_training(
     torch: Any,
     X: np.ndarray,
     y: np.ndarray,
@@ -131,12 +139,19 @@ def cnn_batches(
     seed: int,
     dropout: float = 0.5,
     dtype: Any = np.float32,
-) -> Callable[[], float]:
+    device: str = "cpu",
+    shuffle: bool = False,
+) -> tuple[Callable[[], float], Callable[[np.ndarray], np.ndarray]]:
     """Mini-batch steps of the reference CNN, the idiomatic PyTorch way (autograd, Adam).
 
     conv 32@3x3, ReLU, max pool 2, conv 64@3x3, ReLU, max pool 2, dense 128, ReLU,
-    dropout, dense 10 on X (n, 1, 28, 28) (experiments/cnn.toml's network); one call is
-    one pass over X in order, batch by batch, in ``dtype`` (float32 or float64).
+    dropout, dense 10 on X (n, 1, 28, 28) (experiments/cnn.toml's network), in ``dtype``
+    (float32 or float64) on ``device`` ("cpu", "cuda"), X and y copied there once.
+
+    Returns a callable running one pass over X, batch by batch (in order, or in a new
+    order each call with ``shuffle``: ``randperm`` seeded by ``seed``), returning the sum
+    of its batch losses; and one predicting class ids (n,) for images (n, 1, 28, 28)
+    (eval mode, 1000 at a time).
     """
     torch.manual_seed(seed)
     nn = torch.nn
@@ -146,24 +161,40 @@ def cnn_batches(
         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Dropout(dropout),
         nn.Linear(128, 10),
-    ).to(tdtype)  # fmt: skip
+    ).to(device=device, dtype=tdtype)  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
-    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=dtype))
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=dtype)).to(device)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+    gen = torch.Generator().manual_seed(seed)
 
     def run() -> float:
         total = 0.0
+        order = torch.randperm(len(yt), generator=gen).to(device) if shuffle else None
         for start in range(0, len(yt), batch):
-            xb, yb = Xt[start : start + batch], yt[start : start + batch]
+            if order is None:
+                xb, yb = Xt[start : start + batch], yt[start : start + batch]
+            else:
+                idx = order[start : start + batch]
+                xb, yb = Xt[idx], yt[idx]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
-            total += float(loss.detach())
-        return total
+            total = total + loss.detach()  # on the device: read once per epoch
+        return float(total)
 
-    return run
+    def predict(X_new: np.ndarray) -> np.ndarray:
+        ids = []
+        model.eval()  # dropout off
+        with torch.no_grad():
+            for start in range(0, len(X_new), 1000):
+                xb = np.ascontiguousarray(X_new[start : start + 1000], dtype=dtype)
+                ids.append(model(torch.from_numpy(xb).to(device)).argmax(1).cpu().numpy())
+        model.train()
+        return np.concatenate(ids)
+
+    return run, predict
 
 
 def with_threads(torch: Any, n: int, fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -1,3 +1,4 @@
+import os
 import threading
 
 import numpy as np
@@ -73,3 +74,25 @@ def split_all(monkeypatch):
     monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS_PER_PARAM", 0)
     yield set_threads
     set_threads(None)
+
+
+#: the array namespaces the backend tests run the layers on; a GPU machine adds cupy
+#: (``HANDPROP_TEST_BACKENDS=numpy,array_api_strict,cupy``, as benchmarks/gpu_check.sh does)
+BACKENDS = os.environ.get("HANDPROP_TEST_BACKENDS", "numpy,array_api_strict").split(",")
+
+
+@pytest.fixture(params=BACKENDS)
+def xp(request):
+    """An array namespace the network's passes run in: NumPy, array-api-strict (which
+    refuses every call outside the standard, so a NumPy leak fails on a CPU) or CuPy."""
+    name = request.param.strip()
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        from handprop.nn import backend
+
+        try:
+            return backend.device_namespace("cuda")
+        except backend.DeviceError as exc:
+            pytest.skip(f"cupy asked for, but {exc}")
+    return pytest.importorskip(name)

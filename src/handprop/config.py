@@ -48,6 +48,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "ACTIVATION_NAMES",
+    "DEVICE_NAMES",
     "DTYPE_NAMES",
     "INIT_NAMES",
     "LOSS_NAMES",
@@ -80,6 +81,9 @@ INIT_NAMES: tuple[str, ...] = (
     "pytorch",  # PyTorch's default: weights AND biases U(+-1/sqrt(fan_in)) (train.py)
 )
 DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
+#: where the network computes: "cpu" (NumPy) or "cuda" (CuPy on an NVIDIA GPU); the
+#: same tuple as ``handprop.nn.backend.DEVICES`` (a test cross-checks them)
+DEVICE_NAMES: tuple[str, ...] = ("cpu", "cuda")
 #: "original": the first ``total`` samples, permuted by ``seed``, cut into train and test;
 #: "standard": the dataset's official training and test parts
 SPLIT_NAMES: tuple[str, ...] = ("original", "standard")
@@ -269,6 +273,28 @@ def _choice(names: tuple[str, ...]) -> Kind:
         lambda value: _check_name(value, names),
         lambda text: text.strip(),
     )
+
+
+def device_hint(value: Any) -> str:
+    """The hint for a device that is not one: "did you mean 'cuda'?" for a GPU asked
+    for by another word ("gpu", "cuda:0"), else the closest device name, if any."""
+    if not isinstance(value, str):
+        return ""
+    word = value.strip().lower()
+    if word.startswith(("gpu", "cuda", "cupy", "nvidia")) and word != "cuda":
+        return "did you mean 'cuda'?"
+    return _suggest(word, DEVICE_NAMES)
+
+
+def _device() -> Kind:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _BadValueError(wrong_type=True)
+        if value not in DEVICE_NAMES:
+            raise _BadValueError(hint=device_hint(value))
+        return value
+
+    return Kind("one of " + ", ".join(DEVICE_NAMES), parse, lambda text: text.strip())
 
 
 #: the most UTF-8 bytes of a run name: a folder name may have 255, and a clash adds "-2"
@@ -464,6 +490,7 @@ class RunConfig:
     loss: str = option("cross_entropy", _choice(LOSS_NAMES), "loss")
     init: str = option("uniform", _choice(INIT_NAMES), "weight initialisation")
     dtype: str = option("float32", _choice(DTYPE_NAMES), "dtype")
+    device: str = option("cpu", _device(), "device")
     eval_every: int = option(10, _integer(1), "evaluation interval in epochs")
     out: str = option("runs", _string(path=True), "output directory")
     name: str | None = option(None, _optional(_string(folder_name=True)), "run name")

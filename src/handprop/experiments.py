@@ -2,7 +2,7 @@
 
 The CSV has the original's columns ``run_name,d,dtrain,dtest,m,alpha,epochs`` and any
 other config field as an optional column (``dataset``, ``seed``, ``hidden``,
-``activation``, ``loss``, ``optimizer``, ``batch_size``, ...); an empty cell takes the
+``activation``, ``loss``, ``optimizer``, ``batch_size``, ``device``, ...); an empty cell takes the
 default, or the value from a base config. Each row becomes ``OUT/run_name``.
 
 Re-running a grid picks up where it stopped: a completed run is skipped, an interrupted
@@ -33,6 +33,7 @@ from handprop.config import (
     RunConfig,
     config_from_mapping,
     load_config,
+    parse_toml_config,
     run_name_problem,
     to_toml,
 )
@@ -169,7 +170,9 @@ def run_one(
                 return skipped
             with _thread_limits(threads):
                 if config_file.is_file():  # interrupted, killed, diverged: continue it
-                    result = resume_run(folder, progress=progress, checkpoint_seconds=seconds)
+                    result = resume_run(
+                        folder, progress=progress, checkpoint_seconds=seconds, device=cfg.device
+                    )
                 else:
                     result = train_run(cfg, folder, progress=progress, checkpoint_seconds=seconds)
         return _summary(folder, result.status)
@@ -185,6 +188,9 @@ def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
     """What a row's folder already holds: its summary ("skipped") when the row is
     complete, None when it must (re)start or resume.
 
+    The row's config must be the folder's, but for the device: a grid begun on the CPU
+    may go on with ``--device cuda`` (the same numbers to float rounding).
+
     Raises
     ------
     ConfigError
@@ -194,7 +200,7 @@ def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
 
     config_file = folder / CONFIG_FILE
     if config_file.is_file():
-        if config_file.read_text(encoding="utf-8") != to_toml(cfg):
+        if not _same_run(config_file.read_text(encoding="utf-8"), cfg, config_file):
             raise ConfigError(
                 f"{folder} holds a run with another config; rename the row's "
                 "run_name or choose another --out"
@@ -202,6 +208,18 @@ def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
         if is_complete(folder):
             return _summary(folder, "skipped")
     return None
+
+
+def _same_run(text: str, cfg: RunConfig, path: Path) -> bool:
+    """Whether the config.toml ``text`` describes ``cfg``'s run, on any device (one
+    written before configs had a device reads as "cpu")."""
+    if text == to_toml(cfg):
+        return True
+    try:
+        saved = parse_toml_config(text, str(path))
+    except HandpropError:
+        return False
+    return saved.replace(device=cfg.device) == cfg
 
 
 def _one_line(exc: BaseException) -> str:

@@ -88,12 +88,15 @@ def describe_input(net: Network) -> str:
     return f"{inputs} (pixel_max {pixel_max:g}) and {len(names)} classes ({', '.join(names)})"
 
 
-def load_ensemble(paths: Sequence[str | Path]) -> list[Network]:
+def load_ensemble(paths: Sequence[str | Path], device: Any = "cpu") -> list[Network]:
     """The models of ``paths`` (see :func:`model_paths`), which must agree on their
     input and classes (:func:`input_facts`); ConfigError names the first that does not.
-    An MLP and a CNN on the same 28x28 images may go together."""
+    An MLP and a CNN on the same 28x28 images may go together.
+
+    Model files hold host arrays: each is loaded on the host, then moved to ``device``
+    ("cpu", "cuda" or an array namespace; see :meth:`Network.to`)."""
     files = model_paths(paths)
-    nets = [load_model(p) for p in files]
+    nets = [load_model(p).to(device) for p in files]
     first = input_facts(nets[0])
     for path, net in zip(files[1:], nets[1:], strict=True):
         if input_facts(net) != first:

@@ -45,8 +45,10 @@ RUN_FILES = (
     DIAGNOSTICS_FILE,
 )
 
-#: config fields a resumed run may change: where things are, not what is computed
-RESUME_FREE_FIELDS = ("name", "out", "data_dir")
+#: config fields a resumed run may change: where things are, not what is computed (the
+#: device computes the same numbers to float rounding: a run begun on a GPU may go on
+#: on the CPU, and the other way round)
+RESUME_FREE_FIELDS = ("name", "out", "data_dir", "device")
 
 
 # -- file contents ----------------------------------------------------------------------

@@ -12,6 +12,14 @@ Each batch goes through :class:`~handprop.nn.DataParallel`: over this process's 
 and, when ``world`` is an MPI communicator's (:mod:`handprop.distributed`), over the
 ranks, each rank running this same loop on the same data with the same random draws,
 rank 0 alone writing.
+
+On a device (``device = "cuda"``: CuPy; or any array API namespace) the network is
+built and initialised on the host and then moved (:meth:`~handprop.nn.Network.to`);
+the training set goes to the device once when it fits (:func:`fits_on_device`), else
+batch by batch, and always batch by batch when augmentation (which runs on the host)
+is on. The batches are drawn on the host by the same generator whatever the device,
+and every file is written from host arrays, so a run on a GPU reaches the CPU's
+parameters to float rounding, and its model and checkpoints load anywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,6 +39,7 @@ from handprop.config import RunConfig, load_config, to_toml
 from handprop.diagnostics import Diagnostics
 from handprop.errors import ConfigError, DivergenceError
 from handprop.metrics import classification_metrics
+from handprop.nn import backend
 from handprop.nn.modelfile import model_bytes
 from handprop.nn.parallel import OneProcess, World
 from handprop.rundir import (
@@ -57,6 +67,9 @@ from handprop.runfolder import (
 
 #: a checkpoint is written at the first epoch boundary this many seconds after the last
 CHECKPOINT_SECONDS = 60.0
+#: the training set goes to the device once when it, and the estimate of what training
+#: needs besides, take at most this share of the device's free memory
+DEVICE_MEMORY_SHARE = 0.9
 
 
 @dataclass
@@ -228,7 +241,8 @@ def recalibrate_batchnorm(net: nn.Network, X: np.ndarray, batch: int) -> None:
         for k, start in enumerate(range(0, len(X), batch)):
             for layer in norms:
                 layer.momentum = 1.0 / (k + 1)  # the first batch replaces, then averages
-            net.forward(X[start : start + batch], training=True)
+            # X is on the host: each batch goes to the network's device (NumPy: as is)
+            net.forward(backend.asarray(X[start : start + batch], net.xp), training=True)
     finally:
         for layer, p in drops:
             layer.p = p
@@ -267,6 +281,40 @@ def split_description(cfg: RunConfig, data: Split) -> dict[str, Any]:
     }
 
 
+# -- the device ---------------------------------------------------------------------------
+
+
+def device_free_bytes(xp: Any) -> int | None:
+    """Free memory, in bytes, of the device namespace ``xp`` computes on; None when
+    unknown (a namespace other than CuPy's: array-api-strict in the tests, say)."""
+    if backend.device_name(xp) != "cuda":
+        return None
+    import cupy
+
+    free, _ = cupy.cuda.Device().mem_info
+    # blocks CuPy's pool keeps for reuse are free to handprop too, not to the driver
+    return int(free) + int(cupy.get_default_memory_pool().free_bytes())
+
+
+def fits_on_device(nbytes: int, xp: Any, reserve: int = 0) -> bool:
+    """Whether ``nbytes`` of data fit on ``xp``'s device beside ``reserve`` bytes that
+    training needs there (parameters, optimizer state, work arrays): at most
+    :data:`DEVICE_MEMORY_SHARE` of its free memory. True for the host (NumPy: the data
+    are there already) and for a namespace whose free memory is unknown."""
+    if backend.is_numpy(xp):
+        return True
+    free = device_free_bytes(xp)
+    return free is None or nbytes + reserve <= DEVICE_MEMORY_SHARE * free
+
+
+def on_device(a: np.ndarray | Any, xp: Any, labels: bool = False) -> Any:
+    """``a`` as an array of namespace ``xp``: a host array is copied there (labels as
+    int64), an array already there is returned as it is."""
+    if not isinstance(a, np.ndarray):
+        return a
+    return backend.asarray(a, xp, dtype=xp.int64 if labels else None)
+
+
 # -- one epoch ----------------------------------------------------------------------------
 
 
@@ -287,10 +335,20 @@ def run_epoch(
     sees every batch's loss (and raises on a non-finite one). Returns the epoch's mean
     loss and, when it comes for free (full batch, no dropout or batchnorm), the
     training accuracy before the update.
+
+    X and y are NumPy arrays, or, for a network on a device, arrays already there (the
+    training set moved once); host arrays go to the device batch by batch. The order is
+    drawn on the host either way, so every device sees the same batches. On a device
+    the batches' losses are added up there and ``check_loss`` sees their mean once, at
+    the end of the epoch: reading a loss makes the host wait for the device, which
+    would otherwise run behind it, a step's kernels queued while the next is prepared.
     """
-    n = len(y)
+    n = y.shape[0]
+    xp = model.net.xp
     if batch >= n:
+        X, y = on_device(X, xp), on_device(y, xp, labels=True)
         loss, out = model.train_pass(X, y)
+        loss = float(loss)  # on a device: waits for it, once per epoch
         check_loss(loss)
         train_acc = None
         # dropout's masks and batchnorm's batch statistics: not the inference outputs
@@ -299,6 +357,8 @@ def run_epoch(
         opt.step(model.params, model.grads)
         return loss, train_acc
     order = rng.permutation(n)
+    if not backend.is_numpy(xp):
+        return _device_epoch(model, opt, X, y, batch, order, rng, check_loss, augment), None
     Xb = np.empty((batch, *X.shape[1:]), dtype=X.dtype)
     total = 0.0
     for start in range(0, n, batch):
@@ -312,6 +372,46 @@ def run_epoch(
         opt.step(model.params, model.grads)
         total += loss * len(idx)
     return total / n, None
+
+
+def _device_epoch(
+    model: nn.DataParallel,
+    opt: nn.Optimizer,
+    X: Any,
+    y: Any,
+    batch: int,
+    order: np.ndarray,
+    rng: np.random.Generator,
+    check_loss: Callable[[float], None],
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None,
+) -> float:
+    """:func:`run_epoch`'s mini-batches on a device: rows of data already there are
+    gathered there (``xp.take`` with the batch's indices, moved from the host), host
+    rows are gathered on the host and moved; augmentation runs on the host, on the
+    batch, as NumPy's path does. Returns the epoch's mean loss."""
+    xp = model.net.xp
+    n = y.shape[0]
+    host_X, host_y = isinstance(X, np.ndarray), isinstance(y, np.ndarray)
+    Xb = np.empty((batch, *X.shape[1:]), dtype=X.dtype) if host_X else None
+    total = 0.0
+    for start in range(0, n, batch):
+        idx = order[start : start + batch]
+        idx_dev = None if host_X and host_y else backend.asarray(idx, xp)
+        if host_X:
+            xb = Xb[: len(idx)]
+            np.take(X, idx, axis=0, out=xb)
+        else:
+            xb = xp.take(X, idx_dev, axis=0)
+        if augment is not None:
+            xb = augment(backend.to_host(xb), rng)
+        xb = on_device(xb, xp)
+        yb = on_device(y[idx], xp, labels=True) if host_y else xp.take(y, idx_dev, axis=0)
+        loss, _ = model.train_pass(xb, yb)
+        opt.step(model.params, model.grads)
+        total = total + loss * len(idx)  # added up on the device: no wait per step
+    mean = float(total) / n
+    check_loss(mean)  # NaN or inf in any batch's loss makes the sum so
+    return mean
 
 
 class EarlyStopping:
@@ -359,6 +459,46 @@ class EarlyStopping:
         }
 
 
+class HostDiagnostics:
+    """:class:`~handprop.diagnostics.Diagnostics` of a network on a device, measured on
+    a host copy of it (the diagnostics compute with NumPy).
+
+    The copy takes the device's parameters and gradients at each evaluation, and is
+    handed the parameters from before each epoch's last step (copied to the host then,
+    once per epoch, as Diagnostics itself copies them on the host). ``rows`` and
+    ``record`` are Diagnostics'.
+    """
+
+    def __init__(self, net: nn.Network, opt: nn.Optimizer, steps_per_epoch: int) -> None:
+        self.net = net
+        self.host = nn.Network.from_architecture(net.architecture())
+        # Diagnostics keeps what the step it wraps is given: here, host parameters,
+        # handed over at each epoch's last step by the wrapper of the real step below
+        self._last_step = SimpleNamespace(step=lambda params, grads: None)
+        self._inner = Diagnostics(self.host, self._last_step, steps_per_epoch=1)
+        per_epoch, steps, step = max(int(steps_per_epoch), 1), 0, opt.step
+
+        def step_keeping_before(params: Any, grads: Any) -> None:
+            nonlocal steps
+            steps += 1
+            if steps % per_epoch == 0:  # the epoch's last step
+                self._last_step.step(backend.to_host(params), None)
+            step(params, grads)
+
+        opt.step = step_keeping_before
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self._inner.rows
+
+    def record(self, epoch: int, X: np.ndarray, run_dir: Path | None = None) -> None:
+        """The device's parameters and gradients into the host copy, then measured
+        there (X: host rows)."""
+        backend.copyto(self.host.params, backend.to_host(self.net.params))
+        backend.copyto(self.host.grads, backend.to_host(self.net.grads))
+        self._inner.record(epoch, X, run_dir)
+
+
 # -- the loop ---------------------------------------------------------------------------
 
 
@@ -372,6 +512,12 @@ class Trainer:
     ``checkpoint_seconds``: a checkpoint is written at the first epoch boundary at least
     this long after the last one (None: only when interrupted), so that a ``kill -9``,
     an out-of-memory kill or a power cut loses at most that much training.
+
+    ``cfg.device`` is checked first (a GPU asked for and not usable is one
+    :class:`~handprop.nn.backend.DeviceError` line, before any data is read or file
+    written); the network, built on the host, is then moved there, and ``X_fit`` and
+    ``y_fit`` are the training set as :func:`run_epoch` takes it: on the device when it
+    fits there, else the host's arrays (``data`` always holds the host's).
     """
 
     def __init__(
@@ -383,20 +529,23 @@ class Trainer:
         world: World | None = None,
     ) -> None:
         self.cfg = cfg
+        xp = backend.device_namespace(cfg.device)  # no GPU, no CuPy: refused now
         self.world = world or OneProcess()
         self.progress = progress and self.world.rank == 0
         self.checkpoint_seconds = checkpoint_seconds
         self.data = load_split(cfg, progress=self.progress)
         if self.world.size > 1:
             self.check_same_on_every_rank()
-        self.net = build_network(cfg, self.data)
+        self.net = build_network(cfg, self.data)  # built and initialised on the host
         self.shape_inputs()
+        self.net.to(xp)
         self.model = nn.DataParallel(self.net, self.world)
         self.opt = build_optimizer(cfg, self.net)
         # a network, batch or optimizer too large for memory: refused before any file
         n = len(self.data.y_train)
         self.batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
         self.model.check_memory(self.batch, state_vectors=len(self.opt.state_names))
+        self.X_fit, self.y_fit = self.place_training_data()
         self.schedule = build_schedule(cfg)
         columns = (
             HISTORY_COLUMNS
@@ -404,7 +553,12 @@ class Trainer:
             else (*HISTORY_COLUMNS, "val_loss", "val_acc")
         )
         self.writer = RunWriter(run_dir, columns, writes=self.world.rank == 0)
-        self.diagnostics = Diagnostics(self.net, self.opt, steps_per_epoch=-(-n // self.batch))
+        steps = -(-n // self.batch)
+        self.diagnostics = (
+            Diagnostics(self.net, self.opt, steps_per_epoch=steps)
+            if backend.is_numpy(self.net.xp)
+            else HostDiagnostics(self.net, self.opt, steps_per_epoch=steps)
+        )
         self.stopping = EarlyStopping(cfg.patience)
         self.history: list[dict[str, Any]] = []
         self.epoch = 0  # epochs completed
@@ -429,6 +583,30 @@ class Trainer:
         )
         self.world.check_same("config", [repr(fields).encode()])
         self.world.check_same("data", [d.train_idx, d.test_idx, d.X_train, d.y_train])
+
+    @property
+    def augmented(self) -> bool:
+        cfg = self.cfg
+        return bool(cfg.augment_shift or cfg.augment_rotate or cfg.augment_elastic_alpha)
+
+    def place_training_data(self) -> tuple[Any, Any]:
+        """The training set as :func:`run_epoch` takes it: moved to the network's device
+        once when it fits beside what training needs there, else left on the host
+        (moved batch by batch); left on the host too when augmentation, which works on
+        host batches, is on."""
+        X, y, net = self.data.X_train, self.data.y_train, self.net
+        xp = net.xp
+        if backend.is_numpy(xp) or self.augmented:
+            return X, y
+        vectors = 2 + len(self.opt.state_names)  # params, grads, optimizer state
+        reserve = (
+            vectors * net.n_params * net.dtype.itemsize
+            + net.work_bytes(self.batch)  # a training pass's arrays
+            + net.work_bytes(net.inference_batch(), training=False)  # an evaluation's
+        )
+        if not fits_on_device(X.nbytes + y.nbytes, xp, reserve):
+            return X, y
+        return on_device(X, xp), on_device(y, xp, labels=True)
 
     def shape_inputs(self) -> None:
         """Give the feature rows the network's input shape ((n, 784) or (n, 1, 28, 28));
@@ -472,8 +650,7 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        augmented = cfg.augment_shift or cfg.augment_rotate or cfg.augment_elastic_alpha
-        augment = self.augment if augmented else None
+        augment = self.augment if self.augmented else None
         try:
             # overflow on the way to a NaN loss is reported by check_loss, by epoch
             with np.errstate(over="ignore", invalid="ignore"):
@@ -487,8 +664,8 @@ class Trainer:
                     loss, train_acc = run_epoch(
                         self.model,
                         self.opt,
-                        self.data.X_train,
-                        self.data.y_train,
+                        self.X_fit,
+                        self.y_fit,
                         self.batch,
                         rng,
                         lambda loss, epoch=epoch: self.check_loss(loss, epoch),
@@ -512,7 +689,7 @@ class Trainer:
             bar.close()
         if self.stopping.best_params is not None:
             # early stopping ends on the best validated parameters, not the last ones
-            self.net.params[...] = self.stopping.best_params
+            backend.copyto(self.net.params, backend.asarray(self.stopping.best_params, self.net.xp))
         if cfg.batchnorm_stats == "recalibrate":
             start = time.perf_counter()
             recalibrate_batchnorm(self.net, self.data.X_train, cfg.batch_size or 256)
@@ -533,14 +710,28 @@ class Trainer:
         if self.writer.writes:  # per-layer norms and unit health: diagnostics.csv
             self.diagnostics.record(row["epoch"], data.X_train, self.run_dir)
             self.writer.diagnostics(self.diagnostics.rows)
+        # evaluation reads host arrays: predict_proba moves them batch by batch
         if train_acc is None:
             train_acc = model.accuracy(data.X_train, data.y_train)
         row["train_acc"] = train_acc
         row["test_acc"] = model.accuracy(data.X_test, data.y_test)
         if data.y_val is not None:
-            row["val_loss"] = model.loss_value(data.X_val, data.y_val)
+            row["val_loss"] = self.loss_value(data.X_val, data.y_val)
             row["val_acc"] = model.accuracy(data.X_val, data.y_val)
-            self.stopping.update(row["epoch"], row["val_loss"], self.net.params)
+            self.stopping.update(row["epoch"], row["val_loss"], backend.to_host(self.net.params))
+
+    def loss_value(self, X: np.ndarray, y: np.ndarray) -> float:
+        """The inference loss over the host arrays (X, y): at once on the host; on a
+        device, batch by batch (each moved there), weighted by the batches' sizes."""
+        xp, n = self.net.xp, len(y)
+        if backend.is_numpy(xp):
+            return self.model.loss_value(X, y)
+        step, total = self.net.inference_batch(), 0.0
+        for start in range(0, n, step):
+            xb, yb = X[start : start + step], y[start : start + step]
+            loss = self.model.loss_value(on_device(xb, xp), on_device(yb, xp, labels=True))
+            total += loss * len(yb)
+        return total / max(n, 1)
 
     # -- checkpoints
 
@@ -551,7 +742,7 @@ class Trainer:
         the checkpoint must hold the state at the end of the last whole epoch, or the
         resumed run would take those steps twice.
         """
-        state = {"params": self.net.params, **self.opt.state_dict()}
+        state = self.host_state()
         if self._snapshot is None or self._snapshot.keys() != state.keys():
             # state vectors appear on the first step: (re)allocate when they do
             self._snapshot = {k: np.array(v, copy=True) for k, v in state.items()}
@@ -559,6 +750,12 @@ class Trainer:
             for k, v in state.items():
                 np.copyto(self._snapshot[k], v)
         self._snapshot_epoch = self.epoch
+
+    def host_state(self) -> dict[str, np.ndarray]:
+        """The parameters and optimizer state as host arrays (NumPy's: the live ones;
+        a device's: copies), for snapshots and checkpoints."""
+        state = {"params": self.net.params, **self.opt.state_dict()}
+        return {k: backend.to_host(v) for k, v in state.items()}
 
     def checkpoint_due(self) -> bool:
         """Whether the periodic checkpoint is due at this epoch boundary."""
@@ -574,12 +771,10 @@ class Trainer:
         ``live``: take the state as it is now (at an epoch boundary) rather than the
         snapshot taken when the current epoch began.
         """
-        if live or self._snapshot_epoch != self.epoch:
-            # at an epoch boundary (Ctrl-C may land between the epoch count going up
-            # and the next snapshot): the live state is that epoch's end
-            saved = {"params": self.net.params, **self.opt.state_dict()}
-        else:
-            saved = self._snapshot
+        # at an epoch boundary (Ctrl-C may land between the epoch count going up and the
+        # next snapshot) the live state is that epoch's end
+        live = live or self._snapshot_epoch != self.epoch
+        saved = self.host_state() if live else self._snapshot
         self.writer.checkpoint(
             self.history,
             params=saved["params"],
@@ -614,10 +809,10 @@ class Trainer:
         if missing:
             raise ValueError(f"it has no {missing[0]!r} array")
         params, net = ck["params"], self.net
-        if params.shape != net.params.shape or params.dtype != net.params.dtype:
+        if params.shape != (net.n_params,) or params.dtype != net.dtype:
             raise ValueError(
                 f"its parameters are {params.dtype}{list(params.shape)}, but the run's "
-                f"network has {net.params.dtype}{list(net.params.shape)}"
+                f"network has {net.dtype}{[net.n_params]}"
             )
         if not np.isfinite(params).all():
             raise ValueError("its parameters are not all finite")
@@ -641,7 +836,8 @@ class Trainer:
         self.opt.load_state_dict(
             {k[4:]: v for k, v in ck.items() if k.startswith("opt_")}, net.params
         )
-        net.params[...] = params
+        # read on the host, then moved to the network's device (NumPy: copied in place)
+        backend.copyto(net.params, backend.asarray(params, net.xp))
         self.epoch, self.seconds = int(epoch), float(seconds)
         self.stopping.load(best, best_params)
 
@@ -693,6 +889,7 @@ class Trainer:
             "epochs_completed": self.epoch,
             "final_loss": final_loss,
             "n_params": self.net.n_params,
+            "device": self.net.device,
             "dataset": self.cfg.dataset,
             "data_source": self.data.source,
             "split": split_description(self.cfg, self.data),
@@ -773,13 +970,16 @@ def resume_run(
     epochs: int | None = None,
     checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
     world: World | None = None,
+    device: str | None = None,
 ) -> RunResult:
     """Continue an interrupted or killed run to the result it would have reached.
 
     From the last checkpoint when there is one; a run killed before its first
     checkpoint starts again in its own folder. ``epochs`` changes the number of epochs
     (the one change that keeps the epochs already trained valid, unless the schedule
-    depends on it). Under MPI every rank reads the folder; rank 0 writes.
+    depends on it); ``device`` where it goes on ("cpu", "cuda"; by default its
+    config's): the checkpoint is read on the host and moved there. Under MPI every rank
+    reads the folder; rank 0 writes.
 
     Raises
     ------
@@ -810,6 +1010,8 @@ def resume_run(
             check_unchanged(saved_config(checkpoint), cfg, run_dir / CONFIG_FILE)
         if epochs is not None and epochs != cfg.epochs:
             cfg = _with_epochs(cfg, epochs)
+        if device is not None and device != cfg.device:
+            cfg = cfg.replace(device=device)
         trainer = Trainer(cfg, run_dir, progress, checkpoint_seconds, world)
         if checkpoint.is_file():
             trainer.load_checkpoint()

@@ -11,6 +11,7 @@ from handprop.nn import (
     BatchNorm,
     DataParallel,
     Network,
+    backend,
     gradcheck,
     gradcheck_layer,
     load,
@@ -158,3 +159,91 @@ def test_layer_items_and_errors():
         Network.from_layers(["dense 4", "batchnorm momentum=0"], (3,), 2)
     with pytest.raises(ShapeError, match=r"batchnorm over 4 features expects"):
         Network([BatchNorm(4)], (3,))
+
+
+# -- any array namespace (fixture xp: NumPy, array-api-strict, CuPy on a GPU machine) --
+
+
+def bn_on(xp, c, dtype, rng_seed=3, momentum=0.3):
+    """A BatchNorm layer on ``xp`` with its own arrays: gamma, beta away from 1 and 0,
+    running averages away from 0 and 1."""
+    rng = np.random.default_rng(rng_seed)
+    values = {
+        "gamma": rng.normal(1.0, 0.3, size=c),
+        "beta": rng.normal(0.0, 0.3, size=c),
+        "running_mean": rng.normal(size=c),
+        "running_var": rng.uniform(0.5, 2.0, size=c),
+    }
+    layer = BatchNorm(c, momentum=momentum)
+    layer.xp = xp
+    layer.bind(
+        {k: backend.asarray(v.astype(dtype), xp) for k, v in values.items()},
+        {k: backend.asarray(np.zeros(c, dtype=dtype), xp) for k in values},
+    )
+    return layer
+
+
+def bn_passes(layer, X, G, xp):
+    """Two training passes (the running averages move twice), backward after each, and
+    an inference pass; everything on the host."""
+    out = []
+    for step in range(2):
+        A = layer.forward(backend.asarray(X + step, xp), training=True)
+        dX = layer.backward(backend.asarray(G, xp))
+        grads = [getattr(layer, "d" + name) for name in layer.param_shapes()]
+        params = [getattr(layer, name) for name in layer.param_shapes()]
+        out += [np.array(backend.to_host(a)) for a in (A, dX, *grads, *params)]  # copies
+    return [*out, backend.to_host(layer.forward(backend.asarray(X, xp)))]
+
+
+@pytest.mark.parametrize("shape", [(9, 5), (4, 5, 3, 6)], ids=["dense", "conv"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batchnorm_gives_numpys_numbers_on_any_namespace(shape, dtype, xp, rng):
+    X = rng.normal(1.5, 2.0, size=shape).astype(dtype)
+    G = rng.normal(size=shape).astype(dtype)
+    ours = bn_passes(bn_on(xp, shape[1], dtype), X, G, xp)
+    want = bn_passes(bn_on(np, shape[1], dtype), X, G, np)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for a, b in zip(ours, want, strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_ranks_share_the_statistics_on_any_namespace(xp, rng, thread_ranks):
+    """Two MPI ranks (threads here), each one BatchNorm on its rows, arrays of ``xp``:
+    their sums go through the host to the world's Allreduce and back."""
+    from types import SimpleNamespace
+
+    from handprop.nn.batchnorm import shared_batch_stats
+
+    X, G = rng.normal(size=(7, 3, 4, 4)), rng.normal(size=(7, 3, 4, 4))
+    want = bn_passes(bn_on(np, 3, np.float64), X, G, np)
+    world, halves, results = thread_ranks(2), [slice(0, 3), slice(3, 7)], {}
+
+    def rank(r: int) -> None:
+        layer = bn_on(xp, 3, np.float64)
+        with shared_batch_stats([SimpleNamespace(layers=[layer])], world.rank(r)):
+            results[r] = bn_passes(layer, X[halves[r]], G[halves[r]], xp)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 1]
+    per_step = len(want) // 2  # A, dX, 4 gradients, 4 parameters
+    for step in range(2):
+        at = step * per_step
+        for r in range(2):  # each rank's own rows of A and dX
+            np.testing.assert_allclose(results[r][at], want[at][halves[r]], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                results[r][at + 1], want[at + 1][halves[r]], rtol=1e-9, atol=1e-12
+            )
+        # the gradients are each rank's part; the running averages are the whole batch's
+        for i in range(at + 2, at + 6):
+            np.testing.assert_allclose(
+                results[0][i] + results[1][i], want[i], rtol=1e-10, atol=1e-12
+            )
+        for i in range(at + 6, at + per_step):
+            np.testing.assert_allclose(results[0][i], want[i], rtol=1e-12)
+            np.testing.assert_allclose(results[1][i], want[i], rtol=1e-12)

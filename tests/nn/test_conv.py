@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from handprop.errors import ShapeError
-from handprop.nn import AvgPool2D, Conv2D, MaxPool2D, Network, gradcheck, gradcheck_layer
+from handprop.nn import (
+    AvgPool2D,
+    Conv2D,
+    MaxPool2D,
+    Network,
+    backend,
+    gradcheck,
+    gradcheck_layer,
+)
 
 
 def conv_naive(X, W, b, stride, pad):
@@ -217,3 +225,91 @@ def test_inference_batches_bound_the_im2col_memory(rng, monkeypatch):
     assert net.inference_batch() == 5
     X = rng.random((23, 1, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(net.predict_proba(X), net.predict_proba(X, batch_size=23), 1e-6)
+
+
+# -- any array namespace (fixture xp: NumPy, array-api-strict, CuPy on a GPU machine) --
+
+
+def on(xp, layer, params):
+    """``layer`` computing on ``xp`` with its own parameter and gradient arrays."""
+    layer.xp = xp
+    layer.bind(
+        {name: backend.asarray(value, xp) for name, value in params.items()},
+        {name: xp.zeros(tuple(value.shape), dtype=xp.float64) for name, value in params.items()},
+    )
+    return layer
+
+
+def passes(layer, X, G, xp):
+    """Training forward, backward (twice: the second reuses the work arrays), and an
+    inference forward of ``layer`` on ``xp``, with the parameter gradients, on the host."""
+    out = []
+    for _ in range(2):
+        A = layer.forward(backend.asarray(X, xp), training=True)
+        dX = layer.backward(backend.asarray(G, xp))
+        grads = [getattr(layer, "d" + name) for name in layer.param_shapes()]
+        out += [backend.to_host(a) for a in (A, dX, *grads)]
+    return [*out, backend.to_host(layer.forward(backend.asarray(X, xp)))]
+
+
+@pytest.mark.parametrize("k, stride, pad", CASES)
+def test_im2col_and_col2im_give_numpys_numbers_on_any_namespace(k, stride, pad, xp, rng):
+    from handprop.nn import conv
+
+    X = rng.normal(size=(2, 3, 9, 8))
+    Xs = backend.asarray(X, xp)
+    for lower, raise_ in [(conv.im2col, conv.col2im), (conv.im2col_cn, conv.col2im_cn)]:
+        cols, ho, wo = lower(X, k, stride, pad)
+        ours, ho2, wo2 = lower(Xs, k, stride, pad)
+        assert (ho2, wo2) == (ho, wo)
+        np.testing.assert_array_equal(backend.to_host(ours), cols)
+        D = rng.normal(size=cols.shape)
+        back = raise_(backend.asarray(D, xp), X.shape, k, stride, pad)
+        np.testing.assert_array_equal(backend.to_host(back), raise_(D, X.shape, k, stride, pad))
+    # the batched pair with its work arrays given, as Conv2D gives them
+    n, c, h, w = X.shape
+    hp, wo = h + 2 * pad, conv.out_size(w, k, stride, pad)
+    cols, _, _ = conv.im2col_cn(X, k, stride, pad)
+    work = xp.empty((c, n, hp, wo), dtype=xp.float64)
+    buf = xp.empty(tuple(cols.shape), dtype=xp.float64)
+    ours, _, _ = conv.im2col_cn(Xs, k, stride, pad, out=buf, work=work)
+    np.testing.assert_array_equal(backend.to_host(ours), cols)
+    acc = xp.empty((c, n, hp, w + 2 * pad), dtype=xp.float64)
+    dX = xp.empty(X.shape, dtype=xp.float64)
+    back = conv.col2im_cn(ours, X.shape, k, stride, pad, acc=acc, out=dX, work=work)
+    want = conv.col2im_cn(cols, X.shape, k, stride, pad)
+    np.testing.assert_array_equal(backend.to_host(back), want)
+
+
+@pytest.mark.parametrize("k, stride, pad", CASES)
+def test_conv_gives_numpys_numbers_on_any_namespace(k, stride, pad, xp, rng, layout):
+    params = {"W": rng.normal(size=(4, 3, k, k)), "b": rng.normal(size=4)}
+    X = rng.normal(size=(3, 3, 9, 8))
+    G = rng.normal(size=(3, *Conv2D(3, 4, k, stride, pad).output_shape(X.shape[1:])))
+    ours = passes(on(xp, Conv2D(3, 4, k, stride, pad), params), X, G, xp)
+    want = passes(on(np, Conv2D(3, 4, k, stride, pad), params), X, G, np)
+    for a, b in zip(ours, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [MaxPool2D, AvgPool2D])
+@pytest.mark.parametrize("k, stride, size", [(2, None, 7), (3, 2, 7), (2, 1, 5), (2, 3, 8)])
+def test_pools_give_numpys_numbers_on_any_namespace(cls, k, stride, size, xp, rng):
+    """Gaps (stride > k), overlaps (stride < k) and, for max pooling, ties everywhere."""
+    X = rng.integers(0, 3, size=(2, 3, size, size)) + rng.normal(0, 0.1, size=(2, 3, 1, 1))
+    G = rng.normal(size=(2, *cls(k, stride).output_shape(X.shape[1:])))
+    ours = passes(on(xp, cls(k, stride), {}), X, G, xp)
+    want = passes(on(np, cls(k, stride), {}), X, G, np)
+    for a, b in zip(ours, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("k, stride", [(2, None), (3, 2), (2, 1), (3, None)])
+def test_avg_pool_matches_the_windows_mean(k, stride, rng):
+    X = rng.normal(size=(2, 3, 9, 8)).astype(np.float32)
+    s = stride or k
+    windows = np.lib.stride_tricks.sliding_window_view(X, (k, k), axis=(2, 3))[:, :, ::s, ::s]
+    want = windows.mean(axis=(-2, -1), dtype=X.dtype)
+    pool = AvgPool2D(k, stride)
+    np.testing.assert_allclose(pool.forward(X), want, rtol=1e-6)
+    np.testing.assert_allclose(pool.forward(X, training=True), want, rtol=1e-6)

@@ -46,6 +46,39 @@ checkpoint_every = click.option(
     help="Seconds between a run's checkpoints (written at epoch boundaries).",
 )
 
+#: ``--device cpu|cuda``, shared by ``train``, ``predict`` and ``experiments``; checked by
+#: :func:`check_device_name` and :func:`use_device` (one ``handprop: error:`` line, not
+#: click's usage message)
+device_option = click.option(
+    "--device",
+    metavar="cpu|cuda",
+    help="Where the network computes: cpu (NumPy) or cuda (CuPy on an NVIDIA GPU; "
+    "pip install 'handprop[gpu]'). Overrides the config's device.",
+)
+
+
+def check_device_name(device: str) -> None:
+    """Refuse a ``--device`` that is none of the devices' names, in one line."""
+    from handprop.config import DEVICE_NAMES, device_hint
+    from handprop.errors import ConfigError
+
+    if device not in DEVICE_NAMES:
+        hint = device_hint(device)
+        raise ConfigError(
+            f"--device must be one of {', '.join(DEVICE_NAMES)}, got {device!r}"
+            + (f"; {hint}" if hint else "")
+        )
+
+
+def use_device(device: str) -> object:
+    """The array namespace of ``device``, checked now, before anything is read or
+    written: an unknown name, or "cuda" without CuPy or a usable GPU, is one line."""
+    from handprop.nn import backend
+
+    check_device_name(device)
+    return backend.device_namespace(device)
+
+
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 

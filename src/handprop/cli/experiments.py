@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from handprop.cli import checkpoint_every
+from handprop.cli import check_device_name, checkpoint_every, device_option
 
 
 @click.command("experiments")
@@ -20,6 +20,7 @@ from handprop.cli import checkpoint_every
 )
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Directory holding the data.")
 @checkpoint_every
+@device_option
 @click.option(
     "--scheduler",
     metavar="ADDRESS",
@@ -33,7 +34,7 @@ from handprop.cli import checkpoint_every
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def command(
-    csv_file, out, jobs, base, data_dir, checkpoint_every, scheduler, cluster, quiet
+    csv_file, out, jobs, base, data_dir, checkpoint_every, device, scheduler, cluster, quiet
 ) -> None:
     """Run every row of FILE.csv (run_name,d,dtrain,dtest,m,alpha,epochs,...).
 
@@ -45,9 +46,13 @@ def command(
     a disk with this machine: each worker finds the data itself (--data-dir is then a
     path on the workers; without it, each worker's HANDPROP_DATA or cache), and the run
     folders come back here into --out.
+
+    --device sets every row's device (a device column, or the base config's, sets it
+    per row); a row already run on another device is not run again.
     """
     from handprop.errors import ConfigError
     from handprop.experiments import load_base, read_grid, run_grid, summary_markdown
+    from handprop.nn import backend
 
     if cluster is not None:
         if scheduler not in (None, "local"):
@@ -59,9 +64,18 @@ def command(
             f"{scheduler} are the ones started with `dask worker`"
         )
 
+    if device is not None:
+        check_device_name(device)  # usable here or not: checked below, or on the workers
     rows = read_grid(csv_file, load_base(base))
     if data_dir is not None:
         rows = [type(r)(r.name, r.config.replace(data_dir=str(data_dir)), r.line) for r in rows]
+    if device is not None:
+        rows = [type(r)(r.name, r.config.replace(device=device), r.line) for r in rows]
+    if scheduler is None:
+        # the rows' devices, checked here before the grid folder is made (on a cluster,
+        # each worker checks its own: a worker without one fails its row in one line)
+        for name in sorted({r.config.device for r in rows}):
+            backend.device_namespace(name)
     out = out or Path("runs") / csv_file.stem
 
     def done(s) -> None:

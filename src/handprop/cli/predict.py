@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from handprop.cli import device_option, use_device
+
 
 def split_models(args: tuple[Path, ...]) -> tuple[list[Path], list[Path]]:
     """The leading model arguments (.npz files and folders: run folders, grids) and the
@@ -20,7 +22,8 @@ def split_models(args: tuple[Path, ...]) -> tuple[list[Path], list[Path]]:
 @click.command("predict")
 @click.argument("args", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top", default=3, show_default=True, help="How many classes to list per input.")
-def command(args, top) -> None:
+@device_option
+def command(args, top, device) -> None:
     """Predict the class of each INPUT (PNG/JPEG images, IDX or CSV files) with MODEL
     (a .npz model file or a run folder): handprop predict MODEL... INPUT...
 
@@ -31,13 +34,15 @@ def command(args, top) -> None:
     Images are read MNIST-style: grayscale, white digit on black (a dark digit on a
     light background is inverted), cropped to the digit, fitted into 20x20 and centred
     by mass in 28x28. Every input is checked before the first line is printed; IDX and
-    CSV rows are then predicted and printed batch by batch.
+    CSV rows are then predicted and printed batch by batch, on --device (cpu by
+    default; a model trained on a GPU predicts on the CPU and the other way round).
     """
     from handprop.errors import ConfigError
     from handprop.predict import load_ensemble, open_inputs, predict_batches
 
     if top < 1:
         raise ConfigError(f"--top must be >= 1, got {top}")
+    xp = use_device(device or "cpu")  # no GPU, no CuPy: one line, before any input is read
     models, inputs = split_models(args)
     if not models:
         raise ConfigError(
@@ -45,7 +50,7 @@ def command(args, top) -> None:
         )
     if not inputs:
         raise ConfigError("no inputs; give image, IDX or CSV files after the model(s)")
-    nets = load_ensemble(models)
+    nets = load_ensemble(models, device=xp)  # loaded on the host, then moved
     net = nets[0]
     inputs = open_inputs(inputs, net)
     classes = net.meta.get("class_names") or [str(i) for i in range(net.n_classes)]

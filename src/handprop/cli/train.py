@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from handprop.cli import checkpoint_every
+from handprop.cli import checkpoint_every, device_option, use_device
 from handprop.data.registry import DATASETS
 from handprop.errors import ConfigError, HandpropError
 
@@ -26,19 +26,26 @@ DATASET_NAMES = tuple(DATASETS)
     help="With --resume: train to this many epochs instead (not with a cosine schedule).",
 )
 @checkpoint_every
+@device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def command(config, dataset, data_dir, seed, out, resume, epochs, checkpoint_every, quiet) -> None:
+def command(
+    config, dataset, data_dir, seed, out, resume, epochs, checkpoint_every, device, quiet
+) -> None:
     """Train the network CONFIG describes (6-line .cfg or .toml) into a run folder.
 
     A checkpoint is written every --checkpoint-every seconds and on Ctrl-C or SIGTERM;
-    `handprop train --resume RUN` continues from it, also after a kill.
+    `handprop train --resume RUN` continues from it, also after a kill (on --device,
+    if given, else on the device it began on).
     """
     from handprop import distributed
     from handprop.config import load_config
+    from handprop.nn import backend
     from handprop.train import resume_run, train_run
 
     progress = not quiet
     world = distributed.world()  # MPI's under `mpiexec -n N`, else this process alone
+    if device is not None:
+        use_device(device)  # no GPU, no CuPy: one line now, before anything is written
     try:
         if resume is not None:
             if config is not None:
@@ -49,6 +56,7 @@ def command(config, dataset, data_dir, seed, out, resume, epochs, checkpoint_eve
                 epochs=epochs,
                 checkpoint_seconds=checkpoint_every,
                 world=world,
+                device=device,
             )
         else:
             if config is None:
@@ -63,11 +71,13 @@ def command(config, dataset, data_dir, seed, out, resume, epochs, checkpoint_eve
                     "data_dir": None if data_dir is None else str(data_dir),
                     "seed": seed,
                     "out": None if out is None else str(out),
+                    "device": device,
                 }.items()
                 if v is not None
             }
             if overrides:
                 cfg = cfg.replace(**overrides)
+            backend.device_namespace(cfg.device)  # the config's device: checked before any file
             result = train_run(
                 cfg,
                 default_name=config.stem,
@@ -92,9 +102,10 @@ def command(config, dataset, data_dir, seed, out, resume, epochs, checkpoint_eve
         return
     m = result.metrics
     ranks = f", {world.size} MPI ranks" if world.size > 1 else ""
+    on = f", on {m['device']}" if m.get("device", "cpu") != "cpu" else ""
     click.echo(
         f"test accuracy {m['accuracy']:.2%} on {m['split']['test']} samples "
         f"(train {m['split']['train']}, {result.epochs_completed} epochs, "
-        f"{result.train_seconds:.1f} s, {m['n_params']:,d} parameters{ranks})"
+        f"{result.train_seconds:.1f} s, {m['n_params']:,d} parameters{ranks}{on})"
     )
     click.echo(f"results in {result.run_dir}/")

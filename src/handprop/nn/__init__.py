@@ -4,6 +4,7 @@ NumPy and the standard library only (a test proves it); a batch split over threa
 holds BLAS to one thread per call through threadpoolctl, imported when first needed.
 """
 
+from handprop.nn import backend
 from handprop.nn.activations import ACTIVATIONS, Identity, ReLU, Sigmoid, Tanh
 from handprop.nn.batchnorm import BatchNorm
 from handprop.nn.conv import AvgPool2D, Conv2D, MaxPool2D, col2im, im2col
@@ -54,6 +55,7 @@ __all__ = [
     "Sigmoid",
     "SoftmaxCrossEntropy",
     "Tanh",
+    "backend",
     "col2im",
     "get_threads",
     "gradcheck",

@@ -6,8 +6,7 @@ when training: sigmoid and tanh their output A, ReLU its input sign.
 
 from __future__ import annotations
 
-import numpy as np
-
+from handprop.nn import backend as ops
 from handprop.nn.layers import Array, Layer
 from handprop.nn.threads import rowwise
 
@@ -24,7 +23,7 @@ class Sigmoid(Layer):
     kind = "sigmoid"
 
     def forward(self, X: Array, training: bool = False) -> Array:
-        A = self.buffer("A", X.shape, X.dtype) if training else np.empty_like(X)
+        A = self.buffer("A", X.shape, X.dtype) if training else self.xp.empty_like(X)
         rowwise(_sigmoid, X, A)
         if training:
             self._A = A
@@ -38,15 +37,14 @@ class Sigmoid(Layer):
 
 
 def _sigmoid(X: Array, A: Array) -> None:
-    half = X.dtype.type(0.5)
-    np.multiply(X, half, out=A)
-    np.tanh(A, out=A)
-    A *= half
-    A += half
+    ops.multiply(X, 0.5, out=A)
+    ops.tanh(A, out=A)
+    A *= 0.5
+    A += 0.5
 
 
 def _sigmoid_backward(G: Array, A: Array, dX: Array) -> None:
-    np.subtract(1, A, out=dX)
+    ops.subtract(1.0, A, out=dX)
     dX *= A
     dX *= G
 
@@ -57,7 +55,7 @@ class Tanh(Layer):
     kind = "tanh"
 
     def forward(self, X: Array, training: bool = False) -> Array:
-        A = np.tanh(X, out=self.buffer("A", X.shape, X.dtype) if training else None)
+        A = ops.tanh(X, out=self.buffer("A", X.shape, X.dtype) if training else None)
         if training:
             self._A = A
         return A
@@ -65,8 +63,8 @@ class Tanh(Layer):
     def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX = G * (1 - A^2)."""
         A = self._A
-        dX = np.multiply(A, A, out=self.buffer("dX", A.shape, A.dtype))
-        np.subtract(1, dX, out=dX)
+        dX = ops.multiply(A, A, out=self.buffer("dX", A.shape, A.dtype))
+        ops.subtract(1.0, dX, out=dX)
         dX *= G
         return dX
 
@@ -78,13 +76,13 @@ class ReLU(Layer):
 
     def forward(self, X: Array, training: bool = False) -> Array:
         if not training:
-            return np.maximum(X, 0, dtype=X.dtype)
-        self._positive = np.greater(X, 0, out=self.buffer("mask", X.shape, np.dtype(bool)))
-        return np.maximum(X, 0, out=self.buffer("A", X.shape, X.dtype))
+            return ops.maximum(X, 0.0)
+        self._positive = ops.greater(X, 0.0, out=self.buffer("mask", X.shape, self.xp.bool))
+        return ops.maximum(X, 0.0, out=self.buffer("A", X.shape, X.dtype))
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX = G where Z > 0, else 0."""
-        return np.multiply(G, self._positive, out=self.buffer("dX", G.shape, G.dtype))
+        return ops.multiply(G, self._positive, out=self.buffer("dX", G.shape, G.dtype))
 
 
 class Identity(Layer):

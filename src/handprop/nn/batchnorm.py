@@ -27,11 +27,16 @@ and in the backward pass sum G and sum G x_hat. Each shard writes only its own p
 dgamma and dbeta into its gradient vector, which DataParallel sums as it sums every other
 gradient. Shard 0 alone updates the running averages (the shards share the vector; MPI
 ranks each update their own copy with the same global statistics).
+
+The passes are written against the array API standard (``xp``, the namespace of the
+network's arrays); a batch split over threads is a NumPy thing, and the reduction that
+shares statistics sums on the host (a GPU network trains as one shard).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -39,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from handprop.errors import ConfigError, ShapeError
+from handprop.nn import backend as ops
 from handprop.nn.layers import Array, Layer
 
 #: PyTorch's defaults: running = (1 - momentum) running + momentum batch, eps in sqrt
@@ -91,7 +97,7 @@ class BatchNorm(Layer):
         self.eps = float(eps)
         if not 0 < self.momentum <= 1:
             raise ConfigError(f"batchnorm momentum must be in (0, 1], got {momentum!r}")
-        if not (np.isfinite(self.eps) and self.eps > 0):
+        if not (math.isfinite(self.eps) and self.eps > 0):
             raise ConfigError(f"batchnorm eps must be a finite number > 0, got {eps!r}")
         #: (reducer, shard index) while a split batch is trained (shared_batch_stats)
         self.shared: tuple[_Totals, int] | None = None
@@ -109,7 +115,7 @@ class BatchNorm(Layer):
         return input_shape
 
     def macs(self, input_shape: tuple[int, ...]) -> int:
-        return 4 * int(np.prod(input_shape))  # a few elementwise passes per value
+        return 4 * math.prod(input_shape)  # a few elementwise passes per value
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
         """gamma 1, beta 0: the identity on normalized values; running mean 0, var 1."""
@@ -123,61 +129,61 @@ class BatchNorm(Layer):
 
     # -- passes ------------------------------------------------------------------------
 
-    def _bshape(self, X: Array) -> tuple[int, ...]:
-        """The shape a (c,) vector broadcasts as against X."""
-        return (1, self.c) if X.ndim == 2 else (1, self.c, 1, 1)
+    def _each(self, v: Array, X: Array) -> Array:
+        """The (c,) vector ``v`` shaped to broadcast against X: as it is against (n, c),
+        (c, 1, 1) against (n, c, h, w)."""
+        return v if X.ndim == 2 else self.xp.reshape(v, (self.c, 1, 1))
 
     def forward(self, X: Array, training: bool = False) -> Array:
-        bshape = self._bshape(X)
-        f = X.dtype.type
+        xp, each = self.xp, self._each
         if not training:
-            scale = self.gamma / np.sqrt(self.running_var + f(self.eps))  # (c,)
+            scale = self.gamma / xp.sqrt(self.running_var + self.eps)  # (c,)
             shift = self.beta - self.running_mean * scale
-            Z = X * scale.reshape(bshape)
-            Z += shift.reshape(bshape)
+            Z = X * each(scale, X)
+            Z += each(shift, X)
             return Z
-        local = X.shape[0] * int(np.prod(X.shape[2:]))  # values per feature in these rows
-        totals = self._total(np.append(_sum(X), local))
-        m = totals[-1]
-        mean = (totals[:-1] / max(m, 1)).astype(X.dtype)
+        local = X.shape[0] * math.prod(X.shape[2:])  # values per feature in these rows
+        sums, m = self._total_and_count(_sum(X), local)
+        mean = xp.astype(sums / max(m, 1), X.dtype)
         # x - mu is kept for backward (x_hat = (x - mu) / sigma is never stored)
-        xc = np.subtract(X, mean.reshape(bshape), out=self.buffer("xc", X.shape, X.dtype))
+        xc = ops.subtract(X, each(mean, X), out=self.buffer("xc", X.shape, X.dtype))
         var = self._total(_dot(xc, xc)) / max(m, 1)  # biased: the batch's own variance
-        inv = (1.0 / np.sqrt(var + self.eps)).astype(X.dtype)  # 1 / sigma
+        inv = xp.astype(1.0 / xp.sqrt(var + self.eps), X.dtype)  # 1 / sigma
         scale = self.gamma * inv  # gamma / sigma
         self._xc, self._inv, self._scale, self._m = xc, inv, scale, m
         if self.shared is None or self.shared[1] == 0:  # one writer for the shared vector
-            mom = f(self.momentum)
+            mom = xp.asarray(self.momentum, dtype=X.dtype)
+            keep = 1.0 - mom  # 1 - momentum, rounded in X's dtype
             unbiased = var * (m / (m - 1) if m > 1 else 1.0)
-            self.running_mean *= f(1) - mom
+            self.running_mean *= keep
             self.running_mean += mom * mean
-            self.running_var *= f(1) - mom
-            self.running_var += (self.momentum * unbiased).astype(X.dtype)
-        Z = np.multiply(xc, scale.reshape(bshape), out=self.buffer("Z", X.shape, X.dtype))
-        Z += self.beta.reshape(bshape)  # gamma x_hat + beta
+            self.running_var *= keep
+            self.running_var += xp.astype(self.momentum * unbiased, X.dtype)
+        Z = ops.multiply(xc, each(scale, X), out=self.buffer("Z", X.shape, X.dtype))
+        Z += each(self.beta, X)  # gamma x_hat + beta
         return Z
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
         """dx = (gamma / (m sigma)) (m G - sum G - x_hat sum(G x_hat)) (see the class)."""
+        xp, each = self.xp, self._each
         xc, inv, scale, m = self._xc, self._inv, self._scale, self._m
-        bshape = self._bshape(G)
         sum_g = _sum(G)  # this shard's dbeta
         sum_gx = _dot(G, xc) * inv  # this shard's dgamma = sum G x_hat
-        self.dbeta[...] = sum_g
-        self.dgamma[...] = sum_gx
+        self.dbeta[...] = xp.astype(sum_g, G.dtype)
+        self.dgamma[...] = xp.astype(sum_gx, G.dtype)
         self.drunning_mean[...] = 0  # not trained: an optimizer never moves them
         self.drunning_var[...] = 0
         if self.shared is not None:  # the whole batch's sums, for dx
-            both = self._total(np.concatenate([sum_g, sum_gx]))
+            both = self._total(xp.concat([sum_g, sum_gx]))
             sum_g, sum_gx = both[: self.c], both[self.c :]
         if not need_input_grad:
             return None
         # dx = (gamma / sigma) (G - sum G / m) - (x - mu) gamma sum(G x_hat) / (m sigma^2)
-        k = (scale * inv * sum_gx / m).astype(G.dtype)
-        xc *= k.reshape(bshape)  # x - mu is not needed after this pass
-        dX = np.multiply(G, scale.reshape(bshape), out=self.buffer("dX", G.shape, G.dtype))
+        k = xp.astype(scale * inv * sum_gx / m, G.dtype)
+        xc *= each(k, G)  # x - mu is not needed after this pass
+        dX = ops.multiply(G, each(scale, G), out=self.buffer("dX", G.shape, G.dtype))
         dX -= xc
-        dX -= (scale * sum_g / m).astype(G.dtype).reshape(bshape)
+        dX -= each(xp.astype(scale * sum_g / m, G.dtype), G)
         return dX
 
     def _total(self, part: Array) -> Array:
@@ -187,19 +193,46 @@ class BatchNorm(Layer):
         totals, k = self.shared
         return totals(k, part)
 
+    def _total_and_count(self, sums: Array, count: int) -> tuple[Array, float]:
+        """:meth:`_total` of the per-feature ``sums`` (c,) and of the ``count`` of values
+        each summed; alone, the count is known without a reduction (nor, on a GPU, a
+        wait for the device)."""
+        if self.shared is None:
+            return sums, count
+        xp = self.xp
+        totals = self._total(xp.concat([sums, xp.asarray([count], dtype=xp.float64)]))
+        return totals[:-1], float(totals[-1])
+
 
 def _sum(A: Array) -> Array:
     """The sum over everything but axis 1 (per feature/channel): (c,) float64. Each
     row's positions are summed in A's dtype (pairwise), the rows in float64."""
+    xp = ops.namespace(A)
     n, c = A.shape[:2]
-    return A.reshape(n, c, -1).sum(axis=2).sum(axis=0, dtype=np.float64)
+    per_row = A if A.ndim == 2 else xp.sum(xp.reshape(A, (n, c, -1)), axis=2)
+    return xp.sum(per_row, axis=0, dtype=xp.float64)
 
 
 def _dot(A: Array, B: Array) -> Array:
     """The sum of A * B over everything but axis 1: (c,) float64, rows added in float64."""
+    xp = ops.namespace(A)
     n, c = A.shape[:2]
-    per_row = np.einsum("ncs,ncs->nc", A.reshape(n, c, -1), B.reshape(n, c, -1))
-    return per_row.sum(axis=0, dtype=np.float64)
+    if A.ndim == 2:
+        per_row = A * B
+    else:
+        per_row = _row_dots(xp.reshape(A, (n, c, -1)), xp.reshape(B, (n, c, -1)))
+    return xp.sum(per_row, axis=0, dtype=xp.float64)
+
+
+def _row_dots(A: Array, B: Array) -> Array:
+    """(n, c) the dot products A[i, j] . B[i, j] of (n, c, s) arrays, in their dtype.
+
+    NumPy's einsum multiplies and adds in one pass with no (n, c, s) product array (the
+    standard's ``vecdot`` is up to 2x slower there, and rounds differently); other
+    namespaces use ``vecdot``. (A helper that belongs in handprop.nn.backend.)"""
+    if isinstance(A, np.ndarray) and isinstance(B, np.ndarray):
+        return np.einsum("ncs,ncs->nc", A, B)
+    return ops.namespace(A, B).vecdot(A, B, axis=-1)
 
 
 class _Totals:
@@ -219,11 +252,13 @@ class _Totals:
         self.barrier = threading.Barrier(parties, action=self._sum) if parties > 1 else None
 
     def _sum(self) -> None:
-        total = np.array(self.parts[0], dtype=np.float64)
+        # the parts are float64 on the host (NumPy threads), or one on a device (an MPI
+        # rank's GPU network), whose total goes through the host for the ranks' sum
+        total = np.array(ops.to_host(self.parts[0]), dtype=np.float64)
         for part in self.parts[1:]:
-            total += part
+            total += ops.to_host(part)
         self.world.sum(total)  # over the ranks (nothing to do in one process)
-        self.total = total
+        self.total = ops.asarray(total, ops.namespace(self.parts[0]))
 
     def __call__(self, k: int, part: Array) -> Array:
         self.parts[k] = part

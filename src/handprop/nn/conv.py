@@ -9,6 +9,11 @@ slice copies whose inner rows are contiguous, and the output is already (n, c_ou
 w_out), with no transpose. The backward pass is two more products and col2im, the
 scatter-add of patch gradients back onto the overlapping input positions, done as the
 k * k strided additions that mirror the copies.
+
+Everything here is written against the array API standard (``xp`` is the namespace of
+the arrays: NumPy, CuPy, array-api-strict...): strided slices, ``xp.reshape`` and
+``xp.permute_dims``; the copies and products that NumPy runs fastest into an existing
+array go through :mod:`handprop.nn.backend` (``out=``).
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from math import prod
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from handprop.errors import ShapeError
+from handprop.nn import backend as ops
 from handprop.nn.layers import Array, Layer
 
 
@@ -28,40 +33,71 @@ def out_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
-def windows(Xp: Array, k: int, stride: int) -> Array:
-    """View (n, c, h_out, w_out, k, k) of every k x k window of Xp (n, c, H, W)."""
-    return sliding_window_view(Xp, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+def grid(i: int, j: int, ho: int, wo: int, stride: int) -> tuple[slice, ...]:
+    """The index of the input element at offset (i, j) of every window: ``X[grid(...)]``
+    is an (n, c, ho, wo) strided view of X (n, c, h, w). Each slice stops just after
+    its last element (the standard leaves stops past the end unspecified)."""
+    return (
+        slice(None),
+        slice(None),
+        slice(i, i + stride * (ho - 1) + 1, stride),
+        slice(j, j + stride * (wo - 1) + 1, stride),
+    )
 
 
 def offset(X: Array, i: int, j: int, ho: int, wo: int, stride: int) -> Array:
     """View (n, c, ho, wo) of the input element at offset (i, j) of every window."""
-    return X[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]
+    return X[grid(i, j, ho, wo, stride)]
+
+
+def padded(X: Array, pad: int) -> Array:
+    """X (n, c, h, w) with ``pad`` zeros on each side of its rows and columns (X itself
+    when pad is 0): a zero array with X copied into its middle, as ``np.pad`` does it."""
+    if not pad:
+        return X
+    n, c, h, w = X.shape
+    Xp = ops.namespace(X).zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=X.dtype)
+    Xp[:, :, pad : pad + h, pad : pad + w] = X
+    return Xp
+
+
+def _channel_first(A: Array) -> Array:
+    """View (c, n, ...) of A (n, c, ...): the first two axes swapped."""
+    return ops.namespace(A).permute_dims(A, (1, 0, *range(2, A.ndim)))
+
+
+def _view(A: Array, shape: tuple[int, ...]) -> Array:
+    """A reshaped WITHOUT a copy (an error if it needs one): a view that ``out=`` or a
+    write may target, such as a parameter's gradient in the flat gradient vector."""
+    return ops.namespace(A).reshape(A, shape, copy=False)
 
 
 def im2col(X: Array, k: int, stride: int, pad: int, out: Array | None = None) -> tuple:
     """cols (n, c * k * k, h_out * w_out): column (y, x) of cols[i] is the patch under
     output y, x, its rows in (channel, ki, kj) order, the order of W's last three axes."""
+    xp = ops.namespace(X)
     n, c, h, w = X.shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    Xp = np.pad(X, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else X
-    cols = np.empty((n, c, k, k, ho, wo), dtype=X.dtype) if out is None else out
-    cols = cols.reshape(n, c, k, k, ho, wo)
+    Xp = padded(X, pad)
+    cols = xp.empty((n, c, k, k, ho, wo), dtype=X.dtype) if out is None else out
+    cols = xp.reshape(cols, (n, c, k, k, ho, wo))
     for i in range(k):
         for j in range(k):
-            cols[:, :, i, j] = offset(Xp, i, j, ho, wo, stride)
-    return cols.reshape(n, c * k * k, ho * wo), ho, wo
+            cols[:, :, i, j, ...] = offset(Xp, i, j, ho, wo, stride)
+    return xp.reshape(cols, (n, c * k * k, ho * wo)), ho, wo
 
 
 def col2im(dcols: Array, shape: tuple[int, int, int, int], k: int, stride: int, pad: int) -> Array:
     """Adjoint of im2col: sum each patch gradient back onto the input (n, c, h, w)."""
+    xp = ops.namespace(dcols)
     n, c, h, w = shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    D = dcols.reshape(n, c, k, k, ho, wo)
-    dXp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dcols.dtype)
+    D = xp.reshape(dcols, (n, c, k, k, ho, wo))
+    dXp = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dcols.dtype)
     for i in range(k):
         for j in range(k):
             # window offset (i, j) of every output position lands on a strided grid
-            offset(dXp, i, j, ho, wo, stride)[...] += D[:, :, i, j]
+            dXp[grid(i, j, ho, wo, stride)] += D[:, :, i, j, ...]
     return dXp[:, :, pad : pad + h, pad : pad + w] if pad else dXp
 
 
@@ -80,23 +116,24 @@ def im2col_cn(
     once into ``work`` (c, n, h, w_out) (k such copies with short rows); each of the
     k * k copies into ``cols`` then reads whole (h_out, w_out) planes of it, whose rows
     follow each other in memory, and runs as one long loop per image and channel."""
+    xp = ops.namespace(X)
     n, c, h, w = X.shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    Xp = np.pad(X, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else X
+    Xp = padded(X, pad)
     hp = h + 2 * pad
-    cols = np.empty((c, k, k, n, ho, wo), dtype=X.dtype) if out is None else out
-    cols = cols.reshape(c, k, k, n, ho, wo)
+    cols = xp.empty((c, k, k, n, ho, wo), dtype=X.dtype) if out is None else out
+    cols = xp.reshape(cols, (c, k, k, n, ho, wo))
     if stride != 1:
         for i in range(k):
             for j in range(k):
-                np.copyto(cols[:, i, j], offset(Xp, i, j, ho, wo, stride).transpose(1, 0, 2, 3))
-        return cols.reshape(c * k * k, n * ho * wo), ho, wo
-    Xj = np.empty((c, n, hp, wo), dtype=X.dtype) if work is None else work
+                ops.copyto(cols[:, i, j, ...], _channel_first(offset(Xp, i, j, ho, wo, stride)))
+        return xp.reshape(cols, (c * k * k, n * ho * wo)), ho, wo
+    Xj = xp.empty((c, n, hp, wo), dtype=X.dtype) if work is None else work
     for j in range(k):
-        np.copyto(Xj, Xp[:, :, :, j : j + wo].transpose(1, 0, 2, 3))
+        ops.copyto(Xj, _channel_first(Xp[:, :, :, j : j + wo]))
         for i in range(k):
-            np.copyto(cols[:, i, j], Xj[:, :, i : i + ho])
-    return cols.reshape(c * k * k, n * ho * wo), ho, wo
+            ops.copyto(cols[:, i, j, ...], Xj[:, :, i : i + ho, :])
+    return xp.reshape(cols, (c * k * k, n * ho * wo)), ho, wo
 
 
 def col2im_cn(
@@ -117,32 +154,32 @@ def col2im_cn(
     column offset kj, the k row offsets are summed in ``work`` (c, n, h + 2 pad, w_out)
     in long loops over whole planes, then added to the accumulator's columns
     kj .. kj + w_out (k passes of short rows instead of k * k)."""
+    xp = ops.namespace(dcols)
     n, c, h, w = shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    D = dcols.reshape(c, k, k, n, ho, wo)
+    D = xp.reshape(dcols, (c, k, k, n, ho, wo))
     hp, wp = h + 2 * pad, w + 2 * pad
     if acc is None:
-        acc = np.empty((c, n, hp, wp), dtype=dcols.dtype)
+        acc = xp.empty((c, n, hp, wp), dtype=dcols.dtype)
     if stride != 1:
-        acc.fill(0)
+        acc[...] = 0
         for i in range(k):
             for j in range(k):
-                view = acc[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]
-                view += D[:, i, j]
+                acc[grid(i, j, ho, wo, stride)] += D[:, i, j, ...]
     else:
-        S = np.empty((c, n, hp, wo), dtype=dcols.dtype) if work is None else work
+        S = xp.empty((c, n, hp, wo), dtype=dcols.dtype) if work is None else work
         for j in range(k):
-            np.copyto(S[:, :, :ho], D[:, 0, j])
-            S[:, :, ho:] = 0
+            ops.copyto(S[:, :, :ho, :], D[:, 0, j, ...])
+            S[:, :, ho:, :] = 0
             for i in range(1, k):
-                S[:, :, i : i + ho] += D[:, i, j]
+                S[:, :, i : i + ho, :] += D[:, i, j, ...]
             if j == 0:
-                np.copyto(acc[:, :, :, :wo], S)
+                ops.copyto(acc[:, :, :, :wo], S)
                 acc[:, :, :, wo:] = 0
             else:
                 acc[:, :, :, j : j + wo] += S
-    dX = np.empty(shape, dtype=dcols.dtype) if out is None else out
-    np.copyto(dX, acc[:, :, pad : pad + h, pad : pad + w].transpose(1, 0, 2, 3))
+    dX = xp.empty(shape, dtype=dcols.dtype) if out is None else out
+    ops.copyto(dX, _channel_first(acc[:, :, pad : pad + h, pad : pad + w]))
     return dX
 
 
@@ -216,27 +253,25 @@ class Conv2D(Layer):
     def forward(self, X: Array, training: bool = False) -> Array:
         if not self.batched():
             return self._forward_per_image(X, training)
+        xp = self.xp
         n = X.shape[0]
         _, ho, wo = self.output_shape(X.shape[1:])
         patch, m = self.c_in * self.k * self.k, n * ho * wo
         buf = self.buffer("cols", (patch, m), X.dtype) if training else None
         work = self._work(X.shape, X.dtype) if training else None
         cols, ho, wo = im2col_cn(X, self.k, self.stride, self.pad, out=buf, work=work)
-        W_mat = self.W.reshape(self.c_out, patch)
+        W_mat = xp.reshape(self.W, (self.c_out, patch))
         Zc = self.buffer("Zc", (self.c_out, m), X.dtype) if training else None
-        Zc = np.matmul(W_mat, cols, out=Zc)  # (c_out, n ho wo)
+        Zc = ops.matmul(W_mat, cols, out=Zc)  # (c_out, n ho wo)
         if training:
             self._cols, self._shape = cols, X.shape
             Z = self.buffer("Z", (n, self.c_out, ho, wo), X.dtype)
         else:
             del cols  # inference: free the columns before the output exists
-            Z = np.empty((n, self.c_out, ho, wo), dtype=X.dtype)
-        np.add(
-            Zc.reshape(self.c_out, n, ho * wo).transpose(1, 0, 2),
-            self.b[:, None],
-            out=Z.reshape(n, self.c_out, ho * wo),
-        )
-        return Z
+            Z = xp.empty((n, self.c_out, ho, wo), dtype=X.dtype)
+        Zc = xp.reshape(Zc, (self.c_out, n, ho, wo))
+        bias = xp.reshape(self.b, (1, self.c_out, 1, 1))
+        return ops.add(_channel_first(Zc), bias, out=Z)
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
         """G (n, c_out, ho, wo) -> dX (n, c_in, h, w).
@@ -246,16 +281,18 @@ class Conv2D(Layer):
         """
         if not self.batched():
             return self._backward_per_image(G, need_input_grad)
-        n = G.shape[0]
+        xp = self.xp
+        n, _, ho, wo = G.shape
         patch, m = self._cols.shape
-        Gc = self.buffer("Gc", (self.c_out, m), G.dtype)
-        np.copyto(Gc.reshape(self.c_out, n, -1), G.reshape(n, self.c_out, -1).transpose(1, 0, 2))
-        np.matmul(Gc, self._cols.T, out=self.dW.reshape(self.c_out, patch))
-        np.sum(Gc, axis=1, out=self.db)
+        Gc = self.buffer("Gc", (self.c_out, n, ho, wo), G.dtype)
+        ops.copyto(Gc, _channel_first(G))
+        Gc = xp.reshape(Gc, (self.c_out, m))
+        ops.matmul(Gc, self._cols.T, out=_view(self.dW, (self.c_out, patch)))
+        ops.sum(Gc, axis=1, out=self.db)
         if not need_input_grad:
             return None
-        W_mat = self.W.reshape(self.c_out, patch)
-        dcols = np.matmul(W_mat.T, Gc, out=self.buffer("dcols", (patch, m), G.dtype))
+        W_mat = xp.reshape(self.W, (self.c_out, patch))
+        dcols = ops.matmul(W_mat.T, Gc, out=self.buffer("dcols", (patch, m), G.dtype))
         n, c, h, w = self._shape
         acc = self.buffer("acc", (c, n, h + 2 * self.pad, w + 2 * self.pad), G.dtype)
         dX = self.buffer("dX", self._shape, G.dtype)
@@ -264,7 +301,7 @@ class Conv2D(Layer):
             dcols, self._shape, self.k, self.stride, self.pad, acc=acc, out=dX, work=work
         )
 
-    def _work(self, shape: tuple[int, ...], dtype: np.dtype) -> Array:
+    def _work(self, shape: tuple[int, ...], dtype: Any) -> Array:
         """The (c_in, n, h + 2 pad, w_out) work array of im2col_cn and col2im_cn."""
         n, c, h, w = shape
         wo = out_size(w, self.k, self.stride, self.pad)
@@ -272,35 +309,37 @@ class Conv2D(Layer):
 
     def _forward_per_image(self, X: Array, training: bool) -> Array:
         """Z[i] = W_mat @ cols[i], one product per image, already (c_out, ho wo)."""
+        xp = self.xp
         n = X.shape[0]
         _, ho, wo = self.output_shape(X.shape[1:])
         patch = self.c_in * self.k * self.k
         buf = self.buffer("cols_i", (n, patch, ho * wo), X.dtype) if training else None
         cols, ho, wo = im2col(X, self.k, self.stride, self.pad, out=buf)
-        W_mat = self.W.reshape(self.c_out, patch)
+        W_mat = xp.reshape(self.W, (self.c_out, patch))
         out = self.buffer("Z", (n, self.c_out, ho * wo), X.dtype) if training else None
-        Z = np.matmul(W_mat, cols, out=out)
+        Z = ops.matmul(W_mat, cols, out=out)
         Z += self.b[:, None]
         if training:
             self._cols, self._shape = cols, X.shape
-        return Z.reshape(n, self.c_out, ho, wo)
+        return xp.reshape(Z, (n, self.c_out, ho, wo))
 
     def _backward_per_image(self, G: Array, need_input_grad: bool) -> Array | None:
         """dW_mat = sum_i G_i cols_i^T,  dcols_i = W_mat^T G_i,  dX = col2im(dcols)."""
+        xp = self.xp
         n = G.shape[0]
-        G_mat = np.ascontiguousarray(G).reshape(n, self.c_out, -1)  # (n, c_out, ho wo)
+        G_mat = xp.reshape(G, (n, self.c_out, -1))  # (n, c_out, ho wo)
         patch = self._cols.shape[1]
-        per_image = np.matmul(
+        per_image = ops.matmul(
             G_mat,
-            self._cols.transpose(0, 2, 1),
+            xp.permute_dims(self._cols, (0, 2, 1)),
             out=self.buffer("dW_i", (n, self.c_out, patch), G.dtype),
         )
-        np.sum(per_image, axis=0, out=self.dW.reshape(self.c_out, patch))
-        np.sum(G_mat, axis=(0, 2), out=self.db)
+        ops.sum(xp.reshape(per_image, (n, *self.dW.shape)), axis=0, out=self.dW)
+        ops.sum(G_mat, axis=(0, 2), out=self.db)
         if not need_input_grad:
             return None
-        W_mat = self.W.reshape(self.c_out, patch)
-        dcols = np.matmul(W_mat.T, G_mat, out=self.buffer("dcols_i", self._cols.shape, G.dtype))
+        W_mat = xp.reshape(self.W, (self.c_out, patch))
+        dcols = ops.matmul(W_mat.T, G_mat, out=self.buffer("dcols_i", self._cols.shape, G.dtype))
         return col2im(dcols, self._shape, self.k, self.stride, self.pad)
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
@@ -348,13 +387,17 @@ class _Pool2D(Layer):
             for j in range(self.k):
                 yield i * self.k + j, offset(X, i, j, ho, wo, self.stride)
 
-    def scatter(self, parts: Array, shape: tuple[int, ...]) -> Array:
-        """dX (n, c, h, w) from per-offset gradients parts (n, c, ho, wo, k, k)."""
-        ho, wo = parts.shape[2], parts.shape[3]
-        dX = np.zeros(shape, dtype=parts.dtype)
-        for o, V in self.offsets(dX, ho, wo):
-            V += parts[:, :, :, :, o // self.k, o % self.k]
-        return dX
+    def _clear(self, dX: Array, ho: int, wo: int) -> bool:
+        """Zero dX (n, c, h, w) where the windows' gradients will not overwrite it, and
+        say whether the windows are disjoint (each position gets at most one write, so
+        the per-offset parts can be written, not added)."""
+        k, s = self.k, self.stride
+        if s == k:  # the windows tile the input: only its uncovered edge needs zeros
+            dX[:, :, ho * k :, :] = 0
+            dX[:, :, :, wo * k :] = 0
+        else:
+            dX[...] = 0
+        return s >= k
 
     def get_config(self) -> dict[str, Any]:
         return {"k": self.k, "stride": self.stride}
@@ -376,69 +419,94 @@ class MaxPool2D(_Pool2D):
         _, ho, wo = self.output_shape(X.shape[1:])
         if not training:
             slices = self.offsets(X, ho, wo)
-            A = np.array(next(slices)[1])  # offset 0 holds the maximum until beaten
+            A = ops.copy(next(slices)[1])  # offset 0 holds the maximum until beaten
             for _, V in slices:
-                np.maximum(A, V, out=A)
+                ops.maximum(A, V, out=A)
             return A
+        xp = self.xp
         shape = (X.shape[0], X.shape[1], ho, wo)
         A = self.buffer("A", shape, X.dtype)
-        arg = self.buffer("arg", shape, np.dtype(np.uint8))
-        beats = self.buffer("beats", shape, np.dtype(bool))
-        claim = self.buffer("claim", shape, np.dtype(np.uint8))
+        arg = self.buffer("arg", shape, xp.uint8)
+        beats = self.buffer("beats", shape, xp.bool)
+        claim = self.buffer("claim", shape, xp.uint8)
         self._forward_block(X, A, arg, beats, claim)
         self._arg, self._shape = arg, X.shape
         return A
 
     def _forward_block(self, X: Array, A: Array, arg: Array, beats: Array, claim: Array) -> None:
         slices = self.offsets(X, A.shape[2], A.shape[3])
-        np.copyto(A, next(slices)[1])
-        arg.fill(0)
+        ops.copyto(A, next(slices)[1])
+        arg[...] = 0
         for o, V in slices:
             # strictly greater: an equal value later keeps the first maximum. The
             # offsets come in increasing order, so "arg = o where V beats A" is
             # arg = max(arg, o * beats), two cheap passes instead of a masked write
             # (np.copyto with where= measured 3x slower here)
-            np.greater(V, A, out=beats)
-            np.multiply(beats, np.uint8(o), out=claim)
-            np.maximum(arg, claim, out=arg)
-            np.maximum(A, V, out=A)
+            ops.greater(V, A, out=beats)
+            ops.multiply(beats, self.xp.asarray(o, dtype=self.xp.uint8), out=claim)
+            ops.maximum(arg, claim, out=arg)
+            ops.maximum(A, V, out=A)
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX[window max] = G; every other position of the window gets 0."""
         dX = self.buffer("dX", self._shape, G.dtype)
-        at = self.buffer("at", G.shape, np.dtype(bool))
+        at = self.buffer("at", G.shape, self.xp.bool)
         self._backward_block(dX, G, self._arg, at)
         return dX
 
     def _backward_block(self, dX: Array, G: Array, arg: Array, at: Array) -> None:
         _, _, ho, wo = G.shape
-        k, s = self.k, self.stride
-        if s == k:  # the windows tile the input: only its uncovered edge needs zeros
-            dX[:, :, ho * k :] = 0
-            dX[:, :, :, wo * k :] = 0
-        else:
-            dX.fill(0)
+        disjoint = self._clear(dX, ho, wo)
+        part = None if disjoint else self.buffer("part", G.shape, G.dtype)
         for o, V in self.offsets(dX, ho, wo):  # V is a view into dX
-            np.equal(arg, o, out=at)
-            if s >= k:  # windows do not overlap: each V is written once
-                np.multiply(G, at, out=V)
+            ops.equal(arg, o, out=at)
+            if part is None:  # each V is written once
+                ops.multiply(G, at, out=V)
             else:  # overlapping windows add up
-                V += G * at
+                V += ops.multiply(G, at, out=part)
 
 
 class AvgPool2D(_Pool2D):
-    """A = mean over each k x k window.  dA/dX = 1 / k^2 on every position of it."""
+    """A = mean over each k x k window.  dA/dX = 1 / k^2 on every position of it.
+
+    Like MaxPool2D, it visits the k * k window offsets as strided (n, c, h_out, w_out)
+    views of X. The sum is taken row by row of the window (each row's k values in
+    order, then the rows' sums in order: the order in which NumPy's ``mean`` adds a
+    window's values) and divided by k^2."""
 
     kind = "avgpool2d"
 
     def forward(self, X: Array, training: bool = False) -> Array:
+        _, ho, wo = self.output_shape(X.shape[1:])
+        k, s = self.k, self.stride
+        shape = (X.shape[0], X.shape[1], ho, wo)
         if training:
             self._shape = X.shape
-        return windows(X, self.k, self.stride).mean(axis=(-2, -1), dtype=X.dtype)
+            A = self.buffer("A", shape, X.dtype)
+            row = self.buffer("row", shape, X.dtype) if k > 1 else None
+        else:
+            A = self.xp.empty(shape, dtype=X.dtype)
+            row = self.xp.empty(shape, dtype=X.dtype) if k > 1 else None
+        for i in range(k):
+            total = A if i == 0 else row  # row 0 sums straight into A
+            ops.copyto(total, offset(X, i, 0, ho, wo, s))
+            for j in range(1, k):
+                total += offset(X, i, j, ho, wo, s)
+            if i > 0:
+                A += row
+        A /= float(k * k)
+        return A
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX[window] += G / k^2."""
         k = self.k
-        share = (G * G.dtype.type(1.0 / (k * k)))[..., None, None]
-        parts = np.broadcast_to(share, (*G.shape, k, k))
-        return self.scatter(parts, self._shape)
+        share = ops.multiply(G, 1.0 / (k * k), out=self.buffer("share", G.shape, G.dtype))
+        dX = self.buffer("dX", self._shape, G.dtype)
+        _, _, ho, wo = G.shape
+        disjoint = self._clear(dX, ho, wo)
+        for _, V in self.offsets(dX, ho, wo):  # V is a view into dX
+            if disjoint:
+                ops.copyto(V, share)
+            else:
+                V += share
+        return dX

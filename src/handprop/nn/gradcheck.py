@@ -6,8 +6,11 @@ check handprop's own layers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from handprop.nn.backend import asarray, copyto, namespace, to_host
 from handprop.nn.layers import Array, Layer
 from handprop.nn.network import Network
 from handprop.nn.params import ParamLayout
@@ -37,17 +40,17 @@ def numeric_gradient(f, x: Array, eps: float = 1e-3, coords: Array | None = None
 
     ``coords`` picks flat indices to perturb (default all); others are left at 0.
     """
-    flat = x.reshape(-1)
+    flat = namespace(x).reshape(x, (-1,))  # a view: x is contiguous
     g = np.zeros(flat.size, dtype=np.float64)
     for i in range(flat.size) if coords is None else coords:
-        saved = flat[i]
+        saved = float(flat[i])  # a value: a GPU array's flat[i] is a view
         values = []
         for step in (eps, -eps, 2 * eps, -2 * eps):
             flat[i] = saved + step
             values.append(f())
         flat[i] = saved
         g[i] = (8 * (values[0] - values[1]) - (values[2] - values[3])) / (12 * eps)
-    return g.reshape(x.shape)
+    return g.reshape(tuple(x.shape))
 
 
 def gradcheck(
@@ -71,7 +74,7 @@ def gradcheck(
     X = net.check_input(X)
     y = net.check_labels(y, X.shape[0])
     net.loss_and_grad(X, y)
-    analytic = net.grads.astype(np.float64)
+    analytic = to_host(net.grads).astype(np.float64)
     coords = None
     if n_coords is not None and n_coords < net.n_params:
         coords = np.random.default_rng(rng).choice(net.n_params, n_coords, replace=False)
@@ -87,30 +90,43 @@ def gradcheck_layer(
     rng: np.random.Generator | int | None = 0,
     eps: float = 1e-3,
     init: str = "glorot_normal",
+    xp: Any = np,
 ) -> dict[str, float]:
     """Check one layer on its own against a random upstream gradient G.
 
     The scalar is f(X, params) = sum(layer.forward(X) * G), whose gradient with respect
     to the input is ``layer.backward(G)`` and with respect to each parameter the
     matching ``d<name>``. Returns the relative error for "X" and every parameter name.
+    ``xp``: the array namespace the layer computes in (the differences are taken on
+    host copies of X and the parameters, which are moved there for every evaluation).
     """
     rng = np.random.default_rng(rng)
     X = np.array(X, dtype=np.float64)
     layout = ParamLayout([layer.param_shapes()])
     params = np.zeros(layout.size)
-    grads = np.zeros(layout.size)
-    layer.bind(layout.views(params, 0), layout.views(grads, 0))
-    layer.init_params(init, rng)
+    layer.bind(layout.views(params, 0), {})
+    layer.init_params(init, rng)  # on the host, from the same numbers on every backend
     if layout.size:
         params += rng.normal(0, 0.1, size=layout.size)  # nonzero biases too
-    G = rng.normal(size=layer.forward(X, training=True).shape)
+    here = asarray(params, xp) if xp is not np else params
+    grads = xp.zeros_like(here)
+    layer.xp = xp
+    layer.bind(layout.views(here, 0), layout.views(grads, 0))
+
+    def forward() -> Array:
+        if here is not params:
+            copyto(here, asarray(params, xp))
+        return layer.forward(asarray(X, xp), training=True)
+
+    G = rng.normal(size=tuple(forward().shape))
+    G_here = asarray(G, xp)
 
     def f() -> float:
-        return float(np.sum(layer.forward(X, training=True) * G))
+        return float(xp.sum(forward() * G_here))
 
-    layer.forward(X, training=True)
-    errors = {"X": relative_error(layer.backward(G), numeric_gradient(f, X, eps))}
-    analytic = grads.copy()
+    forward()
+    errors = {"X": relative_error(to_host(layer.backward(G_here)), numeric_gradient(f, X, eps))}
+    analytic = to_host(grads).copy()
     numeric = numeric_gradient(f, params, eps)
     for slot in layout.slots:
         sl = slice(slot.offset, slot.stop)

@@ -18,6 +18,7 @@ import numpy as np
 
 from handprop.atomic import atomic_write_bytes
 from handprop.errors import HandpropError, ModelFileError, ResourceError, ShapeError
+from handprop.nn import backend
 from handprop.nn.network import MODEL_FORMAT, MODEL_VERSION, Network, chain_shapes
 from handprop.nn.spec import architecture_layers, check_architecture, is_int
 
@@ -70,7 +71,8 @@ def save(net: Network, path: str | Path) -> None:
 def model_bytes(net: Network) -> bytes:
     """The bytes of the .npz file :func:`save` writes."""
     buf = io.BytesIO()
-    np.savez(buf, params=net.params, architecture=np.array(json.dumps(net.architecture())))
+    params = backend.to_host(net.params)  # a model trained on a GPU loads anywhere
+    np.savez(buf, params=params, architecture=np.array(json.dumps(net.architecture())))
     return buf.getvalue()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from handprop.errors import ShapeError
 from handprop.memory import check_fits
+from handprop.nn import backend
 from handprop.nn.activations import ACTIVATIONS
 from handprop.nn.init import INITIALIZERS
 from handprop.nn.layers import Array, Dense, Dropout, Layer
@@ -80,13 +81,18 @@ class Network:
 
     Attributes
     ----------
-    params : ndarray of shape (n_params,)   every parameter, layer by layer, W then b
-    grads : ndarray of shape (n_params,)    dL/dparams, same layout, written by backward
+    params : array of shape (n_params,)     every parameter, layer by layer, W then b
+    grads : array of shape (n_params,)      dL/dparams, same layout, written by backward
     layout : ParamLayout
     macs : int                              multiply-adds of one sample's forward pass
+    xp : module                             the array namespace of params and grads
+                                            (NumPy until :meth:`to` moves them)
 
     The passes are plain loops over the layers; :class:`~handprop.nn.DataParallel`
-    splits a batch over threads or MPI ranks around them.
+    splits a batch over threads or MPI ranks around them. A network is built and
+    initialised on the host (NumPy, so every backend starts from the same numbers);
+    :meth:`to` moves it to a GPU (CuPy) or any array API namespace, where the same
+    passes run.
     """
 
     def __init__(
@@ -129,16 +135,41 @@ class Network:
                 f"shared parameters must be a ({self.layout.size},) {self.dtype} vector, "
                 f"got {params.shape} {params.dtype}"
             )
-        self.params = params
-        self.grads = np.zeros(self.layout.size, dtype=self.dtype)
-        for i, layer in enumerate(self.layers):
-            layer.bind(self.layout.views(self.params, i), self.layout.views(self.grads, i))
+        self._bind(params, backend.namespace(params).zeros_like(params))
         shape, self.macs = self.input_shape, 0
         for layer in self.layers:
             self.macs += layer.macs(shape)
             shape = layer.output_shape(shape)
         # (batch, training) of the last pass whose memory was checked
         self._checked: tuple[int, bool] | None = None
+
+    def _bind(self, params: Array, grads: Array) -> None:
+        """Make ``params`` and ``grads`` the flat vectors and every layer's views into them."""
+        self.params, self.grads = params, grads
+        self.xp = backend.namespace(params)
+        for i, layer in enumerate(self.layers):
+            layer.xp = self.xp
+            layer.bind(self.layout.views(self.params, i), self.layout.views(self.grads, i))
+
+    def to(self, device: Any) -> Network:
+        """Move the parameters (and gradients) to ``device``: "cpu", "cuda" or an array
+        API namespace (``array_api_strict``, say); returns the network.
+
+        The flat vectors are copied once and every layer's views rebound, so optimizers
+        and reductions keep seeing two flat vectors. "cuda" raises :class:`DeviceError`
+        on a machine without a usable GPU or CuPy.
+        """
+        xp = backend.device_namespace(device) if isinstance(device, str) else device
+        if xp is self.xp:
+            return self
+        params = backend.to_host(self.params)
+        self._bind(backend.asarray(params, xp), xp.zeros_like(backend.asarray(params, xp)))
+        return self
+
+    @property
+    def device(self) -> str:
+        """ "cpu" (NumPy), "cuda" (CuPy) or the name of the array namespace."""
+        return backend.device_name(self.xp)
 
     # -- construction ------------------------------------------------------------------
 
@@ -219,8 +250,11 @@ class Network:
         if scheme not in INITIALIZERS:
             raise ShapeError(f"unknown init {scheme!r}; known: {', '.join(INITIALIZERS)}")
         rng = np.random.default_rng(rng)
+        device = self.xp
+        self.to(np)  # drawn on the host: every backend starts from the same numbers
         for layer in self.layers:
             layer.init_params(scheme, rng)
+        self.to(device)
 
     def set_rng(self, rng: np.random.Generator) -> None:
         """The generator the random layers (dropout) draw their masks from."""
@@ -289,28 +323,43 @@ class Network:
 
     # -- passes ------------------------------------------------------------------------
 
+    def here(self, A: Array) -> Array:
+        """``A`` on the network's device: a NumPy array is copied there (once per call:
+        a training loop moves its data once and passes device arrays)."""
+        if self.xp is not np and isinstance(A, np.ndarray):
+            return backend.asarray(A, self.xp)
+        return A
+
     def check_input(self, X: Array) -> Array:
-        """X with shape (n, *input_shape) cast to the network's dtype (once, here)."""
-        X = np.asarray(X)
-        if X.ndim != len(self.input_shape) + 1 or X.shape[1:] != self.input_shape:
+        """X with shape (n, *input_shape) cast to the network's dtype (once, here).
+
+        X stays in its namespace: a NumPy array (anything array-like becomes one) or an
+        array already on the network's device."""
+        xp = backend.namespace(X) if hasattr(X, "__array_namespace__") else np
+        X = np.asarray(X) if xp is np else X
+        if X.ndim != len(self.input_shape) + 1 or tuple(X.shape[1:]) != self.input_shape:
             raise ShapeError(
-                f"input of shape {X.shape} does not fit this network, which expects "
+                f"input of shape {tuple(X.shape)} does not fit this network, which expects "
                 f"(n, {', '.join(map(str, self.input_shape))})"
             )
-        if not np.issubdtype(X.dtype, np.number):
+        if not xp.isdtype(X.dtype, ("integral", "real floating")):
             raise ShapeError(f"input must be numeric, got dtype {X.dtype}")
-        return X.astype(self.dtype, copy=False)
+        if xp is np:
+            return X.astype(self.dtype, copy=False)
+        return xp.astype(X, backend.dtype_of(xp, self.dtype), copy=False)
 
     def check_labels(self, y: Array, n: int) -> Array:
-        """Integer class ids of shape (n,) in [0, n_classes)."""
-        y = np.asarray(y)
-        if y.shape != (n,):
-            raise ShapeError(f"labels must have shape ({n},), got {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer):
+        """Integer class ids of shape (n,) in [0, n_classes) (NumPy or on the device)."""
+        xp = backend.namespace(y) if hasattr(y, "__array_namespace__") else np
+        y = np.asarray(y) if xp is np else y
+        if tuple(y.shape) != (n,):
+            raise ShapeError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+        if not xp.isdtype(y.dtype, "integral"):
             raise ShapeError(f"labels must be integer class ids, got dtype {y.dtype}")
-        if n and (y.min() < 0 or y.max() >= self.n_classes):
+        low, high = (int(xp.min(y)), int(xp.max(y))) if n else (0, 0)
+        if n and (low < 0 or high >= self.n_classes):
             raise ShapeError(
-                f"labels must lie in [0, {self.n_classes}), got values from {y.min()} to {y.max()}"
+                f"labels must lie in [0, {self.n_classes}), got values from {low} to {high}"
             )
         return y
 
@@ -322,7 +371,7 @@ class Network:
         """
         if self._owner and self._checked != (X.shape[0], training):
             self._check_pass(X.shape[0], training)
-        A = X
+        A = self.here(X)
         for layer in self.layers:
             A = layer.forward(A, training)
         return A
@@ -349,7 +398,7 @@ class Network:
         gradient are its share of that batch's).
         """
         out = self.forward(X, training=True)
-        loss, G = self.loss(out, y, count=count)
+        loss, G = self.loss(out, self.here(y), count=count)
         self.backward(G)
         return loss, out
 
@@ -363,7 +412,7 @@ class Network:
 
     def loss_value(self, X: Array, y: Array, training: bool = False) -> float:
         """The loss over (X, y) without a backward pass."""
-        return self.loss.value(self.forward(X, training=training), y)
+        return self.loss.value(self.forward(X, training=training), self.here(y))
 
     def inference_batch(self) -> int:
         """Samples per inference batch: as many as keep the largest work array of one
@@ -381,8 +430,8 @@ class Network:
         batch_size: int | None = None,
         forward: Callable[[Array], Array] | None = None,
     ) -> Array:
-        """Class probabilities (n, k), computed batch by batch to bound memory
-        (``batch_size`` samples at a time; by default :meth:`inference_batch`).
+        """Class probabilities (n, k) as a NumPy array, computed batch by batch to bound
+        memory (``batch_size`` samples at a time; by default :meth:`inference_batch`).
         ``forward``: the inference pass to use (a DataParallel's; default: this one's)."""
         X = self.check_input(X)
         forward = forward or self.forward
@@ -390,7 +439,8 @@ class Network:
         out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
         for start in range(0, X.shape[0], batch_size):
             stop = start + batch_size
-            out[start:stop] = self.loss.probabilities(forward(X[start:stop]))
+            batch = backend.asarray(X[start:stop], self.xp)  # to the device, batch by batch
+            out[start:stop] = backend.to_host(self.loss.probabilities(forward(batch)))
         return out
 
     def predict(self, X: Array, batch_size: int | None = None) -> Array:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from handprop.errors import ConfigError
+from handprop.nn import backend as ops
+from handprop.nn.backend import namespace
 from handprop.nn.layers import Array
 from handprop.nn.threads import rowwise
 
@@ -59,38 +61,42 @@ class Optimizer:
     def _prepare(self, params: Array) -> None:
         if self._buf is not None:
             return
-        self._buf = np.empty_like(params)
-        self._tmp = np.empty_like(params)
+        xp = namespace(params)
+        self._buf = xp.empty_like(params)
+        self._tmp = xp.empty_like(params)
         for name in self.state_names:
-            self.state.setdefault(name, np.zeros_like(params))
+            self.state.setdefault(name, xp.zeros_like(params))
         if self.weight_decay:
             mask = np.ones(params.shape, bool) if self.decay_mask is None else self.decay_mask
-            self._decay = (mask * self.weight_decay).astype(params.dtype)
+            decay = ops.to_host(mask) * self.weight_decay
+            self._decay = ops.asarray(decay, xp, dtype=params.dtype)
 
     def gradient(self, params: Array, grads: Array) -> Array:
         """grads plus the weight-decay term, in the work buffer (grads is not touched)."""
         g = self._buf
         if self._decay is not None:
-            np.multiply(params, self._decay, out=g)
+            ops.multiply(params, self._decay, out=g)
             g += grads
         else:
-            g[...] = grads
+            ops.copyto(g, grads)
         return g
 
     def step(self, params: Array, grads: Array) -> None:
         self._prepare(params)
         self.t += 1
-        self._update(params, self.gradient(params, grads), params.dtype.type)
+        self._update(params, self.gradient(params, grads))
 
-    def _update(self, params: Array, g: Array, f: type) -> None:
+    def _update(self, params: Array, g: Array) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """Flat arrays and scalars that, restored, make the next step identical."""
-        return {"t": np.array(self.t), **self.state}
+        """Flat arrays (NumPy, copied from the device) and scalars that, restored, make
+        the next step identical."""
+        return {"t": np.array(self.t), **{k: ops.to_host(v) for k, v in self.state.items()}}
 
     def load_state_dict(self, state: dict[str, Any], params: Array) -> None:
-        """Restore :meth:`state_dict` for the parameter vector ``params``.
+        """Restore :meth:`state_dict` for the parameter vector ``params`` (on whatever
+        backend it lives: the state goes there).
 
         Raises
         ------
@@ -107,15 +113,16 @@ class Optimizer:
         missing = [name for name in self.state_names if name not in state]
         if missing and t > 0:
             raise ValueError(f"{self.kind} state {missing[0]!r} is missing after {t} steps")
+        dtype = ops.host_dtype(params.dtype)
         for name in self.state_names:
             if name in state:
                 value = np.asarray(state[name])
-                if value.shape != params.shape or value.dtype != params.dtype:
+                if value.shape != tuple(params.shape) or value.dtype != dtype:
                     raise ValueError(
                         f"{self.kind} state {name!r} is {value.dtype}{list(value.shape)}, "
-                        f"expected {params.dtype}{list(params.shape)} like the parameters"
+                        f"expected {dtype}{list(params.shape)} like the parameters"
                     )
-                self.state[name] = np.array(value)
+                self.state[name] = ops.asarray(np.array(value), namespace(params))
         self.t = int(t)
 
 
@@ -125,8 +132,8 @@ class GD(Optimizer):
 
     kind = "gd"
 
-    def _update(self, params: Array, g: Array, f: type) -> None:
-        g *= f(self.lr)
+    def _update(self, params: Array, g: Array) -> None:
+        g *= self.lr
         params -= g
 
 
@@ -144,11 +151,11 @@ class Momentum(Optimizer):
         super().__init__(lr, **kw)
         self.momentum = _unit("momentum", momentum)
 
-    def _update(self, params: Array, g: Array, f: type) -> None:
+    def _update(self, params: Array, g: Array) -> None:
         v = self.state["velocity"]
-        v *= f(self.momentum)
+        v *= self.momentum
         v += g
-        np.multiply(v, f(self.lr), out=g)
+        ops.multiply(v, self.lr, out=g)
         params -= g
 
 
@@ -158,13 +165,13 @@ class Nesterov(Momentum):
 
     kind = "nesterov"
 
-    def _update(self, params: Array, g: Array, f: type) -> None:
+    def _update(self, params: Array, g: Array) -> None:
         v = self.state["velocity"]
-        v *= f(self.momentum)
+        v *= self.momentum
         v += g
-        g *= f(self.lr)  # lr g
+        g *= self.lr  # lr g
         params -= g
-        np.multiply(v, f(self.lr * self.momentum), out=g)  # lr mu v
+        ops.multiply(v, self.lr * self.momentum, out=g)  # lr mu v
         params -= g
 
 
@@ -186,26 +193,25 @@ class Adam(Optimizer):
         self.beta2 = _unit("beta2", beta2)
         self.eps = _positive("eps", eps)
 
-    def _update(self, params: Array, g: Array, f: type) -> None:
+    def _update(self, params: Array, g: Array) -> None:
         # elementwise only: a large vector (a CNN's 225k parameters) is cut into one
         # block per thread, with the same result whatever the count
         rowwise(self._update_block, params, g, self.state["m"], self.state["v"], self._tmp)
 
     def _update_block(self, params: Array, g: Array, m: Array, v: Array, tmp: Array) -> None:
-        f = params.dtype.type
         b1, b2, t = self.beta1, self.beta2, self.t
-        np.multiply(g, f(1 - b1), out=tmp)
-        m *= f(b1)
+        ops.multiply(g, 1 - b1, out=tmp)
+        m *= b1
         m += tmp  # m = b1 m + (1 - b1) g
-        np.multiply(g, g, out=tmp)
-        tmp *= f(1 - b2)
-        v *= f(b2)
+        ops.multiply(g, g, out=tmp)
+        tmp *= 1 - b2
+        v *= b2
         v += tmp  # v = b2 v + (1 - b2) g^2
-        c2 = np.sqrt(1 - b2**t)
-        np.sqrt(v, out=tmp)
-        tmp += f(self.eps * c2)
-        np.divide(m, tmp, out=tmp)
-        tmp *= f(self.lr * c2 / (1 - b1**t))
+        c2 = float(np.sqrt(1 - b2**t))
+        ops.sqrt(v, out=tmp)
+        tmp += self.eps * c2
+        ops.divide(m, tmp, out=tmp)
+        tmp *= self.lr * c2 / (1 - b1**t)
         params -= tmp
 
 
@@ -221,16 +227,16 @@ class RMSprop(Optimizer):
         self.rho = _unit("rho", rho)
         self.eps = _positive("eps", eps)
 
-    def _update(self, params: Array, g: Array, f: type) -> None:
+    def _update(self, params: Array, g: Array) -> None:
         s, tmp = self.state["s"], self._tmp
-        np.multiply(g, g, out=tmp)
-        tmp *= f(1 - self.rho)
-        s *= f(self.rho)
+        ops.multiply(g, g, out=tmp)
+        tmp *= 1 - self.rho
+        s *= self.rho
         s += tmp  # s = rho s + (1 - rho) g^2
-        np.sqrt(s, out=tmp)
-        tmp += f(self.eps)
+        ops.sqrt(s, out=tmp)
+        tmp += self.eps
         g /= tmp
-        g *= f(self.lr)
+        g *= self.lr
         params -= g
 
 

@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from handprop.errors import Interrupted
+from handprop.nn import backend
 from handprop.nn.batchnorm import shared_batch_stats
 from handprop.nn.layers import Array, Dropout
 from handprop.nn.network import Network
@@ -124,6 +125,10 @@ class DataParallel:
         return self.net.grads
 
     @property
+    def xp(self):
+        return self.net.xp
+
+    @property
     def n_params(self) -> int:
         return self.net.n_params
 
@@ -143,7 +148,10 @@ class DataParallel:
 
     def split(self, n: int, training: bool = False) -> list[tuple[int, int]] | None:
         """Thread blocks of ``n`` rows, one per thread, or None to run them whole: on
-        one thread, or when a shard would have too little work to gain."""
+        one thread, or when a shard would have too little work to gain, or on a device
+        (a GPU runs its own threads)."""
+        if self.net.xp is not np:
+            return None
         threads = get_threads()
         per_shard = n * self.net.macs // threads
         if threads < 2 or n < 2 * threads or per_shard < MIN_SHARD_MACS:
@@ -156,7 +164,8 @@ class DataParallel:
         """One BLAS thread for an unsplit pass of ``n`` rows too small to share
         (:data:`MIN_BLAS_THREAD_MACS`); else BLAS as it is."""
         threads = get_threads()
-        if threads > 1 and n * self.net.macs // threads < MIN_BLAS_THREAD_MACS:
+        on_host = self.net.xp is np
+        if on_host and threads > 1 and n * self.net.macs // threads < MIN_BLAS_THREAD_MACS:
             return single_blas()
         return contextlib.nullcontext()
 
@@ -197,9 +206,9 @@ class DataParallel:
                 self._hand_masks(self.net, masks, lo, hi)
                 # batchnorm: the statistics of the whole batch, over the ranks
                 with self._blas_for(hi - lo), shared_batch_stats([self.net], self.world):
-                    loss, out = self.net.train_pass(X[lo:hi], y[lo:hi], count=n)
+                    loss, out = self.net.train_pass(X[lo:hi, ...], y[lo:hi], count=n)
             else:
-                loss, out = self._train_on_shards(X[lo:hi], y[lo:hi], n, lo, split, masks)
+                loss, out = self._train_on_shards(X[lo:hi, ...], y[lo:hi], n, lo, split, masks)
         finally:
             self._hand_masks(self.net, masks, None, None)
         return self._sum_over_ranks(loss), out
@@ -211,8 +220,9 @@ class DataParallel:
     def count_correct(self, out: Array, y: Array) -> int:
         """How many rows of the whole batch ``y`` the outputs of a :meth:`train_pass`
         (this rank's rows) classify right, summed over the ranks."""
-        lo, hi = self.rows(len(y))
-        return self._sum_int(int((out.argmax(axis=1) == y[lo:hi]).sum()))
+        lo, hi = self.rows(y.shape[0])
+        xp = self.net.xp
+        return self._sum_int(int(xp.count_nonzero(xp.argmax(out, axis=1) == y[lo:hi])))
 
     def _train_on_shards(
         self,
@@ -284,7 +294,7 @@ class DataParallel:
             out = self.net.forward(X, training=True)
             return self.net.loss.value(out, y)
         lo, hi = self.rows(X.shape[0])
-        out = self.forward(X[lo:hi])
+        out = self.forward(X[lo:hi, ...])
         loss = self.net.loss.value(out, y[lo:hi]) * (hi - lo) / max(X.shape[0], 1)
         return self._sum_over_ranks(loss, grads=False)
 
@@ -302,7 +312,8 @@ class DataParallel:
         if not len(y):
             return float("nan")
         lo, hi = self.rows(len(y))
-        correct = int((self.predict(X[lo:hi]) == y[lo:hi]).sum()) if hi > lo else 0
+        hit = self.predict(X[lo:hi, ...]) == backend.to_host(y[lo:hi]) if hi > lo else []
+        correct = int(np.sum(hit))
         return self._sum_int(correct) / len(y)
 
     # -- the two reduces -------------------------------------------------------------
@@ -322,9 +333,13 @@ class DataParallel:
         world = self.world
         if world.size == 1:
             return loss
-        if grads:
+        if grads and self.net.xp is np:
             world.sum(self.net.grads)
-        self._two[:] = loss, world.stop_signal if grads else 0
+        elif grads:  # from the device through the host (MPI here is not GPU-aware)
+            host = backend.to_host(self.net.grads).copy()
+            world.sum(host)
+            backend.copyto(self.net.grads, backend.asarray(host, self.net.xp))
+        self._two[:] = float(loss), world.stop_signal if grads else 0
         world.sum(self._two)
         if self._two[1]:
             raise Interrupted(world.stop_signal or signal.SIGTERM)

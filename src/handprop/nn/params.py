@@ -13,6 +13,8 @@ from math import prod
 
 import numpy as np
 
+from handprop.nn.backend import namespace
+
 
 @dataclass(frozen=True)
 class ParamSlot:
@@ -53,9 +55,13 @@ class ParamLayout:
         self.size: int = offset
 
     def views(self, flat: np.ndarray, layer: int) -> dict[str, np.ndarray]:
-        """Views into ``flat`` (shape ``(size,)``) for every array of one layer."""
+        """Views into ``flat`` (shape ``(size,)``, any array namespace) for every array of
+        one layer."""
+        xp = namespace(flat)
         return {
-            s.name: flat[s.offset : s.stop].reshape(s.shape) for s in self.slots if s.layer == layer
+            s.name: xp.reshape(flat[s.offset : s.stop], s.shape)
+            for s in self.slots
+            if s.layer == layer
         }
 
     def mask(self, names: tuple[str, ...]) -> np.ndarray:

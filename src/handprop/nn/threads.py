@@ -141,7 +141,8 @@ def rowwise(fn: Callable[..., None], *arrays: np.ndarray) -> None:
     """
     n = arrays[0].shape[0]
     threads = get_threads()
-    if threads == 1 or arrays[0].size < MIN_PARALLEL or n < threads:
+    on_device = not isinstance(arrays[0], np.ndarray)  # a GPU runs its own threads
+    if on_device or threads == 1 or arrays[0].size < MIN_PARALLEL or n < threads:
         fn(*arrays)
         return
     side_by_side(fn, [[a[lo:hi] for a in arrays] for lo, hi in bounds(n, threads)])
