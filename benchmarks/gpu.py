@@ -646,7 +646,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="MNIST folder (default: $HANDPROP_TEST_MNIST, else .mnist, else ../shared/data/mnist)",
     )
-    p.add_argument("--only", default="seed,cnn", help="parts to run, of: seed, cnn")
+    p.add_argument(
+        "--only",
+        default="seed,cnn,layers",
+        help="parts to run, of: seed, cnn, layers (default: all three)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -696,14 +700,92 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     unknown = set(args.only.split(",")) - set(PARTS)
     if unknown:
-        p.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; known: seed, cnn")
+        p.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; known: {', '.join(PARTS)}")
     args.mnist = args.mnist or default_mnist()
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.cnn_epochs = max(2, args.cnn_epochs or (3 if args.quick else 4))
     return args
 
 
-PARTS = {"seed": part_seed, "cnn": part_cnn}
+def part_layers(rep: Report, dev: Device, args: argparse.Namespace) -> None:
+    """Where a training step's time goes, pass by pass: each layer's forward (training)
+    and backward, the loss and the optimizer step, for the seed config's full batch and
+    the CNN's batch of 128; host time per call and, on a GPU, the GPU's (CUDA events)."""
+    for case, path, batch, opt in (
+        ("seed", BASELINE_CFG, None, "gd"),
+        ("cnn", CNN_CFG, BATCH, "adam"),
+    ):
+        found = rep.details.setdefault("layers", {}).setdefault(case, {})
+        for name, fn in training_passes(dev, args.mnist, path, batch, opt):
+            found[name] = time_call(dev, fn)
+        total = {k: sum(v[k] for v in found.values()) for k in ("host_ms", "device_ms")}
+        each = "; ".join(f"{k} {v['device_ms']:.3f}" for k, v in found.items())
+        rep.rows.append(
+            Row(
+                case,
+                f"ms per training step of {batch or 'the full batch'}, pass by pass, host / device",
+                total["host_ms"],
+                "device (CUDA events)" if dev.name == "cuda" else "",
+                total["device_ms"] if dev.name == "cuda" else None,
+                note=f"device ms: {each}",
+            )
+        )
+        rep.write()
+
+
+def training_passes(
+    dev: Device, mnist: Path, path: Path, batch: int | None, opt: str
+) -> list[tuple[str, Callable[[], Any]]]:
+    """(name, call) for every pass of one training step of ``path``'s network on a batch
+    of ``batch`` training images (None: all), each call repeatable on its own."""
+    from handprop.nn import OPTIMIZERS, backend
+
+    _, data, net = load_run(path, mnist)
+    net.to(dev.xp)
+    n = len(data.y_train) if batch is None else batch
+    X = backend.asarray(data.X_train[:n], net.xp)
+    y = backend.asarray(data.y_train[:n].astype(np.int64), net.xp)
+    passes: list[tuple[str, Callable[[], Any]]] = []
+    A, inputs = X, []
+    for i, layer in enumerate(net.layers):
+        inputs.append(A)
+        passes.append((f"{i} {layer.kind} forward", lambda L=layer, a=A: L.forward(a, True)))
+        A = layer.forward(A, training=True)
+    passes.append(("loss", lambda: net.loss(A, y)))
+    _, G = net.loss(A, y)
+    for i in range(len(net.layers) - 1, -1, -1):
+        layer = net.layers[i]
+
+        def backward(L: Any = layer, g: Any = G, i: int = i) -> Any:
+            L.forward(inputs[i], training=True)  # its cache (buffers are reused)
+            return L.backward(g, need_input_grad=i > 0)
+
+        passes.append((f"{i} {layer.kind} forward+backward", backward))
+        G = layer.backward(G, need_input_grad=i > 0)
+    step = OPTIMIZERS[opt](lr=1e-3)
+    passes.append((f"{opt} step", lambda: step.step(net.params, net.grads)))
+    return passes
+
+
+def time_call(dev: Device, fn: Callable[[], Any], repeats: int = 20) -> dict[str, float]:
+    """Median host and device milliseconds of ``fn()`` (device = host off a GPU)."""
+    if dev.name == "cuda":
+        from cupyx.profiler import benchmark
+
+        result = benchmark(fn, n_repeat=repeats, n_warmup=3)
+        host = float(np.median(result.cpu_times)) * 1e3
+        return {"host_ms": host, "device_ms": float(np.median(result.gpu_times[0])) * 1e3}
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    host = float(np.median(times)) * 1e3
+    return {"host_ms": host, "device_ms": host}
+
+
+PARTS = {"seed": part_seed, "cnn": part_cnn, "layers": part_layers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -155,6 +155,18 @@ def copyto(dst: Any, src: Any) -> None:
 
 # -- the true class of each column ---------------------------------------------------
 # Losses work on (k, n) arrays, one column per sample; y (n,) holds each column's class.
+# Where the labels sit is found once per loss (:func:`label_positions`) and used twice.
+
+
+def label_positions(S: Any, y: Any) -> Any:
+    """Where the entries S[y_j, j] are: NumPy's index arrays (y, 0..n-1), which gather
+    and scatter in one pass each; elsewhere a (k, n) boolean mask, since a GPU's
+    integer-array indexing launches several kernels per gather or scatter (CuPy: 0.25
+    ms for both on an H200, the mask's compare, sum and subtract 0.13 ms)."""
+    if isinstance(S, np.ndarray):
+        return y, _columns(np, S.shape[1])
+    xp = namespace(S)
+    return _columns(xp, S.shape[0])[:, None] == y[None, :]
 
 
 def _columns(lib: Any, n: int) -> Any:
@@ -170,24 +182,20 @@ def _columns(lib: Any, n: int) -> Any:
 _columns_cache: dict[tuple[str, int], Any] = {}
 
 
-def take_labels(S: Any, y: Any) -> Any:
-    """(n,) the entries S[y_j, j]."""
-    lib = _native(S)
-    if lib is not None:
-        return S[y, _columns(lib, S.shape[1])]
+def take_labels(S: Any, at: Any) -> Any:
+    """(n,) the entries S[y_j, j], at :func:`label_positions`."""
+    if isinstance(at, tuple):
+        return S[at]
     xp = namespace(S)
-    return xp.take_along_axis(S, xp.reshape(y, (1, -1)), axis=0)[0, ...]
+    return xp.sum(xp.where(at, S, 0.0), axis=0)  # one nonzero term per column: exact
 
 
-def add_at_labels(S: Any, y: Any, value: float) -> None:
-    """S[y_j, j] += value for every column j, in place."""
-    lib = _native(S)
-    if lib is not None:
-        S[y, _columns(lib, S.shape[1])] += value
-        return
-    xp = namespace(S)
-    hit = xp.reshape(xp.arange(S.shape[0]), (-1, 1)) == xp.reshape(y, (1, -1))
-    S += xp.astype(hit, S.dtype) * value
+def add_at_labels(S: Any, at: Any, value: float) -> None:
+    """S[y_j, j] += value for every column j, in place, at :func:`label_positions`."""
+    if isinstance(at, tuple):
+        S[at] += value
+    else:
+        S += namespace(S).astype(at, S.dtype) * value
 
 
 def sum_of_squares(a: Any) -> Any:

@@ -79,13 +79,14 @@ class SoftmaxCrossEntropy(Loss):
         # they run as whole-vector operations (2.4x faster for 18000 x 10).
         S = ops.copy(Z.T)  # (k, n) logits
         S -= xp.max(S, axis=0)  # shifted: column max 0
-        S_y = ops.take_labels(S, y)  # shifted logit of the true class
+        at = ops.label_positions(S, y)  # where the true classes sit
+        S_y = ops.take_labels(S, at)  # shifted logit of the true class
         ops.exp(S, out=S)
         total = xp.sum(S, axis=0)  # >= 1
         count = n if count is None else count
         loss = ops.scalar(xp.sum(xp.log(total) - S_y)) / count
         S /= total  # P^T = softmax(Z)^T
-        ops.add_at_labels(S, y, -1.0)  # P - Y without building Y
+        ops.add_at_labels(S, at, -1.0)  # P - Y without building Y
         S *= 1.0 / count
         return loss, S.T  # (n, k), a transposed view
 
@@ -118,7 +119,7 @@ class MeanSquaredError(Loss):
         G : ndarray of shape (n, k)    dL/dA = (A - Y) / n
         """
         G = ops.copy(A)
-        ops.add_at_labels(G.T, y, -1.0)  # A - Y
+        ops.add_at_labels(G.T, ops.label_positions(G.T, y), -1.0)  # A - Y
         count = A.shape[0] if count is None else count
         loss = 0.5 * ops.sum_of_squares(G) / count
         G *= 1.0 / count
