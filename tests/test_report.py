@@ -189,6 +189,9 @@ def test_config_table_shows_what_defines_the_run_and_folds_the_rest():
     assert not {"momentum", "beta1", "beta2", "rho", "eps", "out", "name"} & set(names)
     adam = defining_fields({**gd, "optimizer": "adam", "dropout": [0.2]})
     assert {"beta1", "beta2", "eps", "dropout"} <= set(adam) and "rho" not in adam
+    assert "augment_elastic_alpha" not in adam
+    elastic = defining_fields({**gd, "augment_elastic_alpha": 34.0})
+    assert {"augment_elastic_alpha", "augment_elastic_sigma"} <= set(elastic)
     page = config_html({**gd, "init": "glorot_uniform", "batch_size": None})
     assert "['sigmoid']" not in page and "[100]" not in page  # lists read as values
     assert '<tr class="changed"><td title="weight initialisation">init</td>' in page

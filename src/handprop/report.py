@@ -229,6 +229,8 @@ def defining_fields(config: dict[str, Any]) -> list[str]:
     for name in ("weight_decay", "augment_shift", "augment_rotate"):
         if get(name):
             names.append(name)
+    if get("augment_elastic_alpha"):
+        names += ["augment_elastic_alpha", "augment_elastic_sigma"]
     dropout = get("dropout")
     if any(dropout) if isinstance(dropout, list) else dropout:
         names.append("dropout")

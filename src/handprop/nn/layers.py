@@ -154,6 +154,10 @@ class Flatten(Layer):
         return self.xp.reshape(G, self._shape)
 
 
+#: the number of values a dropout mask's random draw takes (16-bit integers)
+MASK_DRAWS = 2**16
+
+
 class Dropout(Layer):
     """Inverted dropout: in training, A = X * M / (1 - p) with M_ij ~ Bernoulli(1 - p);
     at inference, A = X. dA/dX = M / (1 - p).
@@ -193,8 +197,13 @@ class Dropout(Layer):
         return ops.multiply(X, M, out=self.buffer("A", X.shape, X.dtype))
 
     def draw_mask(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A boolean keep-mask (on the host): each entry True with probability 1 - p."""
-        return self.rng.random(shape, dtype=np.float32) >= self.p
+        """A boolean keep-mask (on the host): each entry True with probability 1 - p.
+
+        The draws are 16-bit integers, kept when at least round(p 2^16): 1 - p to
+        within 2^-17, at half the cost of float32 uniforms (18000 x 100: 2.4 ms
+        against 5.3 ms, a seventh of a full-batch epoch's time)."""
+        threshold = min(round(self.p * MASK_DRAWS), MASK_DRAWS - 1)
+        return self.rng.integers(0, MASK_DRAWS, size=shape, dtype=np.uint16) >= threshold
 
     def backward(self, G: Array, need_input_grad: bool = True) -> Array:
         """dX = G * M / (1 - p)."""
