@@ -1,7 +1,10 @@
 """handprop.nn: layers, losses, the flat-vector network, init, optimizers, gradient checks.
 
-NumPy and the standard library only (a test proves it); a batch split over threads
-holds BLAS to one thread per call through threadpoolctl, imported when first needed.
+NumPy and the standard library only on import (a test proves it); a batch split over
+threads holds BLAS to one thread per call through threadpoolctl, imported when first
+needed. The layers compute in the array namespace of the network's arrays
+(:mod:`handprop.nn.backend`): NumPy by default; array-api-compat is imported only for
+other arrays (CuPy on a GPU, array-api-strict in the tests).
 """
 
 from handprop.nn import backend
