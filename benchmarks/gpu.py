@@ -116,9 +116,9 @@ def launch_profile(
     rep: Report, dev: Device, case: str, what: str, fns: dict[str, Callable[[], Any]]
 ) -> None:
     """Where a step's time goes on the GPU: for each of ``fns`` the host's time per call
-    (Python and kernel launches) beside the GPU's own (CUDA events), from
-    ``cupyx.profiler.benchmark``. When the host's time is the larger, the step is bound
-    by launching kernels, not by running them. Nothing on the CPU."""
+    (Python and kernel launches) beside the GPU's (CUDA events around the call, so idle
+    gaps between its kernels count), from ``cupyx.profiler.benchmark``. A GPU time close
+    to the host's says the GPU waited for launches. Nothing on the CPU."""
     if dev.name != "cuda":
         return
     from cupyx.profiler import benchmark
@@ -137,8 +137,9 @@ def launch_profile(
                 "GPU time (CUDA events)",
                 gpu_ms,
                 cpu_ms / gpu_ms,
-                note="cupyx.profiler.benchmark, median of 30 after 3 warm-up calls; a ratio "
-                "above 1 means the host's Python and kernel launches, not the GPU, set the pace",
+                note="cupyx.profiler.benchmark, median of 30 after 3 warm-up calls. The GPU "
+                "time runs from the call's first kernel to its last kernel's end, gaps included: "
+                "near the host's time (or above), the GPU waited for launches",
             )
         )
 

@@ -206,6 +206,17 @@ def sum_of_squares(a: Any) -> Any:
     return scalar(xp.sum(a * a, dtype=xp.float64))
 
 
+def row_dots(A: Any, B: Any) -> Any:
+    """(n, c) the dot products A[i, j] . B[i, j] of (n, c, s) arrays, in their dtype.
+
+    NumPy's einsum multiplies and adds in one pass with no (n, c, s) product array (the
+    standard's ``vecdot`` is up to 2x slower there, and rounds differently); other
+    namespaces use ``vecdot``."""
+    if isinstance(A, np.ndarray) and isinstance(B, np.ndarray):
+        return np.einsum("ncs,ncs->nc", A, B)
+    return namespace(A, B).vecdot(A, B, axis=-1)
+
+
 def scalar(a: Any) -> Any:
     """A 0-d result (a loss): a Python float from NumPy; on a device the 0-d array
     itself, since converting it makes the host wait for the device. A training loop

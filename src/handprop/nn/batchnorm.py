@@ -220,19 +220,8 @@ def _dot(A: Array, B: Array) -> Array:
     if A.ndim == 2:
         per_row = A * B
     else:
-        per_row = _row_dots(xp.reshape(A, (n, c, -1)), xp.reshape(B, (n, c, -1)))
+        per_row = ops.row_dots(xp.reshape(A, (n, c, -1)), xp.reshape(B, (n, c, -1)))
     return xp.sum(per_row, axis=0, dtype=xp.float64)
-
-
-def _row_dots(A: Array, B: Array) -> Array:
-    """(n, c) the dot products A[i, j] . B[i, j] of (n, c, s) arrays, in their dtype.
-
-    NumPy's einsum multiplies and adds in one pass with no (n, c, s) product array (the
-    standard's ``vecdot`` is up to 2x slower there, and rounds differently); other
-    namespaces use ``vecdot``. (A helper that belongs in handprop.nn.backend.)"""
-    if isinstance(A, np.ndarray) and isinstance(B, np.ndarray):
-        return np.einsum("ncs,ncs->nc", A, B)
-    return ops.namespace(A, B).vecdot(A, B, axis=-1)
 
 
 class _Totals:
