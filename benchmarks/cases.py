@@ -316,6 +316,27 @@ def epoch_variants(ctx: Context, X: np.ndarray, y: np.ndarray, reps: int) -> lis
 # -- profile: where one epoch's time goes --------------------------------------------------
 
 
+class PartTimes(dict):
+    """Seconds of each call of every named part, in the order the parts first ran."""
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, its time added to part ``name``."""
+        start = time.perf_counter()
+        out = fn()
+        self.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+
+def share_table(parts: dict[str, list[float]], total_ms: float) -> list[str]:
+    """Markdown rows: each part's median time (``parts``: seconds per repetition) and its
+    share of ``total_ms``."""
+    rows = ["| part | median ms | share |", "|---|---|---|"]
+    for name, values in parts.items():
+        ms = median(values) * 1e3
+        rows.append(f"| `{name}` | {ms:.2f} | {ms / total_ms:.0%} |")
+    return rows
+
+
 def case_profile(ctx: Context) -> CaseResult:
     """One full-batch epoch split per layer (forward, loss, backward, step), beside the
     cost of its GEMMs alone and of single elementwise passes of the same sizes."""
@@ -327,13 +348,8 @@ def case_profile(ctx: Context) -> CaseResult:
     opt = GD(EPOCH_LR)
     layers = list(net.layers)
     first = next((i for i, layer in enumerate(layers) if layer.param_shapes()), 0)
-    parts: dict[str, list[float]] = {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        out = fn()
-        parts.setdefault(name, []).append(time.perf_counter() - start)
-        return out
+    parts = PartTimes()
+    timed = parts.timed
 
     def backward(layer: Any, G: np.ndarray, need: bool) -> Any:
         try:
@@ -400,12 +416,8 @@ def case_profile(ctx: Context) -> CaseResult:
         f"(BLAS's threads for the products, handprop's for the elementwise passes), add "
         f"up to {split_total:.1f} ms.",
         "",
-        "| part | median ms | share |",
-        "|---|---|---|",
+        *share_table(parts, split_total),
     ]
-    for name, values in parts.items():
-        ms = median(values) * 1e3
-        lines.append(f"| `{name}` | {ms:.2f} | {ms / split_total:.0%} |")
     lines += ["", "Reference operations (same sizes, n = 18000):", ""]
     lines += ["| operation | median ms |", "|---|---|"]
     for name, values in ref_times.items():
@@ -906,13 +918,8 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
     rows = max(1, BATCH // max(1, get_threads()))
     Xs, ys = X[:rows], y[:rows]
     opt = Adam(ADAM_LR)
-    parts: dict[str, list[float]] = {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        out = fn()
-        parts.setdefault(name, []).append(time.perf_counter() - start)
-        return out
+    parts = PartTimes()
+    timed = parts.timed
 
     def step() -> None:
         A = Xs
@@ -945,12 +952,8 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
         "",
         f"Sum of the parts: {total:.1f} ms.",
         "",
-        "| part | median ms | share |",
-        "|---|---|---|",
+        *share_table(parts, total),
     ]
-    for name, values in parts.items():
-        ms = median(values) * 1e3
-        lines.append(f"| `{name}` | {ms:.2f} | {ms / total:.0%} |")
     lines += ["", "By kind: " + ", ".join(f"{k} {v / total:.0%}" for k, v in kinds.items())]
     lines += ["", conv_parts(net, Xs, reps)]
     return "\n".join(lines)

@@ -29,6 +29,25 @@ def ctrl_c_after_step(monkeypatch):
     return arm
 
 
+@pytest.fixture
+def cut_and_resumed(ctrl_c_after_step, tmp_path):
+    """``cut_and_resumed(cfg, step)``: ``cfg`` (whose ``out`` is ``tmp_path``) trained as
+    run "cut" until a Ctrl-C after ``step`` optimizer steps, then resumed; returns the
+    resumed run's saved network."""
+    from handprop import nn
+    from handprop.train import resume_run, train_run
+
+    def run(cfg, step: int):
+        ctrl_c_after_step(step)
+        with pytest.raises(KeyboardInterrupt):
+            train_run(cfg, default_name="cut", progress=False)
+        ctrl_c_after_step(None)
+        resumed = resume_run(tmp_path / "cut", progress=False)
+        return nn.load(resumed.run_dir / "model.npz")
+
+    return run
+
+
 class ThreadRanks:
     """``size`` ranks of a world played by threads of this process: ``sum`` is an
     Allreduce through a shared buffer and a barrier, as MPI's would be."""
@@ -55,6 +74,14 @@ class ThreadRanks:
                 return value
 
         return Rank()
+
+    def run(self, fn) -> None:
+        """``fn(r)`` for every rank r, each on a thread of its own, side by side."""
+        threads = [threading.Thread(target=fn, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
 
 @pytest.fixture

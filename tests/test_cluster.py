@@ -107,16 +107,39 @@ def cluster(tmp_path):
         c.stop()  # never leave a scheduler or worker behind, even when the test failed
 
 
+HANDPROP = [sys.executable, "-c", "from handprop.cli import main; main()"]
+
+
 def handprop(*args, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    code = "from handprop.cli import main; main()"
     return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)],
+        [*HANDPROP, *map(str, args)],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         start_new_session=True,
     )
+
+
+@contextlib.contextmanager
+def grid_on_cluster(grid: Path, cluster, cwd: Path, *options: str):
+    """``handprop experiments GRID --out out --scheduler ... -q`` running in a process
+    group of its own; killed with its group on the way out if it still runs."""
+    args = ["experiments", str(grid), "--out", "out", "--scheduler", cluster.address, "-q"]
+    command = subprocess.Popen(
+        [*HANDPROP, *args, *options],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield command
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.communicate()
 
 
 def npz(path: Path) -> dict:
@@ -180,28 +203,7 @@ def test_a_worker_killed_mid_row_has_its_row_rerun_elsewhere(tmp_path, cluster):
     cluster.start(workers=2)
     grid = tmp_path / "g.csv"
     grid.write_text(f"{HEADER}\nlong,400,300,100,16,1.0,4000,digits,4000,\n")
-    command = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from handprop.cli import main; main()",
-            "experiments",
-            str(grid),
-            "--out",
-            "out",
-            "--scheduler",
-            cluster.address,
-            "-q",
-            "--checkpoint-every",
-            "0.1",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with grid_on_cluster(grid, cluster, tmp_path, "--checkpoint-every", "0.1") as command:
         # the row is running once a worker's own folder holds its checkpoint
         deadline = time.monotonic() + 30
         victim = None
@@ -214,10 +216,6 @@ def test_a_worker_killed_mid_row_has_its_row_rerun_elsewhere(tmp_path, cluster):
             time.sleep(0.05)
         cluster.kill(cluster.workers[victim])
         out, err = command.communicate(timeout=60)
-    finally:
-        if command.poll() is None:
-            os.killpg(command.pid, signal.SIGKILL)
-            command.communicate()
     assert command.returncode == 0, err
     assert "long: completed" in out
     metrics = json.loads((tmp_path / "out" / "long" / "metrics.json").read_text())
@@ -262,26 +260,7 @@ def test_ctrl_c_cancels_the_rows_left_and_writes_the_summary(tmp_path, cluster):
         + "\n".join(f"long{i}{long}" for i in range(3))
         + "\n"
     )
-    command = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from handprop.cli import main; main()",
-            "experiments",
-            str(grid),
-            "--out",
-            "out",
-            "--scheduler",
-            cluster.address,
-            "-q",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with grid_on_cluster(grid, cluster, tmp_path) as command:
         deadline = time.monotonic() + 30
         while not (tmp_path / "out" / "quick" / "metrics.json").exists():
             assert command.poll() is None, command.communicate()
@@ -290,10 +269,6 @@ def test_ctrl_c_cancels_the_rows_left_and_writes_the_summary(tmp_path, cluster):
         time.sleep(0.5)  # the long rows are running or queued
         os.killpg(command.pid, signal.SIGINT)
         _, err = command.communicate(timeout=30)
-    finally:
-        if command.poll() is None:
-            os.killpg(command.pid, signal.SIGKILL)
-            command.communicate()
     assert command.returncode == 130, err
     with (tmp_path / "out" / "summary.csv").open() as f:
         table = {r["run"]: r["status"] for r in csv.DictReader(f)}

@@ -124,7 +124,7 @@ def test_divergence_stops_the_run_and_is_recorded(cfg):
 
 
 def test_a_small_cnn_trains_with_augmentation_and_resumes_exactly(
-    tmp_path, monkeypatch, ctrl_c_after_step
+    tmp_path, monkeypatch, cut_and_resumed
 ):
     cfg = parse_toml_config(
         'dataset = "digits"\ntotal = 600\ntrain = 500\ntest = 100\n'
@@ -139,12 +139,8 @@ def test_a_small_cnn_trains_with_augmentation_and_resumes_exactly(
     net = nn.load(full.run_dir / "model.npz")
     assert net.input_shape == (1, 8, 8) and net.layers[0].kind == "conv2d"
 
-    ctrl_c_after_step(55)  # in the sixth epoch (10 batches per epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, default_name="cut", progress=False)
-    ctrl_c_after_step(None)
-    resumed = resume_run(tmp_path / "cut", progress=False)
-    np.testing.assert_array_equal(nn.load(resumed.run_dir / "model.npz").params, net.params)
+    resumed = cut_and_resumed(cfg, 55)  # cut in the sixth epoch (10 batches per epoch)
+    np.testing.assert_array_equal(resumed.params, net.params)
 
 
 def test_early_stopping_restores_the_best_parameters(tmp_path):

@@ -11,7 +11,7 @@ from handprop import nn
 from handprop.cli import main
 from handprop.config import parse_toml_config
 from handprop.errors import ConfigError
-from handprop.train import build_network, init_like_pytorch, load_split, resume_run, train_run
+from handprop.train import build_network, init_like_pytorch, load_split, train_run
 
 CNN = """
 dataset = "digits"
@@ -66,7 +66,7 @@ def test_pytorch_init_draws_weights_and_biases_within_one_over_sqrt_fan_in(tmp_p
 
 
 def test_a_batchnorm_cnn_with_elastic_distortions_resumes_bit_exactly(
-    tmp_path, monkeypatch, ctrl_c_after_step
+    tmp_path, monkeypatch, cut_and_resumed
 ):
     cfg = config(tmp_path)
     full = train_run(cfg, default_name="full", progress=False)
@@ -75,13 +75,9 @@ def test_a_batchnorm_cnn_with_elastic_distortions_resumes_bit_exactly(
     bn = net.layers[1]
     assert bn.kind == "batchnorm" and not (bn.running_var == 1).all()  # averages moved
 
-    ctrl_c_after_step(55)  # in the sixth epoch (10 batches per epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, default_name="cut", progress=False)
-    ctrl_c_after_step(None)
-    resumed = resume_run(tmp_path / "cut", progress=False)
+    resumed = cut_and_resumed(cfg, 55)  # cut in the sixth epoch (10 batches per epoch)
     # weights and the running averages alike: they live in the saved parameter vector
-    np.testing.assert_array_equal(nn.load(resumed.run_dir / "model.npz").params, net.params)
+    np.testing.assert_array_equal(resumed.params, net.params)
 
 
 def test_a_grid_of_runs_is_evaluated_and_predicted_as_one_ensemble(tmp_path):

@@ -28,7 +28,8 @@ The probe batch is the first :data:`PROBE_ROWS` training samples, through the ne
 in inference mode (no dropout), one forward pass per evaluation. This module reads only
 public layer attributes (``W``, ``dW``, the layer list and ``ParamLayout``), runs the
 layers itself to see their outputs, and watches the optimizer's ``step`` to keep the
-weights from before an epoch's last step. Its cost is measured in the README.
+weights from before an epoch's last step. Its cost is measured in the README. For a
+network on a GPU it copies what it measures to the host (NumPy) first.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from handprop.nn.backend import to_host
 
 #: a sigmoid or tanh output whose derivative is below this counts as saturated
 SATURATION_DERIVATIVE = 0.01
@@ -155,12 +158,13 @@ class Diagnostics:
         self._loaded = False
         step = opt.step
 
-        def step_keeping_before(params: np.ndarray, grads: np.ndarray) -> None:
+        def step_keeping_before(params: Any, grads: Any) -> None:
             self._steps += 1
             if self._steps % self._per_epoch == 0:  # the epoch's last step
+                host = to_host(params)  # the vector itself on NumPy, a copy from a GPU
                 if self.before is None:
-                    self.before = np.empty_like(params)
-                np.copyto(self.before, params)
+                    self.before = np.empty_like(host)
+                np.copyto(self.before, host)
             step(params, grads)
 
         opt.step = step_keeping_before
@@ -169,14 +173,14 @@ class Diagnostics:
         """The outputs of every watched activation layer on X, in inference mode."""
         wanted = {w.act_index for w in self.layers if w.act_index is not None}
         outputs: dict[int, np.ndarray] = {}
-        A = X
+        A = self.net.here(X)  # on the network's device
         with np.errstate(over="ignore", invalid="ignore"):
             for i, layer in enumerate(self.net.layers):
                 if not wanted - outputs.keys():
                     break
                 A = layer.forward(A, training=False)
                 if i in wanted:
-                    outputs[i] = A
+                    outputs[i] = to_host(A)
         return outputs
 
     def measure(self, epoch: int, X: np.ndarray) -> list[dict[str, Any]]:
@@ -194,7 +198,7 @@ class Diagnostics:
         rows = []
         for w in self.layers:
             layer = net.layers[w.index]
-            W, dW = layer.W, layer.dW
+            W, dW = to_host(layer.W), to_host(layer.dW)
             weight_norm = _norm(W)
             ratio = None
             if before is not None:

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -459,46 +458,6 @@ class EarlyStopping:
         }
 
 
-class HostDiagnostics:
-    """:class:`~handprop.diagnostics.Diagnostics` of a network on a device, measured on
-    a host copy of it (the diagnostics compute with NumPy).
-
-    The copy takes the device's parameters and gradients at each evaluation, and is
-    handed the parameters from before each epoch's last step (copied to the host then,
-    once per epoch, as Diagnostics itself copies them on the host). ``rows`` and
-    ``record`` are Diagnostics'.
-    """
-
-    def __init__(self, net: nn.Network, opt: nn.Optimizer, steps_per_epoch: int) -> None:
-        self.net = net
-        self.host = nn.Network.from_architecture(net.architecture())
-        # Diagnostics keeps what the step it wraps is given: here, host parameters,
-        # handed over at each epoch's last step by the wrapper of the real step below
-        self._last_step = SimpleNamespace(step=lambda params, grads: None)
-        self._inner = Diagnostics(self.host, self._last_step, steps_per_epoch=1)
-        per_epoch, steps, step = max(int(steps_per_epoch), 1), 0, opt.step
-
-        def step_keeping_before(params: Any, grads: Any) -> None:
-            nonlocal steps
-            steps += 1
-            if steps % per_epoch == 0:  # the epoch's last step
-                self._last_step.step(backend.to_host(params), None)
-            step(params, grads)
-
-        opt.step = step_keeping_before
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        return self._inner.rows
-
-    def record(self, epoch: int, X: np.ndarray, run_dir: Path | None = None) -> None:
-        """The device's parameters and gradients into the host copy, then measured
-        there (X: host rows)."""
-        backend.copyto(self.host.params, backend.to_host(self.net.params))
-        backend.copyto(self.host.grads, backend.to_host(self.net.grads))
-        self._inner.record(epoch, X, run_dir)
-
-
 # -- the loop ---------------------------------------------------------------------------
 
 
@@ -553,12 +512,7 @@ class Trainer:
             else (*HISTORY_COLUMNS, "val_loss", "val_acc")
         )
         self.writer = RunWriter(run_dir, columns, writes=self.world.rank == 0)
-        steps = -(-n // self.batch)
-        self.diagnostics = (
-            Diagnostics(self.net, self.opt, steps_per_epoch=steps)
-            if backend.is_numpy(self.net.xp)
-            else HostDiagnostics(self.net, self.opt, steps_per_epoch=steps)
-        )
+        self.diagnostics = Diagnostics(self.net, self.opt, steps_per_epoch=-(-n // self.batch))
         self.stopping = EarlyStopping(cfg.patience)
         self.history: list[dict[str, Any]] = []
         self.epoch = 0  # epochs completed

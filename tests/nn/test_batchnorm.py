@@ -1,7 +1,5 @@
 """Batch normalization: gradients, running averages, split batches, files."""
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -111,11 +109,7 @@ def test_mpi_ranks_normalize_with_the_whole_batch(ranks, rng, thread_ranks):
             GD(0.3).step(model.params, model.grads)
         results[r] = model.params.copy()
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    world.run(rank)
     assert sorted(results) == list(range(ranks))
     for params in results.values():  # weights and running averages alike
         np.testing.assert_allclose(params, alone.params, rtol=1e-10, atol=1e-13)
@@ -225,11 +219,7 @@ def test_ranks_share_the_statistics_on_any_namespace(xp, rng, thread_ranks):
         with shared_batch_stats([SimpleNamespace(layers=[layer])], world.rank(r)):
             results[r] = bn_passes(layer, X[halves[r]], G[halves[r]], xp)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    world.run(rank)
     assert sorted(results) == [0, 1]
     per_step = len(want) // 2  # A, dX, 4 gradients, 4 parameters
     for step in range(2):

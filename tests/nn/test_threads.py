@@ -136,11 +136,7 @@ def test_ranks_of_a_world_step_as_one_process_does(ranks, make, shape, k, rng, t
         lo, hi = model.rows(13)
         results[r] = (model.params.copy(), out.shape[0] == hi - lo, model.accuracy(X, y))
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    world.run(rank)
     assert sorted(results) == list(range(ranks))
     for params, rows_ok, accuracy in results.values():
         assert rows_ok

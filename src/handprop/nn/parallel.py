@@ -333,12 +333,11 @@ class DataParallel:
         world = self.world
         if world.size == 1:
             return loss
-        if grads and self.net.xp is np:
-            world.sum(self.net.grads)
-        elif grads:  # from the device through the host (MPI here is not GPU-aware)
-            host = backend.to_host(self.net.grads).copy()
+        if grads:  # NumPy's vector in place; a device's through a host copy
+            host = backend.to_host(self.net.grads)
             world.sum(host)
-            backend.copyto(self.net.grads, backend.asarray(host, self.net.xp))
+            if host is not self.net.grads:
+                backend.copyto(self.net.grads, backend.asarray(host, self.net.xp))
         self._two[:] = float(loss), world.stop_signal if grads else 0
         world.sum(self._two)
         if self._two[1]:
