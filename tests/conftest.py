@@ -99,6 +99,7 @@ def split_all(monkeypatch):
 
     monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS", 0)
     monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS_PER_PARAM", 0)
+    monkeypatch.setattr(parallel_module, "MIN_CONV_SHARD_MACS_PER_PARAM", 0)
     yield set_threads
     set_threads(None)
 

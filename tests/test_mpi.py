@@ -25,7 +25,7 @@ HANDPROP = [sys.executable, "-c", "from handprop.cli import main; main()"]
 CONFIGS = {
     # the seed's algorithm: sigmoid, full-batch gradient descent
     "seed": 'hidden = [16]\nlearning_rate = 2.0\nepochs = 30\nactivation = "sigmoid"\n',
-    # mini-batch Adam with dropout: the masks are drawn for the whole batch
+    # mini-batch Adam with dropout: each rank draws its rows of the batch's masks
     "adam-dropout": (
         'hidden = [24, 16]\nactivation = "relu"\ndropout = 0.3\noptimizer = "adam"\n'
         "learning_rate = 0.003\nbatch_size = 50\nepochs = 3\naugment_shift = 1\n"

@@ -96,6 +96,51 @@ def test_dropout_is_inverted_and_off_at_inference(rng):
     np.testing.assert_array_equal(layer.forward(X, training=False), X)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+def test_keep_masks_keep_one_minus_p_of_the_entries(p):
+    from handprop.nn.layers import keep_mask
+
+    mask = keep_mask(7, p, (2000, 300), 0, 2000)
+    assert mask.dtype == bool and mask.shape == (2000, 300)
+    kept = mask.mean()
+    # 600,000 Bernoulli draws: a standard error of at most 0.00065
+    assert kept == pytest.approx(1 - p, abs=0.004)
+    # rows, columns and blocks are not correlated: every row and column keeps about as many
+    assert np.abs(mask.mean(axis=0) - (1 - p)).max() < 0.06
+    assert np.abs(mask.mean(axis=1) - (1 - p)).max() < 0.15
+
+
+@pytest.mark.parametrize("block", [1, 4, 35, 2**18])
+def test_any_rows_of_a_keep_mask_are_those_rows_of_the_whole(block, monkeypatch):
+    """A worker's rows [lo, hi) equal the batch's mask at those rows, whatever the block
+    size and wherever the rows start and end against the blocks."""
+    from handprop.nn import layers
+
+    monkeypatch.setattr(layers, "MASK_BLOCK", block)
+    whole = layers.keep_mask(3, 0.4, (23, 2, 3), 0, 23)
+    for lo, hi in [(0, 23), (0, 1), (5, 6), (3, 17), (22, 23), (7, 7), (11, 23)]:
+        np.testing.assert_array_equal(layers.keep_mask(3, 0.4, (23, 2, 3), lo, hi), whole[lo:hi])
+    assert not np.array_equal(layers.keep_mask(4, 0.4, (23, 2, 3), 0, 23), whole)
+
+
+def test_a_dropout_layer_draws_one_key_per_batch_and_its_rows_of_that_mask():
+    from handprop.nn import Dropout
+    from handprop.nn.layers import keep_mask
+
+    layer = Dropout(0.3)
+    layer.rng = np.random.default_rng(11)
+    keys = np.random.default_rng(11).integers(2**63, size=2)
+    X = np.ones((9, 4))
+    for key in keys:  # one batch after another: a key each, from the layer's generator
+        np.testing.assert_array_equal(
+            layer.forward(X, training=True) != 0, keep_mask(key, 0.3, X.shape, 0, 9)
+        )
+    layer.rows = (int(keys[0]), 20, 6)  # rows [6, 15) of a batch of 20 under the first key
+    np.testing.assert_array_equal(
+        layer.forward(X, training=True) != 0, keep_mask(keys[0], 0.3, (20, 4), 6, 15)
+    )
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dropout_training_pass_against_the_mask_by_hand(dtype, rng):
     """Forward and backward (written into reused work arrays) equal X * M / (1 - p)

@@ -98,7 +98,12 @@ def test_pinned_dropout_masks_are_handed_to_the_shards_by_rows(split_all, rng):
     np.testing.assert_allclose(grads, grads1, rtol=1e-12, atol=1e-15)
 
 
-def test_training_steps_on_two_threads_follow_one_thread(split_all, rng):
+@pytest.mark.parametrize("mask_block", [2**18, 50])
+def test_training_steps_on_two_threads_follow_one_thread(mask_block, split_all, rng, monkeypatch):
+    """Mask blocks of one row or of whole batches: a shard draws its rows either way."""
+    import handprop.nn.layers as layers_module
+
+    monkeypatch.setattr(layers_module, "MASK_BLOCK", mask_block)  # 50: 2-6 rows a block
     X, y = rng.normal(size=(40, 12)), rng.integers(0, 4, size=40)
     params = {}
     for threads in (1, 2):
@@ -158,6 +163,12 @@ def test_small_batches_and_one_thread_run_whole(split_all):
     big = DataParallel(Network.from_spec("784-800-800-10"))
     assert big.split(128, training=True) is None
     assert big.split(128, training=False) is not None
+    # a CNN's mini-batch gains even with a wide dense layer: im2col and pooling run on
+    # one core unless the batch is split (251 multiply-adds per parameter here)
+    parallel_module.MIN_CONV_SHARD_MACS_PER_PARAM = 100
+    items = ["conv 32 3", "relu", "maxpool 2", "conv 64 3", "relu", "maxpool 2", "dense 512"]
+    cnn_net = DataParallel(Network.from_layers(items, (1, 28, 28), 10))
+    assert cnn_net.split(128, training=True) == [(0, 64), (64, 128)]
 
 
 def test_bounds_cover_the_rows_in_near_equal_blocks():

@@ -5,9 +5,10 @@ One batch, many workers, the same numbers as one worker:
 1. **rows**: the batch's rows [0, n) are cut into near-equal blocks: one per MPI rank
    (``world``), then this rank's block into one per thread (when the block has work
    enough to gain, see ``MIN_SHARD_MACS``);
-2. **random streams**: each dropout layer's mask is drawn for the whole batch, by every
-   worker from the same generator, and each worker takes its rows of it, so a run does
-   not depend on the number of threads or ranks;
+2. **random streams**: each dropout layer draws one key per batch from its generator,
+   the same on every worker, and each worker draws its own rows of the batch's mask
+   from that key (:func:`~handprop.nn.layers.keep_mask`), so a run does not depend on
+   the number of threads or ranks;
 3. each worker runs forward, loss and backward over its rows, dividing the loss by the
    whole batch's n, into a flat gradient vector of its own (a thread's shard is a copy
    of the layers that shares the parameter vector);
@@ -32,6 +33,7 @@ import numpy as np
 from handprop.errors import Interrupted
 from handprop.nn import backend
 from handprop.nn.batchnorm import shared_batch_stats
+from handprop.nn.conv import Conv2D
 from handprop.nn.layers import Array, Dropout
 from handprop.nn.network import Network
 from handprop.nn.threads import bounds, get_threads, side_by_side, single_blas
@@ -42,10 +44,16 @@ T = TypeVar("T")
 #: multiply-adds (below it the hand-off between threads costs more than it saves) ...
 MIN_SHARD_MACS = 20_000_000
 #: ... and, in training, this many per parameter: every shard writes a whole gradient
-#: vector and they are summed, which costs as much as the split saves on a dense net's
-#: mini-batch (784-800-800-10, batch 128: 6% slower split, 64 per parameter), while a
-#: full batch (9000 per parameter) or a CNN's mini-batch (740) gains.
+#: vector and they are summed. A dense net's products already run on BLAS's threads, so
+#: the split gains little and the sum costs as much (784-800-800-10 on 2 cores: batch 128,
+#: 64 per parameter, 3% slower split; batch 512, 255, 2% faster; 784-100-10, batch 1024,
+#: 511, 1.8x slower), while a full batch (9000 per parameter) gains ...
 MIN_SHARD_MACS_PER_PARAM = 600
+#: ... but a network with convolutions gains far below that: im2col, col2im and pooling
+#: run on one core unless the batch is split (cnn.toml's network with dense 128 / 512 /
+#: 1024 / 2048, batch 128, Adam: 765 / 251 / 158 / 111 per parameter, split/whole time
+#: 0.71 / 0.73 / 0.77 / 0.83)
+MIN_CONV_SHARD_MACS_PER_PARAM = 100
 #: a pass that is not split and has fewer multiply-adds than this per thread runs its
 #: products on one BLAS thread: OpenBLAS splits even a 128 x 784 x 100 product over its
 #: threads, whose hand-offs cost more than they save, and on a loaded machine a worker
@@ -106,13 +114,13 @@ class DataParallel:
         self.world: World = world or OneProcess()
         self._shards: list[Network] = []  # one per thread, made when first needed
         self._two = np.zeros(2, dtype=np.float64)  # the loss and the stop flag, reduced
-        # (layer index, layer, shape of one sample at its input) of each dropout layer
-        self._dropouts: list[tuple[int, Dropout, tuple[int, ...]]] = []
-        shape = net.input_shape
-        for i, layer in enumerate(net.layers):
-            if isinstance(layer, Dropout) and layer.p > 0:
-                self._dropouts.append((i, layer, shape))
-            shape = layer.output_shape(shape)
+        # (layer index, layer) of each dropout layer
+        self._dropouts: list[tuple[int, Dropout]] = [
+            (i, layer)
+            for i, layer in enumerate(net.layers)
+            if isinstance(layer, Dropout) and layer.p > 0
+        ]
+        self._convolutional = any(isinstance(layer, Conv2D) for layer in net.layers)
 
     # -- what optimizers and gradient checks see: the network's ------------------------
 
@@ -156,7 +164,10 @@ class DataParallel:
         per_shard = n * self.net.macs // threads
         if threads < 2 or n < 2 * threads or per_shard < MIN_SHARD_MACS:
             return None
-        if training and per_shard < MIN_SHARD_MACS_PER_PARAM * self.net.n_params:
+        per_param = (
+            MIN_CONV_SHARD_MACS_PER_PARAM if self._convolutional else MIN_SHARD_MACS_PER_PARAM
+        )
+        if training and per_shard < per_param * self.net.n_params:
             return None
         return bounds(n, threads)
 
@@ -203,7 +214,7 @@ class DataParallel:
         split = self.split(hi - lo, training=True)
         try:
             if split is None:
-                self._hand_masks(self.net, masks, lo, hi)
+                self._hand_masks(self.net, masks, lo, hi, n)
                 # batchnorm: the statistics of the whole batch, over the ranks
                 with self._blas_for(hi - lo), shared_batch_stats([self.net], self.world):
                     loss, out = self.net.train_pass(X[lo:hi, ...], y[lo:hi], count=n)
@@ -238,7 +249,7 @@ class DataParallel:
         out = np.empty((X.shape[0], *self.net.output_shape), dtype=self.net.dtype)
 
         def run(shard: Network, a: int, b: int) -> float:
-            self._hand_masks(shard, masks, lo + a, lo + b)
+            self._hand_masks(shard, masks, lo + a, lo + b, n)
             loss, out[a:b] = shard.train_pass(X[a:b], y[a:b], count=n)
             return loss
 
@@ -251,26 +262,33 @@ class DataParallel:
         return float(sum(losses)), out
 
     def _draw_masks(self, n: int) -> list[tuple[Array, bool]]:
-        """Each dropout layer's mask for the whole batch, and whether it was pinned by
-        the caller; else it is drawn from the layer's generator exactly as the network
-        alone would draw it."""
+        """Each dropout layer's mask for the batch: the key of its stream, drawn from
+        the layer's generator exactly as the network alone would draw it (every worker
+        then draws its own rows), or the mask the caller pinned."""
         return [
-            (layer.draw_mask((n, *shape)), False)
-            if layer.fixed_mask is None
-            else (layer.fixed_mask, True)
-            for _, layer, shape in self._dropouts
+            (layer.next_key(), False) if layer.fixed_mask is None else (layer.fixed_mask, True)
+            for _, layer in self._dropouts
         ]
 
     def _hand_masks(
-        self, net: Network, masks: list[tuple[Array, bool]], lo: int | None, hi: int | None
+        self,
+        net: Network,
+        masks: list[tuple[Array, bool]],
+        lo: int | None,
+        hi: int | None,
+        n: int = 0,
     ) -> None:
-        """Give ``net``'s dropout layers rows [lo, hi) of the batch's masks (None: give
-        the network's own layers back what they had: the pinned mask, or none)."""
-        for (i, _, _), (mask, pinned) in zip(self._dropouts, masks, strict=True):
+        """Give ``net``'s dropout layers rows [lo, hi) of the batch's ``n`` rows of
+        masks: a pinned mask's rows, or the key and the rows to draw (None: give the
+        network's own layers back what they had: the pinned mask, or none)."""
+        for (i, _), (mask, pinned) in zip(self._dropouts, masks, strict=True):
+            layer = net.layers[i]
             if lo is None:
-                net.layers[i].fixed_mask = mask if pinned else None
+                layer.fixed_mask, layer.rows = (mask if pinned else None), None
+            elif pinned:
+                layer.fixed_mask = mask[lo:hi]
             else:
-                net.layers[i].fixed_mask = mask[lo:hi]
+                layer.rows = (mask, n, lo)
 
     # -- inference and evaluation ----------------------------------------------------
 
