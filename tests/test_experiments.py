@@ -124,6 +124,20 @@ def test_the_original_experiment_csv_parses():
     ]
 
 
+def test_the_cnn_ensemble_grid_is_three_seeds_of_cnn_wide():
+    from pathlib import Path
+
+    from handprop.config import load_config
+
+    folder = Path(__file__).parents[1] / "experiments"
+    base = load_config(folder / "cnn_wide.toml")
+    rows = read_grid(folder / "cnn_ensemble.csv", base)
+    assert [(r.name, r.config.seed) for r in rows] == [("seed0", 0), ("seed1", 1), ("seed2", 2)]
+    for row in rows:  # everything else is the base config's
+        assert row.config.layers == base.layers and row.config.augment_rotate == 8
+        assert row.config.epochs == 20 and row.config.split == "standard"
+
+
 def test_a_grid_row_can_be_a_cnn(tmp_path):
     grid = write(
         tmp_path / "g.csv",
