@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from handprop.errors import ConfigError
 from handprop.experiments import read_grid, run_grid
 
 HEADER = "run_name,d,dtrain,dtest,m,alpha,epochs,dataset,eval_every"
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"  # the configs the project ships
 
 
 def write(path, *rows, header=HEADER):
@@ -114,9 +116,7 @@ def test_duplicate_run_names_are_refused(tmp_path):
 
 
 def test_the_original_experiment_csv_parses():
-    from pathlib import Path
-
-    rows = read_grid(Path(__file__).parents[1] / "experiments" / "original.csv")
+    rows = read_grid(EXPERIMENTS / "original.csv")
     assert [(r.name, r.config.total, r.config.epochs) for r in rows] == [
         ("baseline_300", 5000, 300),
         ("epochs_1000", 5000, 1000),
@@ -124,14 +124,20 @@ def test_the_original_experiment_csv_parses():
     ]
 
 
-def test_the_cnn_ensemble_grid_is_three_seeds_of_cnn_wide():
-    from pathlib import Path
-
+@pytest.mark.parametrize(
+    "path", sorted([*EXPERIMENTS.glob("*.toml"), *EXPERIMENTS.glob("*.cfg")]), ids=lambda p: p.name
+)
+def test_every_shipped_config_loads(path):
     from handprop.config import load_config
 
-    folder = Path(__file__).parents[1] / "experiments"
-    base = load_config(folder / "cnn_wide.toml")
-    rows = read_grid(folder / "cnn_ensemble.csv", base)
+    assert load_config(path).epochs >= 1
+
+
+def test_the_cnn_ensemble_grid_is_three_seeds_of_cnn_wide():
+    from handprop.config import load_config
+
+    base = load_config(EXPERIMENTS / "cnn_wide.toml")
+    rows = read_grid(EXPERIMENTS / "cnn_ensemble.csv", base)
     assert [(r.name, r.config.seed) for r in rows] == [("seed0", 0), ("seed1", 1), ("seed2", 2)]
     for row in rows:  # everything else is the base config's
         assert row.config.layers == base.layers and row.config.augment_rotate == 8
