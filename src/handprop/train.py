@@ -356,61 +356,34 @@ def run_epoch(
         opt.step(model.params, model.grads)
         return loss, train_acc
     order = rng.permutation(n)
-    if not backend.is_numpy(xp):
-        return _device_epoch(model, opt, X, y, batch, order, rng, check_loss, augment), None
-    Xb = np.empty((batch, *X.shape[1:]), dtype=X.dtype)
-    total = 0.0
-    for start in range(0, n, batch):
-        idx = order[start : start + batch]
-        xb = Xb[: len(idx)]
-        np.take(X, idx, axis=0, out=xb)  # into a reused buffer: no allocation
-        if augment is not None:
-            xb = augment(xb, rng)
-        loss, _ = model.train_pass(xb, y[idx])
-        check_loss(loss)
-        opt.step(model.params, model.grads)
-        total += loss * len(idx)
-    return total / n, None
-
-
-def _device_epoch(
-    model: nn.DataParallel,
-    opt: nn.Optimizer,
-    X: Any,
-    y: Any,
-    batch: int,
-    order: np.ndarray,
-    rng: np.random.Generator,
-    check_loss: Callable[[float], None],
-    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None,
-) -> float:
-    """:func:`run_epoch`'s mini-batches on a device: rows of data already there are
-    gathered there (``xp.take`` with the batch's indices, moved from the host), host
-    rows are gathered on the host and moved; augmentation runs on the host, on the
-    batch, as NumPy's path does. Returns the epoch's mean loss."""
-    xp = model.net.xp
-    n = y.shape[0]
+    on_host = backend.is_numpy(xp)
+    # rows of data already on the device are gathered there, with the batch's indices
+    # moved there; host rows are gathered into a reused buffer (no allocation) and moved
     host_X, host_y = isinstance(X, np.ndarray), isinstance(y, np.ndarray)
     Xb = np.empty((batch, *X.shape[1:]), dtype=X.dtype) if host_X else None
     total = 0.0
     for start in range(0, n, batch):
         idx = order[start : start + batch]
-        idx_dev = None if host_X and host_y else backend.asarray(idx, xp)
+        idx_there = None if host_X and host_y else backend.asarray(idx, xp)
         if host_X:
             xb = Xb[: len(idx)]
             np.take(X, idx, axis=0, out=xb)
         else:
-            xb = xp.take(X, idx_dev, axis=0)
-        if augment is not None:
+            xb = xp.take(X, idx_there, axis=0)
+        if augment is not None:  # on the host, on the batch
             xb = augment(backend.to_host(xb), rng)
-        xb = on_device(xb, xp)
-        yb = on_device(y[idx], xp, labels=True) if host_y else xp.take(y, idx_dev, axis=0)
+        yb = y[idx] if host_y else xp.take(y, idx_there, axis=0)
+        if not on_host:
+            xb, yb = on_device(xb, xp), on_device(yb, xp, labels=True)
         loss, _ = model.train_pass(xb, yb)
+        if on_host:
+            check_loss(loss)  # names the step; a device's losses are read once, below
         opt.step(model.params, model.grads)
-        total = total + loss * len(idx)  # added up on the device: no wait per step
-    mean = float(total) / n
-    check_loss(mean)  # NaN or inf in any batch's loss makes the sum so
-    return mean
+        total = total + loss * len(idx)  # on a device: added up there, no wait per step
+    if not on_host:
+        total = float(total)
+        check_loss(total / n)  # NaN or inf in any batch's loss makes the sum so
+    return total / n, None
 
 
 class EarlyStopping:
