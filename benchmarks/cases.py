@@ -921,15 +921,20 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
     parts = PartTimes()
     timed = parts.timed
 
+    def name(i: int) -> str:  # a max pool that applies the ReLU before it: "maxpool2d+relu"
+        layer = net.layers[i]
+        return f"{i} {layer.kind}" + ("+relu" if getattr(layer, "relu", False) else "")
+
     def step() -> None:
         A = Xs
-        for i, layer in enumerate(net.layers):
-            A = timed(f"forward  {i} {layer.kind}", lambda L=layer, A=A: L.forward(A, True))
+        for i in net.passes:  # the network's own passes: a fused ReLU is not run
+            layer = net.layers[i]
+            A = timed(f"forward  {name(i)}", lambda L=layer, A=A: L.forward(A, True))
         _, G = timed("loss     softmax CE", lambda: net.loss(A, ys, count=BATCH))
-        for i in range(len(net.layers) - 1, -1, -1):
+        for i in reversed(net.passes):
             layer = net.layers[i]
             G = timed(
-                f"backward {i} {layer.kind}",
+                f"backward {name(i)}",
                 lambda L=layer, G=G, i=i: L.backward(G, need_input_grad=i > 0),
             )
         timed("step     Adam", lambda: opt.step(net.params, net.grads))
@@ -978,7 +983,7 @@ def conv_parts(net: Any, X: np.ndarray, reps: int) -> str:
                 fns = {
                     "im2col": lambda A=A, k=k, s=s, p=p: conv_mod.im2col_cn(A, k, s, p),
                     "GEMM forward W @ cols": lambda W=W, c=cols: W @ c,
-                    "GEMM dW = G @ cols.T": lambda G=Gc, c=cols: G @ c.T,
+                    "GEMM dW^T = cols @ G.T": lambda G=Gc, c=cols: c @ G.T,
                     "GEMM dcols = W.T @ G": lambda W=W, G=Gc: W.T @ G,
                     "col2im": lambda c=cols, A=A, k=k, s=s, p=p: conv_mod.col2im_cn(
                         c, A.shape, k, s, p

@@ -178,6 +178,47 @@ def test_a_whole_small_cnn_passes_gradcheck(rng, layout):
     assert gradcheck(net, X, y, n_coords=150, rng=rng) < 1e-6
 
 
+def test_a_relu_before_a_max_pool_runs_inside_the_pool_with_the_same_numbers(rng):
+    items = ["conv 3 3 pad=1", "relu", "maxpool 2", "conv 4 3", "relu", "maxpool 2",
+             "dense 5", "relu"]  # fmt: skip
+    net = Network.from_layers(items, (1, 10, 10), 3, dtype=np.float64, rng=rng)
+    pools = [layer for layer in net.layers if isinstance(layer, MaxPool2D)]
+    assert [pool.relu for pool in pools] == [True, True]
+    assert net.passes == [0, 2, 3, 5, 6, 7, 8, 9]  # the ReLUs before a pool (1, 4) are skipped
+    # small integers: exact sums, with ties and exact zeros in many windows
+    net.params[...] = rng.integers(-2, 3, net.n_params)
+    X = rng.integers(0, 2, size=(4, 1, 10, 10)).astype(np.float64)
+    y = np.array([0, 1, 2, 0])
+    loss, out = net.train_pass(X, y)
+    out, grads, probs = out.copy(), net.grads.copy(), net.predict_proba(X)
+    assert (grads != 0).any() and (out != 0).any()
+
+    for pool in pools:  # now every layer runs by itself, in the written order
+        pool.relu = False
+    A = X
+    for layer in net.layers:
+        A = layer.forward(A, training=True)
+    want_loss, G = net.loss(A, y)
+    for i in range(len(net.layers) - 1, -1, -1):
+        G = net.layers[i].backward(G, need_input_grad=i > 0)
+    assert loss == want_loss
+    np.testing.assert_array_equal(out, A)
+    np.testing.assert_array_equal(grads, net.grads)
+    A = X
+    for layer in net.layers:
+        A = layer.forward(A)
+    np.testing.assert_array_equal(probs, net.loss.probabilities(A))
+
+
+def test_a_cnn_with_a_relu_inside_its_max_pool_passes_gradcheck(rng):
+    net = Network.from_layers(
+        ["conv 3 3 pad=1", "relu", "maxpool 2", "dense 5"], (1, 6, 6), 3, dtype=np.float64, rng=rng
+    )
+    assert net.layers[2].relu
+    X, y = rng.normal(size=(3, 1, 6, 6)), np.array([0, 1, 2])
+    assert gradcheck(net, X, y, n_coords=120, rng=rng) < 1e-6
+
+
 def test_cnn_parameters_are_views_and_float32_stays_float32(rng):
     net = Network.from_layers(["conv 4 3", "relu", "maxpool 2"], (1, 8, 8), 10, rng=rng)
     conv = net.layers[0]
