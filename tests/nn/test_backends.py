@@ -113,6 +113,7 @@ CNN = (
         "maxpool 2",
         "conv 8 3 pad=1",
         "relu",
+        "maxpool 2",  # with the ReLU before it: the pool applies the ReLU (MaxPool2D.relu)
         "flatten",
         "dense 16",
         "sigmoid",
