@@ -908,6 +908,13 @@ def cnn_rows(
     return rows
 
 
+def pass_name(net: Any, i: int) -> str:
+    """ "3 conv2d" for layer i of ``net``; a max pool that applies the ReLU before it
+    (which the network's passes then skip) is "5 maxpool2d+relu"."""
+    layer = net.layers[i]
+    return f"{i} {layer.kind}" + ("+relu" if getattr(layer, "relu", False) else "")
+
+
 def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
     """Where one training step of ``net`` goes: each layer's forward and backward on one
     thread's shard of a batch (BLAS on one thread, as a shard runs), the loss and the Adam
@@ -922,20 +929,16 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
     parts = PartTimes()
     timed = parts.timed
 
-    def name(i: int) -> str:  # a max pool that applies the ReLU before it: "maxpool2d+relu"
-        layer = net.layers[i]
-        return f"{i} {layer.kind}" + ("+relu" if getattr(layer, "relu", False) else "")
-
     def step() -> None:
         A = Xs
         for i in net.passes:  # the network's own passes: a fused ReLU is not run
             layer = net.layers[i]
-            A = timed(f"forward  {name(i)}", lambda L=layer, A=A: L.forward(A, True))
+            A = timed(f"forward  {pass_name(net, i)}", lambda L=layer, A=A: L.forward(A, True))
         _, G = timed("loss     softmax CE", lambda: net.loss(A, ys, count=BATCH))
         for i in reversed(net.passes):
             layer = net.layers[i]
             G = timed(
-                f"backward {name(i)}",
+                f"backward {pass_name(net, i)}",
                 lambda L=layer, G=G, i=i: L.backward(G, need_input_grad=i > 0),
             )
         timed("step     Adam", lambda: opt.step(net.params, net.grads))

@@ -46,7 +46,14 @@ from typing import Any
 import numpy as np
 
 from benchmarks import torch_ref
-from benchmarks.cases import ADAM_LR, BASELINE_CFG, BATCH, CNN_EPOCH_BATCHES, dense_params
+from benchmarks.cases import (
+    ADAM_LR,
+    BASELINE_CFG,
+    BATCH,
+    CNN_EPOCH_BATCHES,
+    dense_params,
+    pass_name,
+)
 from benchmarks.common import (
     REPO_ROOT,
     Row,
@@ -747,21 +754,21 @@ def training_passes(
     X = backend.asarray(data.X_train[:n], net.xp)
     y = backend.asarray(data.y_train[:n].astype(np.int64), net.xp)
     passes: list[tuple[str, Callable[[], Any]]] = []
-    A, inputs = X, []
-    for i, layer in enumerate(net.layers):
-        inputs.append(A)
-        passes.append((f"{i} {layer.kind} forward", lambda L=layer, a=A: L.forward(a, True)))
+    A, inputs = X, {}
+    for i in net.passes:  # the network's own passes: a ReLU before a max pool runs in it
+        layer, inputs[i] = net.layers[i], A
+        passes.append((f"{pass_name(net, i)} forward", lambda L=layer, a=A: L.forward(a, True)))
         A = layer.forward(A, training=True)
     passes.append(("loss", lambda: net.loss(A, y)))
     _, G = net.loss(A, y)
-    for i in range(len(net.layers) - 1, -1, -1):
+    for i in reversed(net.passes):
         layer = net.layers[i]
 
         def backward(L: Any = layer, g: Any = G, i: int = i) -> Any:
             L.forward(inputs[i], training=True)  # its cache (buffers are reused)
             return L.backward(g, need_input_grad=i > 0)
 
-        passes.append((f"{i} {layer.kind} forward+backward", backward))
+        passes.append((f"{pass_name(net, i)} forward+backward", backward))
         G = layer.backward(G, need_input_grad=i > 0)
     step = OPTIMIZERS[opt](lr=1e-3)
     passes.append((f"{opt} step", lambda: step.step(net.params, net.grads)))

@@ -39,6 +39,8 @@ from handprop.nn.network import Network
 from handprop.nn.threads import bounds, get_threads, side_by_side, single_blas
 
 T = TypeVar("T")
+#: each dropout layer's mask for one batch: (its key, False), or (a pinned mask, True)
+Masks = list[tuple["int | Array", bool]]
 
 #: a batch is split over threads when each shard's forward pass has at least this many
 #: multiply-adds (below it the hand-off between threads costs more than it saves) ...
@@ -210,18 +212,18 @@ class DataParallel:
         """
         n = X.shape[0]
         lo, hi = self.rows(n)
-        masks = self._draw_masks(n)
+        masks = self._draw_masks()
         split = self.split(hi - lo, training=True)
         try:
             if split is None:
-                self._hand_masks(self.net, masks, lo, hi, n)
+                self._hand_rows(self.net, masks, n, lo, hi)
                 # batchnorm: the statistics of the whole batch, over the ranks
                 with self._blas_for(hi - lo), shared_batch_stats([self.net], self.world):
                     loss, out = self.net.train_pass(X[lo:hi, ...], y[lo:hi], count=n)
             else:
                 loss, out = self._train_on_shards(X[lo:hi, ...], y[lo:hi], n, lo, split, masks)
         finally:
-            self._hand_masks(self.net, masks, None, None)
+            self._take_back(masks)
         return self._sum_over_ranks(loss), out
 
     def loss_and_grad(self, X: Array, y: Array) -> float:
@@ -242,14 +244,14 @@ class DataParallel:
         n: int,
         lo: int,
         split: list[tuple[int, int]],
-        masks: list[tuple[Array, bool]],
+        masks: Masks,
     ) -> tuple[float, Array]:
         """Each thread's shard through forward, loss and backward in one hand-off; the
         shards' gradient vectors summed into ``grads``."""
         out = np.empty((X.shape[0], *self.net.output_shape), dtype=self.net.dtype)
 
         def run(shard: Network, a: int, b: int) -> float:
-            self._hand_masks(shard, masks, lo + a, lo + b, n)
+            self._hand_rows(shard, masks, n, lo + a, lo + b)
             loss, out[a:b] = shard.train_pass(X[a:b], y[a:b], count=n)
             return loss
 
@@ -261,34 +263,30 @@ class DataParallel:
             self.net.grads += shard.grads
         return float(sum(losses)), out
 
-    def _draw_masks(self, n: int) -> list[tuple[Array, bool]]:
-        """Each dropout layer's mask for the batch: the key of its stream, drawn from
-        the layer's generator exactly as the network alone would draw it (every worker
-        then draws its own rows), or the mask the caller pinned."""
+    def _draw_masks(self) -> Masks:
+        """Each dropout layer's mask for the batch, and whether the caller pinned it: the
+        key of its stream, drawn from the layer's generator exactly as the network alone
+        would draw it (every worker then draws its own rows), or the pinned mask."""
         return [
             (layer.next_key(), False) if layer.fixed_mask is None else (layer.fixed_mask, True)
             for _, layer in self._dropouts
         ]
 
-    def _hand_masks(
-        self,
-        net: Network,
-        masks: list[tuple[Array, bool]],
-        lo: int | None,
-        hi: int | None,
-        n: int = 0,
-    ) -> None:
-        """Give ``net``'s dropout layers rows [lo, hi) of the batch's ``n`` rows of
-        masks: a pinned mask's rows, or the key and the rows to draw (None: give the
-        network's own layers back what they had: the pinned mask, or none)."""
+    def _hand_rows(self, net: Network, masks: Masks, n: int, lo: int, hi: int) -> None:
+        """Give ``net``'s dropout layers rows [lo, hi) of the batch's ``n`` rows of masks:
+        a pinned mask's rows, or the key and the rows to draw."""
         for (i, _), (mask, pinned) in zip(self._dropouts, masks, strict=True):
-            layer = net.layers[i]
-            if lo is None:
-                layer.fixed_mask, layer.rows = (mask if pinned else None), None
-            elif pinned:
-                layer.fixed_mask = mask[lo:hi]
+            if pinned:
+                net.layers[i].fixed_mask = mask[lo:hi]
             else:
-                layer.rows = (mask, n, lo)
+                net.layers[i].rows = (mask, n, lo)
+
+    def _take_back(self, masks: Masks) -> None:
+        """Give the network's own dropout layers back what they had: the pinned mask, or
+        none, and no rows."""
+        for (i, _), (mask, pinned) in zip(self._dropouts, masks, strict=True):
+            layer = self.net.layers[i]
+            layer.fixed_mask, layer.rows = (mask if pinned else None), None
 
     # -- inference and evaluation ----------------------------------------------------
 
