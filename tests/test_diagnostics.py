@@ -130,3 +130,20 @@ def test_a_resumed_run_writes_the_diagnostics_of_an_uninterrupted_one(cfg, monke
     assert resume_run(cut, progress=False).status == "completed"
     expected = (full / "diagnostics.csv").read_text()
     assert (cut / "diagnostics.csv").read_text() == expected
+
+
+def test_a_cosine_schedules_last_update_of_0_is_marked_not_dropped(tmp_path):
+    from handprop.figures import ZERO_MARKER, diagnostics_figure
+
+    text = DIGITS + f'schedule = "cosine"\nout = "{tmp_path / "runs"}"\n'
+    cfg = parse_toml_config(text, "cosine.toml")
+    run_dir = train_run(cfg, default_name="cosine", progress=False).run_dir
+    layers = read_diagnostics(run_dir / "diagnostics.csv")
+    for layer in layers:  # the last epoch steps at learning rate 0: nothing moves
+        assert layer.values["update_ratio"][-1] == 0 and layer.epoch[-1] == 60
+        assert np.all(layer.values["update_ratio"][:-1] > 0)
+    ax = diagnostics_figure([("cosine", layers)]).axes[2]  # the update-ratio panel
+    marks = [line for line in ax.get_lines() if line.get_marker() == ZERO_MARKER]
+    assert [line.get_xdata().tolist() for line in marks] == [[60]] * len(layers)
+    [note] = ax.get_legend().get_texts()
+    assert note.get_text().startswith("epoch 60: update 0 (learning rate 0")

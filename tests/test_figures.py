@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import handprop.figures as figures
 from handprop.errors import ConfigError, DataError
 from handprop.figures import pixel_size, png_bytes, write_figures
-from handprop.runs import GridFolder, RunFolder
+from handprop.runs import GridFolder, LayerDiagnostics, Predictions, RunFolder
 from test_runs import CLASS_NAMES, fake_images, write_grid, write_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -245,3 +245,192 @@ def test_cli_user_error(tmp_path):
 
 def test_class_names_are_the_runs(run):
     assert run.class_names == CLASS_NAMES
+
+
+# --- figures that misled (issue 26): what each one now draws -----------------------------
+
+
+def predictions(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> Predictions:
+    """Predictions of ``y_pred`` for ``y_true`` (probabilities one-hot on the prediction)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return Predictions(
+        np.arange(len(y_true)), y_true, y_pred, np.eye(k)[y_pred], Path("predictions.csv")
+    )
+
+
+def overlap(a, b, tolerance: float = 1) -> bool:
+    """Whether two display boxes overlap by more than ``tolerance`` pixels."""
+    t = tolerance
+    return a.x0 < b.x1 - t and b.x0 < a.x1 - t and a.y0 < b.y1 - t and b.y0 < a.y1 - t
+
+
+@pytest.mark.parametrize(
+    ("lowest", "floor"),
+    [(0.88, 0.85), (1.0, 0.95), (0.95, 0.9), (0.86, 0.85), (0.855, 0.8), (0.4, 0.0)],
+)
+def test_per_class_floor_is_a_step_below_the_lowest_score(lowest, floor):
+    assert figures.per_class_floor(np.array([1.0, lowest, np.nan])) == floor
+
+
+def test_per_class_axes_zoom_on_high_scores_and_say_where():
+    # 3 classes of 20: one 0 predicted as 1 and one 2 predicted as 1; lowest score
+    # precision of class 1: 20 / 22 = 0.909 -> the axes start at 0.85
+    y_true = np.repeat([0, 1, 2], 20)
+    y_pred = y_true.copy()
+    y_pred[[0, 40]] = 1
+    fig = figures.per_class_figure({"handprop": predictions(y_true, y_pred, 3)}, ["a", "b", "c"])
+    axes = fig.axes
+    assert [ax.get_ylim() for ax in axes] == [(0.85, 1.0)] * 3
+    assert [ax.get_ylabel() for ax in axes] == [
+        f"{m}\n(axis from 0.85)" for m in ("precision", "recall", "F1")
+    ]
+    assert "from 0.85, not 0" in fig.get_suptitle()
+    # a score far from 1 (class 2 never predicted: 0): from 0, as before, and no note
+    fig = figures.per_class_figure({"handprop": predictions(y_true, y_true % 2, 3)}, list("abc"))
+    assert [ax.get_ylim() for ax in fig.axes] == [(0.0, 1.0)] * 3
+    assert "from" not in fig.get_suptitle() + fig.axes[0].get_ylabel()
+
+
+def test_grid_accuracy_joins_only_runs_that_differ_in_that_setting_alone(tmp_path):
+    grid = GridFolder(
+        write_grid(
+            tmp_path / "g",
+            {
+                "h16_e4": {"hidden": 16, "epochs": 4},
+                "h32_e4": {"hidden": 32, "epochs": 4},
+                "h32_e8": {"hidden": 32, "epochs": 8},
+                # differs from every other run in three settings: on no line
+                "big": {"hidden": 64, "epochs": 12, "train": 9},
+            },
+        )
+    )
+    varied = figures.grid_varied_parameters(grid)
+    assert list(varied) == ["train samples", "epochs", "hidden size"]
+    others = ["train samples", "epochs"]
+    [line] = figures.grid_lines(grid, "hidden size", others)
+    assert [(v, r) for v, _, r in line.points] == [(16, "h16_e4"), (32, "h32_e4")]
+    assert line.held == "train samples 18, epochs 4"
+    fig = figures.grid_accuracy_figure(grid, varied)
+    panels = {ax.get_xlabel(): ax for ax in fig.axes if ax.get_xlabel()}
+    keys = [ax for ax in fig.axes if not ax.axison]  # the legends' row under the panels
+
+    def drawn(label):
+        return [list(line.get_xdata()) for line in panels[label].get_lines()]
+
+    # before: one line through the mean accuracy at every value, whatever else differed
+    assert drawn("hidden size") == [[16, 32]]
+    assert drawn("epochs") == [[4, 8]]
+    assert drawn("train samples") == []
+    notes = [t.get_text() for key in keys for t in key.get_legend().get_texts()]
+    assert "no line: no two runs differ only in train samples" in notes
+    assert "train samples 18, hidden size 32" in notes  # what the epochs line holds equal
+
+
+def test_grid_lines_tell_apart_groups_that_differ_in_another_setting(tmp_path):
+    folder = write_grid(
+        tmp_path / "g", {name: {"epochs": e} for name, e in [("a4", 4), ("a8", 8), ("b4", 4)]}
+    )
+    config = folder / "b4" / "config.toml"
+    config.write_text(config.read_text().replace("learning_rate = 2.5", "learning_rate = 0.5"))
+    (folder / "b8").mkdir()
+    for f in (folder / "a8").iterdir():
+        (folder / "b8" / f.name).write_bytes(f.read_bytes())
+    (folder / "b8" / "config.toml").write_text(
+        config.read_text().replace("epochs = 4", "epochs = 8")
+    )
+    lines = figures.grid_lines(GridFolder(folder), "epochs", [])
+    assert sorted(line.held for line in lines) == ["learning_rate 0.5", "learning_rate 2.5"]
+
+
+def test_grid_training_curves_keep_every_run_visible_and_the_legend_off_the_title(tmp_path):
+    # "short" is the first 4 epochs of "long", point for point: drawn last, it lies on top
+    names = ["long", "short", "c", "d", "e"]
+    grid = GridFolder(
+        write_grid(tmp_path / "g", {n: {"epochs": 8 if n == "long" else 4} for n in names})
+    )
+    fig = figures.grid_training_curves_figure(grid)
+    ax_loss, ax_acc = fig.axes
+    lines = {line.get_label(): line for line in ax_loss.get_lines()}
+    looks = {
+        (str(ln.get_color()), str(ln.get_linestyle()), ln.get_marker()) for ln in lines.values()
+    }
+    assert len(looks) == len(names)  # no two runs drawn alike
+    assert len({ln.get_linestyle() for ln in lines.values()}) > 1
+    assert lines["short"].get_zorder() > lines["long"].get_zorder()
+    np.testing.assert_array_equal(lines["short"].get_ydata(), lines["long"].get_ydata()[:4])
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == sorted(names)  # the grid's order
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    box = legend.get_window_extent(renderer)
+    # not beside the title (where it was), and over no curve
+    assert box.y1 < fig._suptitle.get_window_extent(renderer).y0
+    for ax in (ax_loss, ax_acc):
+        assert not overlap(box, ax.get_tightbbox(renderer))
+
+
+def test_top_confusion_count_labels_fit_their_bars(tmp_path):
+    # 10 confused pairs on 10 classes, three models: most counts of the other two are 0
+    rng = np.random.default_rng(0)
+    y_true = np.repeat(np.arange(10), 30)
+    pairs = [(t, (t + 1 + t % 3) % 10) for t in range(10)]
+    models = {}
+    for model, n_pairs in (("handprop", 10), ("sklearn_default", 3), ("sklearn_analogue", 1)):
+        y_pred = y_true.copy()
+        for t, p in pairs[:n_pairs]:
+            rows = np.flatnonzero(y_true == t)[: 1 + rng.integers(0, 3)]
+            y_pred[rows] = p
+        models[model] = predictions(y_true, y_pred, 10)
+    fig = figures.top_confusions_figure(models, [str(i) for i in range(10)])
+    [ax] = fig.axes
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    labels = ax.texts
+    assert len(labels) == 30  # a count per model and pair
+    sizes = {t.get_fontsize() for t in labels}
+    assert len(sizes) == 1 and 6 <= sizes.pop() <= 9
+    # each label (its line box, descent included) no taller than its bar: neighbours'
+    # labels, such as the 0s of three models side by side, cannot run together
+    bar = ax.patches[0].get_window_extent(renderer).height
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert max(b.height for b in boxes) <= bar
+    crowded = [
+        (labels[i].get_text(), labels[j].get_text())
+        for i in range(len(boxes))
+        for j in range(i + 1, len(boxes))
+        if overlap(boxes[i], boxes[j], tolerance=0)
+    ]
+    assert crowded == []
+    zeros = [t for t in labels if t.get_text() == "0"]  # their bar has no length: in grey
+    assert len(zeros) >= 10 and all(t.get_color() == "0.45" for t in zeros)
+
+
+def diagnostics_layer(number: int, update_ratio: list[float | None]) -> LayerDiagnostics:
+    epoch = np.arange(1, len(update_ratio) + 1) * 10.0
+    ratio = np.array([np.nan if r is None else r for r in update_ratio])
+    nan = np.full(len(epoch), np.nan)
+    values = {"grad_norm": 0.1 / epoch, "weight_norm": 1 + epoch / 100, "update_ratio": ratio}
+    return LayerDiagnostics(
+        number, f"dense {number}", "sigmoid", epoch, {**values, "saturated": nan, "dead": nan}
+    )
+
+
+def test_diagnostics_mark_a_zero_update_at_the_bottom_of_its_log_axis():
+    # a cosine schedule's last step has learning rate 0: an update ratio of 0
+    layers = [
+        diagnostics_layer(1, [None, 1e-2, 1e-3, 0.0]),
+        diagnostics_layer(2, [None, 1e-2, 1e-3, 1e-4]),
+    ]
+    fig = figures.diagnostics_figure([("cosine", layers)])
+    ax_grad, _, ax_ratio, _ = fig.axes
+    marks = [line for line in ax_ratio.get_lines() if line.get_marker() == figures.ZERO_MARKER]
+    assert len(marks) == 1  # layer 1's zero; a missing value (epoch 10) is no zero
+    [(x, y)] = marks[0].get_xydata()
+    assert x == 40
+    # y in axes coordinates: at the bottom whatever the log axis' range
+    bottom = ax_ratio.transAxes.inverted().transform(marks[0].get_transform().transform((x, y)))
+    assert bottom[1] == pytest.approx(0.03)
+    assert ax_ratio.get_xlim()[1] >= 40 and ax_ratio.get_ylim()[0] > 0
+    [note] = [t.get_text() for t in ax_ratio.get_legend().get_texts()]
+    assert note.startswith("epoch 40: update 0 (learning rate 0") and "not on a log axis" in note
+    assert ax_grad.get_legend() is None  # no zero there, no note

@@ -123,15 +123,50 @@ def test_report_of_a_run_without_comparisons_config_or_dataset(tmp_path, monkeyp
 
 
 def test_grid_report(tmp_path):
-    grid = write_grid(tmp_path / "grid", {"e4": {"epochs": 4}, "e8": {"epochs": 8}})
+    grid = write_grid(tmp_path / "grid", {"e8": {"epochs": 8}, "e4": {"epochs": 4}})
     out = write_report(grid, tmp_path / "page.html")
-    p = assert_self_contained(out.read_text(encoding="utf-8"))
+    page = out.read_text(encoding="utf-8")
+    p = assert_self_contained(page)
     text = " ".join(p.text)
-    assert "run_name" in text and "e4" in text and "e8" in text  # summary.csv
+    assert "e4" in text and "e8" in text
     assert "50.00%" in text  # each run's accuracy
     assert sorted(embedded_png_sizes(p)) == sorted(
         [pixel_size("grid_training_curves"), pixel_size("grid_accuracy")]
     )
+    # one table of the runs (it was there twice: summary.csv's, then the folders'), in
+    # summary.csv's order
+    assert p.tags.count("table") == 1
+    assert [t for t in p.text if t in ("e4", "e8")] == ["e8", "e4"]
+
+
+def test_grid_table_completes_summary_csv_from_the_run_folders(tmp_path):
+    from handprop.report import grid_table
+    from handprop.runs import GridFolder
+
+    folder = write_grid(tmp_path / "grid", {"a": {"epochs": 4}})
+    (folder / "summary.csv").write_text(
+        "run,status,accuracy,final_loss,seconds,epochs,message\n"
+        "a,skipped,0.5,0.2,0.06,4,\n"
+        "b,cancelled,,,,,not started: the grid was stopped\n"
+    )
+    header, rows = grid_table(GridFolder(folder))
+    assert header == [
+        "run", "status", "accuracy", "final loss", "epochs", "training time (s)", "message"
+    ]  # fmt: skip
+    assert rows == [
+        ["a", "completed", "50.00%", "0.2", "4", "0.1", ""],  # the folder's own numbers
+        ["b", "cancelled", "", "", "", "", "not started: the grid was stopped"],
+    ]
+
+
+def test_figures_scale_to_the_page_border_included():
+    from handprop.report import CSS
+
+    rule = CSS[CSS.index("figure img {") :].split("}")[0]
+    # the diagnostics (1300 px) are wider than the page (1250 px): max-width 100% alone
+    # let the 1 px border overflow the box
+    assert "max-width: 100%" in rule and "box-sizing: border-box" in rule
+    assert pixel_size("diagnostics")[0] > 1250
 
 
 def test_text_is_escaped():

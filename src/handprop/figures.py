@@ -10,9 +10,13 @@ place.
 
 Axis scales follow one rule: quantities that training changes by factors (losses,
 gradient and weight norms, update ratios) are drawn on logarithmic axes, always, so
-that runs compare at a glance; fractions (accuracy, precision, recall, F1, saturated
-or dead units) on linear axes that start at 0 (accuracy curves excepted: they zoom on
-the range the run covers).
+that runs compare at a glance; a value of 0 there (a cosine schedule's last step
+updates nothing) is marked at the bottom of the axis and named in the panel, never
+dropped silently. Fractions (accuracy, precision, recall, F1, saturated or dead units)
+are on linear axes that start at 0, with two exceptions that zoom and say so: accuracy
+curves (on the range the run covers) and per-class precision, recall and F1 when every
+score is at least ``PER_CLASS_ZOOM_FROM`` (from a little below the lowest score: bars
+of 0.88 and 1.00 drawn from 0 look alike).
 
 The confusion heat maps are scikit-learn's ``ConfusionMatrixDisplay`` drawn into our
 own axes (it imports pyplot for its colormap lookup, but draws no pyplot figure).
@@ -35,7 +39,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
-from matplotlib.ticker import LogFormatter, MaxNLocator
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FormatStrFormatter, LogFormatter, MaxNLocator, MultipleLocator
 
 from handprop.atomic import atomic_write_bytes
 from handprop.errors import ConfigError, DataError, HandpropError
@@ -63,9 +68,9 @@ SIZES: dict[str, tuple[float, float]] = {
     "training_curves": (12.0, 4.8),
     "misclassified": (12.0, 8.0),
     "correct_incorrect": (8.0, 5.0),
-    "top_confusions": (9.0, 6.0),
+    "top_confusions": (9.0, 7.5),
     "grid_training_curves": (14.0, 5.2),
-    "grid_accuracy": (13.0, 4.8),
+    "grid_accuracy": (13.0, 5.6),
     "first_layer": (12.0, 6.4),
     "diagnostics": (13.0, 9.0),
     "overlay_training_curves": (13.0, 5.0),
@@ -107,6 +112,8 @@ MISCLASSIFIED_ROWS, MISCLASSIFIED_COLS = 4, 8
 MISCLASSIFIED_ROW_HEIGHT, MISCLASSIFIED_TITLE_HEIGHT = 1.9, 0.5
 FIRST_LAYER_ROWS, FIRST_LAYER_COLS = 4, 8
 TOP_PAIRS = 10
+#: a bar's count label: its font size as a share of the bar's height, and its bounds (pt)
+BAR_LABEL_FILL, BAR_LABEL_SIZES = 0.75, (6.0, 9.0)
 #: grid accuracy panels label their points with run names up to this many runs
 MAX_POINT_LABELS = 12
 
@@ -224,15 +231,39 @@ def confusion_figure(P: Predictions, names: list[str], model: str) -> Figure:
     return fig
 
 
+#: the per-class axes zoom when every score is at least this; below, they start at 0
+PER_CLASS_ZOOM_FROM = 0.5
+#: a zoomed per-class axis starts on a multiple of this, at least 0.01 below the lowest score
+PER_CLASS_STEP = 0.05
+
+
+def per_class_floor(scores: np.ndarray) -> float:
+    """Where the per-class axes start: 0, or when every score is at least
+    PER_CLASS_ZOOM_FROM, the multiple of PER_CLASS_STEP at least 0.01 below the lowest
+    (0.88 -> 0.85, 1.0 -> 0.95), so that 0.88 and 1.00 do not look alike."""
+    finite = scores[np.isfinite(scores)]
+    if not finite.size:
+        return 0.0
+    # round first: (0.95 - 0.01) / 0.05 is 18.799999..., not 18.8
+    floor = math.floor(round((float(finite.min()) - 0.01) / PER_CLASS_STEP, 9)) * PER_CLASS_STEP
+    return round(floor, 2) if floor >= PER_CLASS_ZOOM_FROM else 0.0
+
+
 def per_class_figure(models: dict[str, Predictions], names: list[str]) -> Figure:
-    """Per-class precision, recall and F1 as grouped bars, one bar per model."""
+    """Per-class precision, recall and F1 as grouped bars, one bar per model.
+
+    The three axes share one range: from 0, or zoomed from ``per_class_floor`` of every
+    score shown to 1, which the title and each axis label state.
+    """
     scores = {m: per_class(confusion_matrix(P.y_true, P.y_pred, P.k)) for m, P in models.items()}
     k = len(names)
     x = np.arange(k)
     width = 0.8 / len(models)
+    metrics = ("precision", "recall", "f1")
+    floor = per_class_floor(np.concatenate([scores[m][q] for m in scores for q in metrics]))
     with _figure("per_class") as fig:
         axes = fig.subplots(3, 1, sharex=True)
-        for ax, metric in zip(axes, ("precision", "recall", "f1"), strict=True):
+        for ax, metric in zip(axes, metrics, strict=True):
             for i, model in enumerate(models):
                 ax.bar(
                     x + (i - (len(models) - 1) / 2) * width,
@@ -241,9 +272,13 @@ def per_class_figure(models: dict[str, Predictions], names: list[str]) -> Figure
                     label=_label(model),
                     color=MODEL_COLORS.get(model),
                 )
-            # from 0: a cut axis would make a gap of 0.01 look like one of 0.5
-            ax.set_ylim(0, 1.0)
-            ax.set_ylabel("F1" if metric == "f1" else metric)
+            # zoomed, and saying so: from 0, scores of 0.88 and 1.00 look alike
+            ax.set_ylim(floor, 1.0)
+            name = "F1" if metric == "f1" else metric
+            ax.set_ylabel(f"{name}\n(axis from {floor:.2f})" if floor else name)
+            if floor:
+                ax.yaxis.set_major_locator(MultipleLocator(PER_CLASS_STEP if floor >= 0.8 else 0.1))
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
             ax.grid(axis="y")
             ax.set_axisbelow(True)
         # above the panels: inside one, the legend would hide the bars of some class
@@ -257,7 +292,8 @@ def per_class_figure(models: dict[str, Predictions], names: list[str]) -> Figure
             ha="right" if _tick_rotation(names) else "center",
         )
         axes[-1].set_xlabel("class")
-        fig.suptitle("Per-class precision, recall and F1")
+        zoom = f" (y axes from {floor:.2f}, not 0)" if floor else ""
+        fig.suptitle(f"Per-class precision, recall and F1{zoom}")
     return fig
 
 
@@ -461,18 +497,19 @@ def top_confusions_figure(models: dict[str, Predictions], names: list[str]) -> F
             _no_data(ax, "no confusions: every test sample is classified correctly")
             return fig
         y = np.arange(len(pairs))
-        height = 0.8 / len(models)
+        height = 0.84 / len(models)
+        all_bars = []
         for i, (model, C) in enumerate(Cs.items()):
             counts = [C[t, p] for t, p, _ in pairs]
-            bars = ax.barh(
-                y + (i - (len(models) - 1) / 2) * height,
-                counts,
-                height,
-                label=_label(model),
-                color=MODEL_COLORS.get(model),
+            all_bars.append(
+                ax.barh(
+                    y + (i - (len(models) - 1) / 2) * height,
+                    counts,
+                    height,
+                    label=_label(model),
+                    color=MODEL_COLORS.get(model),
+                )
             )
-            # a bar of 0 has no length: its label sits just right of the axis
-            ax.bar_label(bars, padding=3, fontsize=9)
         ax.set_yticks(y, [f"{names[t]} → {names[p]}" for t, p, _ in pairs])
         ax.tick_params(axis="y", length=0, pad=6)
         ax.invert_yaxis()
@@ -484,7 +521,22 @@ def top_confusions_figure(models: dict[str, Predictions], names: list[str]) -> F
         ax.set_axisbelow(True)
         if len(models) > 1:  # below the axes: inside, it would cover bars
             fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3)
+        _count_labels(fig, ax, all_bars, height)
     return fig
+
+
+def _count_labels(fig: Figure, ax: Any, all_bars: list[Any], height: float) -> None:
+    """Each bar's count after it, in a font no taller than the bar, so that the labels
+    of neighbouring bars (the 0s of three models side by side) do not run together;
+    a 0, whose bar has no length, in grey."""
+    fig.draw_without_rendering()  # lay the figure out: the axes' height in pixels is known
+    y0, y1 = ax.get_ylim()
+    bar_pt = ax.get_window_extent().height / abs(y1 - y0) * height * 72 / DPI
+    size = float(np.clip(BAR_LABEL_FILL * bar_pt, BAR_LABEL_SIZES[0], BAR_LABEL_SIZES[1]))
+    for bars in all_bars:
+        for text in ax.bar_label(bars, padding=3, fontsize=size):
+            if text.get_text() == "0":
+                text.set_color("0.45")
 
 
 # --- diagnostics of training ------------------------------------------------------------
@@ -501,6 +553,12 @@ DIAGNOSTIC_PANELS = (
     ),
     ("health", "activation health on the probe batch", "units (%)", False),
 )
+#: what a 0 on a log panel means, for the note beside its marker at the axis bottom
+ZERO_NOTES = {
+    "grad_norm": "||dW|| = 0",
+    "weight_norm": "||W|| = 0",
+    "update_ratio": "update 0 (learning rate 0: a cosine schedule's last step?)",
+}
 #: line styles telling layers apart when color tells runs apart (the output layer solid)
 LAYER_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
@@ -511,11 +569,41 @@ def _layer_style(layer: LayerDiagnostics, n_layers: int) -> Any:
     return LAYER_STYLES[(layer.number - 1) % len(LAYER_STYLES)]
 
 
+#: the marker of a 0 on a log panel: a triangle at the bottom, pointing down
+ZERO_MARKER = "v"
+
+
+def _mark_zeros(ax: Any, epochs: np.ndarray, color: Any) -> None:
+    """Triangles at the bottom of a log axis at ``epochs``, where the value is 0: x in data,
+    y in axes coordinates, so the marks sit on the axis whatever its range."""
+    ax.plot(
+        epochs,
+        np.full(len(epochs), 0.03),
+        transform=ax.get_xaxis_transform(),
+        ls="none",
+        marker=ZERO_MARKER,
+        ms=8,
+        color=color,
+        clip_on=False,
+        zorder=4,
+    )
+
+
+def _zero_note(ax: Any, quantity: str, epochs: list[float]) -> None:
+    """A legend in the panel saying what the triangles at its bottom are."""
+    at = ", ".join(f"{e:g}" for e in epochs) if len(epochs) <= 3 else f"{len(epochs)} epochs"
+    handle = Line2D([], [], ls="none", marker=ZERO_MARKER, ms=8, color="0.3")
+    label = f"epoch {at}: {ZERO_NOTES[quantity]}\n0 is not on a log axis: marked ▼ at its bottom"
+    ax.legend([handle], [label], loc="best", fontsize=8)
+
+
 def diagnostics_figure(runs: list[tuple[str, list[LayerDiagnostics]]]) -> Figure:
     """Per-layer diagnostics (``diagnostics.csv``) of one run or several overlaid.
 
     One panel per quantity, a line per layer: gradient norm, weight norm and update
-    ratio on log axes (they move by factors), the saturated (sigmoid, tanh) and dead
+    ratio on log axes (they move by factors; a value of 0, such as the update of a
+    cosine schedule's last step at learning rate 0, is a ▼ at the bottom of the axis,
+    explained in the panel), the saturated (sigmoid, tanh) and dead
     (ReLU) units on a linear axis from 0 to 100%. One run: a color per layer. Several:
     a color per run, and a line style per layer (the output layer solid).
     """
@@ -532,6 +620,7 @@ def diagnostics_figure(runs: list[tuple[str, list[LayerDiagnostics]]]) -> Figure
                 _log_axis(ax)
         ax_health = axes[3]
         any_health = False
+        zeros: dict[str, set[float]] = {}  # quantity -> epochs where some layer's value is 0
         for r, (run_name, layers) in enumerate(runs):
             n_layers = len(layers)
             layer_colors = _run_colors(n_layers)
@@ -545,6 +634,10 @@ def diagnostics_figure(runs: list[tuple[str, list[LayerDiagnostics]]]) -> Figure
                 for ax, (quantity, _, _, log) in zip(axes[:3], DIAGNOSTIC_PANELS, strict=False):
                     values = layer.values[quantity]
                     if log:  # a 0 or a missing value has no place on a log axis
+                        zero = values == 0  # a missing value (NaN) is not a 0
+                        if zero.any():
+                            _mark_zeros(ax, layer.epoch[zero], color)
+                            zeros.setdefault(quantity, set()).update(layer.epoch[zero].tolist())
                         values = np.where(values > 0, values, np.nan)
                     ax.plot(layer.epoch, values, color=color, ls=style, lw=width, label=label)
                 for quantity, what, marker in (
@@ -565,6 +658,9 @@ def diagnostics_figure(runs: list[tuple[str, list[LayerDiagnostics]]]) -> Figure
                             ms=4,
                             label=f"{label}: {what}",
                         )
+        for ax, (quantity, _, _, _) in zip(axes[:3], DIAGNOSTIC_PANELS, strict=False):
+            if quantity in zeros:
+                _zero_note(ax, quantity, sorted(zeros[quantity]))
         if any_health:
             ax_health.set_ylim(0, 100)
             ax_health.legend(loc="best", fontsize=8)
@@ -652,20 +748,63 @@ def run_parameter(run: RunFolder, label: str) -> Any:
     return value
 
 
+#: line styles and markers cycled with the colors, so that no run hides another: two
+#: runs with the same curve (a shorter run is a prefix of a longer one) still show both
+RUN_STYLES = ("-", "--", ":", "-.")
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+#: markers along each curve of the grid's training curves
+MARKS_PER_CURVE = 8
+
+
+def run_styles(n: int) -> list[dict[str, Any]]:
+    """Line keywords for ``n`` runs drawn on shared axes: a color, a line style and a
+    marker each; no two runs share all three."""
+    colors = _run_colors(n)
+    return [
+        {
+            "color": colors[i],
+            "ls": RUN_STYLES[i % len(RUN_STYLES)],
+            "marker": RUN_MARKERS[i % len(RUN_MARKERS)],
+        }
+        for i in range(n)
+    ]
+
+
+def _markevery(n_points: int, i: int, n_runs: int) -> tuple[int, int]:
+    """Every step-th point from an offset that differs per run, so that the markers of
+    runs on the same curve do not fall on each other."""
+    step = max(1, n_points // MARKS_PER_CURVE)
+    return (i * step // max(n_runs, 1)) % step, step
+
+
 def grid_training_curves_figure(grid: GridFolder) -> Figure:
-    """Loss and test accuracy per epoch of every run of the grid on shared axes."""
+    """Loss and test accuracy per epoch of every run of the grid on shared axes.
+
+    Each run has its own color, line style and marker, and the longest runs are drawn
+    first: a run whose curve another one continues (same settings, fewer epochs) lies
+    on top of it, instead of under it. The legend is below the axes, in the grid's order.
+    """
     runs = [r for r in grid.runs if r.history is not None]
     with _figure("grid_training_curves") as fig:
         ax_loss, ax_acc = fig.subplots(1, 2)
-        colors = _run_colors(len(runs))
+        styles = run_styles(len(runs))
         any_acc = False
-        for run, color in zip(runs, colors, strict=True):
-            h = run.history
-            ax_loss.plot(h["epoch"], h["loss"], color=color, lw=1.5, label=run.name)
+        # longest first, so shorter runs are drawn over the runs that continue them
+        order = sorted(range(len(runs)), key=lambda i: -len(runs[i].history["epoch"]))
+        lines: dict[int, Any] = {}
+        for z, i in enumerate(order):
+            h, style = runs[i].history, styles[i]
+            kw = {"lw": 1.6, "ms": 5, "zorder": 2 + z, **style}
+            every = _markevery(len(h["epoch"]), i, len(runs))
+            (lines[i],) = ax_loss.plot(
+                h["epoch"], h["loss"], label=runs[i].name, markevery=every, **kw
+            )
             ok = np.isfinite(h["test_acc"])
             if ok.any():
-                ax_acc.plot(h["epoch"][ok], 100 * h["test_acc"][ok], color=color, lw=1.5)
+                every = _markevery(int(ok.sum()), i, len(runs))
+                ax_acc.plot(h["epoch"][ok], 100 * h["test_acc"][ok], markevery=every, **kw)
                 any_acc = True
+        handles = [lines[i] for i in range(len(runs))]
         losses = np.concatenate([r.history["loss"] for r in runs]) if runs else np.array([])
         _loss_axis(ax_loss, losses)
         ax_acc.set_title("test accuracy")
@@ -676,7 +815,14 @@ def grid_training_curves_figure(grid: GridFolder) -> Figure:
         else:
             _no_data(ax_acc, "no test accuracy recorded during training")
         if runs:
-            fig.legend(loc="outside right upper", fontsize=9 if len(runs) > 8 else 10)
+            # below the axes: beside the title it crowded it, inside it would hide curves
+            fig.legend(
+                handles,
+                [r.name for r in runs],
+                loc="outside lower center",
+                ncols=min(len(runs), 6),
+                fontsize=9 if len(runs) > 8 else 10,
+            )
         else:
             _no_data(ax_loss, "no run has a history.csv")
         fig.suptitle(f"Training curves: {grid.name}")
@@ -704,35 +850,162 @@ def grid_varied_parameters(grid: GridFolder) -> dict[str, list[tuple[Any, float,
     return varied
 
 
+#: config fields that name or place a run without changing what it learns
+NOT_SETTINGS = frozenset({"name", "out", "data_dir", "device"})
+#: the config fields (and experiment CSV columns) each grid parameter spans; the split's
+#: sizes count as one setting, the data size, as in the original's "more data" row
+PARAMETER_FIELDS: dict[str, frozenset[str]] = {
+    "train samples": frozenset({"dtrain", "n_train", "train", "total", "d", "test", "dtest"}),
+    "epochs": frozenset({"epochs"}),
+    "hidden size": frozenset({"hidden", "hidden_size", "hidden_sizes", "m"}),
+}
+
+
+def _config_items(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of a nested config; a list of one repeated value (one activation
+    per hidden layer) reads as that value, so it does not change with the layer count."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _config_items(value, f"{prefix}{key}.")
+            continue
+        if isinstance(value, list) and value and all(v == value[0] for v in value):
+            value = value[0]
+        yield f"{prefix}{key}", value
+
+
+def _held_settings(run: RunFolder, label: str) -> tuple[tuple[str, str], ...]:
+    """Every setting of ``run`` but the grid parameter ``label`` (and its name, folder
+    and device): runs with equal tuples differ in ``label`` alone."""
+    skip = NOT_SETTINGS | PARAMETER_FIELDS[label]
+    items = {k: repr(v) for k, v in _config_items(run.config) if k.rsplit(".")[-1] not in skip}
+    for other, _ in GRID_PARAMETERS:  # also where the config does not hold them
+        if other != label:
+            items[f"[{other}]"] = repr(run_parameter(run, other))
+    return tuple(sorted(items.items()))
+
+
+@dataclass
+class GridLine:
+    """Runs of a grid that differ in one parameter only: a line may join their points.
+
+    held : the other varied parameters' values, as a legend says them ("epochs 100")
+    points : (value of the parameter, accuracy, run name) of each run
+    """
+
+    held: str
+    points: list[tuple[Any, float, str]]
+
+
+def grid_lines(grid: GridFolder, label: str, others: list[str]) -> list[GridLine]:
+    """The groups of runs that differ only in the grid parameter ``label`` (every other
+    setting equal) and take at least two of its values, in the grid's order.
+
+    ``others``: the other parameters the grid varies, named in each group's ``held``.
+    Runs in no group are on no line: joining them would mix the effects of two settings.
+    """
+    groups: dict[tuple[tuple[str, str], ...], list[RunFolder]] = {}
+    for run in grid.runs:
+        if run_accuracy(run) is not None and run_parameter(run, label) is not None:
+            groups.setdefault(_held_settings(run, label), []).append(run)
+    lines = []
+    for key, runs in groups.items():
+        points = [(run_parameter(r, label), run_accuracy(r), r.name) for r in runs]
+        if len({v for v, _, _ in points}) < 2:
+            continue
+        held = ", ".join(f"{o} {run_parameter(runs[0], o)}" for o in others)
+        lines.append((key, GridLine(held or "all else equal", points)))
+    # lines whose named settings read alike differ in another: say which
+    named = [line.held for _, line in lines]
+    for (key, line), held in zip(lines, named, strict=True):
+        twins = [k for (k, _), h in zip(lines, named, strict=True) if h == held and k != key]
+        if twins:
+            mine = dict(key)
+            differ = sorted({n for k in twins for n, v in k if mine.get(n) != v})
+            extra = ", ".join(f"{n} {mine[n].strip(chr(39))}" for n in differ if n in mine)
+            line.held = f"{held}, {extra}" if held != "all else equal" else extra
+    return [line for _, line in lines]
+
+
+def _value_order(value: Any) -> tuple[Any, ...]:
+    """Sort key of a category such as 100 or "100-50": by layer count, then sizes."""
+    parts = str(value).split("-")
+    sizes = [float(p) if p.replace(".", "", 1).isdigit() else math.inf for p in parts]
+    return len(parts), sizes, str(value)
+
+
 def grid_accuracy_figure(
     grid: GridFolder, varied: dict[str, list[tuple[Any, float, str]]]
 ) -> Figure:
-    """Test accuracy against each parameter the grid varies, one panel each."""
+    """Test accuracy against each parameter the grid varies, one panel each.
+
+    Every run is a point; a line joins only runs that differ in that parameter alone
+    (``grid_lines``), one line per setting of the others, named in the panel's legend.
+    A panel with no such runs says so and draws no line: an average over runs that
+    differ in other settings too would show a trend that is not the parameter's.
+    """
     with _figure("grid_accuracy") as fig:
-        axes = np.atleast_1d(fig.subplots(1, len(varied)))
-        for ax, (label, points) in zip(axes, varied.items(), strict=True):
-            numeric = all(isinstance(v, (int, float)) for v, _, _ in points)
-            xs = [v if numeric else str(v) for v, _, _ in points]
-            ys = [100 * a for _, a, _ in points]
-            ax.scatter(xs, ys, color=MODEL_COLORS[HANDPROP], s=40, alpha=0.8, zorder=3)
+        # a row under the panels for their legends: inside, a legend would hide points
+        grid_axes = fig.subplots(2, len(varied), height_ratios=(4, 1), squeeze=False)
+        for ax, key_ax, (label, points) in zip(*grid_axes, varied.items(), strict=True):
+            key_ax.set_axis_off()
+            others = [o for o in varied if o != label]
+            lines = grid_lines(grid, label, others)
+            numeric = all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v, _, _ in points
+            )
+            if numeric:
+                position = {v: v for v, _, _ in points}
+            else:  # categories at 0, 1, 2, ... in a reading order, labelled
+                values = sorted({str(v) for v, _, _ in points}, key=_value_order)
+                position = {v: values.index(str(v)) for v, _, _ in points}
+            on_line = {name for line in lines for _, _, name in line.points}
+            for v, a, name in points:
+                if name not in on_line:  # compared with no other run: a hollow point
+                    ax.scatter(
+                        position[v], 100 * a, s=40, facecolors="white", edgecolors="0.45", zorder=3
+                    )
+            colors = _run_colors(len(lines))
+            for line, color in zip(lines, colors, strict=True):
+                xs = sorted({position[v] for v, _, _ in line.points})
+                # repeated runs of the same settings: their mean
+                ys = [np.mean([100 * a for v, a, _ in line.points if position[v] == x]) for x in xs]
+                ax.plot(xs, ys, color=color, lw=1.5, alpha=0.8, label=line.held, zorder=2)
+                for v, a, _ in line.points:
+                    ax.scatter(position[v], 100 * a, color=color, s=40, alpha=0.9, zorder=3)
             if len(points) <= MAX_POINT_LABELS:
-                for x, y, run_name in zip(xs, ys, [r for _, _, r in points], strict=True):
+                for v, a, run_name in points:
                     ax.annotate(
                         run_name,
-                        (x, y),
+                        (position[v], 100 * a),
                         xytext=(5, 3),
                         textcoords="offset points",
                         fontsize=8,
                         color="0.35",
                     )
-            # mean accuracy per value: the trend when other parameters vary too
-            values = sorted(set(xs), key=lambda v: (not numeric, v))
-            means = [np.mean([y for x, y in zip(xs, ys, strict=True) if x == v]) for v in values]
-            ax.plot(values, means, color=MODEL_COLORS[HANDPROP], lw=1.5, alpha=0.7)
-            if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+            if lines:
+                handles, labels = ax.get_legend_handles_labels()
+                if len(on_line) < len(points):
+                    handles.append(
+                        Line2D([], [], ls="none", marker="o", mfc="white", mec="0.45", ms=6)
+                    )
+                    labels.append(f"on no line: no other run differs in {label} alone")
+                key_ax.legend(
+                    handles,
+                    labels,
+                    title="each line: all else equal, at",
+                    loc="upper center",
+                    fontsize=8,
+                    title_fontsize=8,
+                )
+            else:
+                _panel_note(key_ax, f"no line: no two runs differ only in {label}")
+            xs_all = sorted(set(position.values()))
+            if numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
                 ax.set_xscale("log")
             elif numeric:
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+            else:
+                ax.set_xticks(xs_all, values)
             ax.margins(x=0.15)
             ax.set_xlabel(label)
             ax.set_ylabel("test accuracy (%)")
@@ -740,6 +1013,12 @@ def grid_accuracy_figure(
             ax.grid(True)
         fig.suptitle(f"Test accuracy across the grid: {grid.name}")
     return fig
+
+
+def _panel_note(key_ax: Any, text: str) -> None:
+    """A note in the legend box under a panel, where its legend would be."""
+    handle = Line2D([], [], ls="none")
+    key_ax.legend([handle], [text], loc="upper center", fontsize=8, handlelength=0, handletextpad=0)
 
 
 # --- writing ------------------------------------------------------------------------------

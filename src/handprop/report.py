@@ -53,8 +53,11 @@ th, td { padding: 0.3em 0.8em; border-bottom: 1px solid #ddd; text-align: right;
 th { background: #f3f6fa; }
 th:first-child, td:first-child { text-align: left; }
 tr.avg td { font-style: italic; background: #fafafa; }
-figure { margin: 1.2em 0 2em; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure { margin: 1.2em 0 2em; max-width: 100%; }
+/* border-box: the 1px border counts in the 100%, so an image wider than the page (the
+   diagnostics are 1300 px) scales to the box instead of overflowing it */
+figure img { display: block; box-sizing: border-box; max-width: 100%; height: auto;
+             border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
 .accuracy { font-size: 2.2em; font-weight: bold; color: #1f77b4; }
 .columns { display: flex; flex-wrap: wrap; gap: 2.5em; }
@@ -106,18 +109,23 @@ def figure_html(fig: Figure, caption: str, anchor: str) -> str:
 
 
 FIGURE_CAPTIONS = {
-    "per_class_metrics": "Per-class precision, recall and F1 of every model (axes from 0).",
+    "per_class_metrics": "Per-class precision, recall and F1 of every model. When every score "
+    "is 0.5 or more, the axes zoom in: they start a little below the lowest score (the title "
+    "and axis labels say where), so that 0.88 and 1.00 do not look alike.",
     "training_curves": "Loss (log scale, as every loss axis) and accuracy per epoch (history.csv).",
     "diagnostics": "Inside training, per layer at every evaluation (diagnostics.csv): the "
     "weight gradient's norm, the weights' norm, the last step's update relative to the "
     "weights, and the share of sigmoid/tanh outputs saturated (derivative below 0.01) or "
-    "of ReLU units dead on 512 training samples.",
+    "of ReLU units dead on 512 training samples. A ▼ at the bottom of a log panel marks "
+    "a 0 (a log axis cannot show it), such as the update at a cosine schedule's last step.",
     "correct_incorrect": "Correct and incorrect test predictions per model.",
     "top_confusions": "The most frequent confusions, counted for every model.",
     "misclassified": "The most confident mistakes on the test set.",
     "first_layer": "What the first layer learned: its weights drawn as images.",
-    "grid_training_curves": "Loss and test accuracy per epoch of every run.",
-    "grid_accuracy": "Test accuracy against each parameter the grid varies.",
+    "grid_training_curves": "Loss and test accuracy per epoch of every run (each its own "
+    "color, line style and marker; shorter runs drawn over longer ones).",
+    "grid_accuracy": "Test accuracy against each parameter the grid varies. A line joins "
+    "only runs that differ in that parameter alone; a hollow point has no such partner.",
 }
 
 
@@ -400,39 +408,76 @@ def _unfinished_report_html(run: RunFolder) -> str:
     return _page(f"handprop run: {run.name}", nav, "\n".join(parts))
 
 
-def _grid_runs_table(grid: GridFolder) -> str:
+#: the grid table's columns: (header, metrics.json key, summary.csv column)
+GRID_COLUMNS = (
+    ("status", "status", "status"),
+    ("accuracy", "accuracy", "accuracy"),
+    ("final loss", "final_loss", "final_loss"),
+    ("epochs", "epochs_completed", "epochs"),
+    ("training time (s)", "train_seconds", "seconds"),
+    ("message", "message", "message"),
+)
+
+
+def _grid_cell(header: str, value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if header == "accuracy":
+        return f"{100 * number:.2f}%"
+    if header == "final loss":
+        return f"{number:.4g}"
+    if header == "training time (s)":
+        return f"{number:.1f}"
+    return str(value)
+
+
+def grid_table(grid: GridFolder) -> tuple[list[str], list[list[str]]]:
+    """One row per run of the grid: its run folder's numbers, and summary.csv's for
+    what the folder lacks (a run cancelled before it started has no folder), in
+    summary.csv's order; the message column only when some run has one."""
+    by_name = {run.name: run for run in grid.runs}
+    summary: dict[str, dict[str, str]] = {}
+    if grid.summary is not None:
+        header, rows = grid.summary
+        key = next((k for k in ("run", "run_name") if k in header), None)
+        if key is not None:
+            for row in rows:
+                record = dict(zip(header, row, strict=False))
+                summary[record[key]] = record
+    names = list(summary) + [n for n in by_name if n not in summary]
     rows = []
-    for run in grid.runs:
-        m = run.metrics
-        acc = run_accuracy(run)
-        rows.append(
-            [
-                run.name,
-                m.get("status") or "unknown",
-                f"{100 * acc:.2f}%" if acc is not None else "",
-                m.get("epochs_completed", ""),
-                f"{m['train_seconds']:.1f}"
-                if isinstance(m.get("train_seconds"), (int, float))
-                else "",
-            ]
-        )
-    return html_table(("run", "status", "accuracy", "epochs", "training time (s)"), rows)
+    for name in names:
+        run, record = by_name.get(name), summary.get(name, {})
+        metrics = run.metrics if run is not None else {}
+        cells = [name]
+        for header, key, column in GRID_COLUMNS:
+            value = run_accuracy(run) if header == "accuracy" and run is not None else None
+            if value is None:
+                value = metrics.get(key)
+            if value is None:
+                value = record.get(column)
+            cells.append(_grid_cell(header, value))
+        rows.append(cells)
+    headers = ["run"] + [h for h, _, _ in GRID_COLUMNS]
+    if not any(row[-1] for row in rows):
+        headers, rows = headers[:-1], [row[:-1] for row in rows]
+    return headers, rows
 
 
 def grid_report_html(grid: GridFolder | str | Path) -> str:
-    """The HTML page of an experiment grid (a string)."""
+    """The HTML page of an experiment grid (a string): one table of its runs, then its
+    figures."""
     if not isinstance(grid, GridFolder):
         grid = GridFolder(grid)
     figures, skipped = build_grid_figures(grid)
-    parts = ['<h2 id="summary">Summary</h2>']
-    if grid.summary is not None:
-        header, rows = grid.summary
-        parts.append(html_table(header, rows))
-    else:
-        parts.append("<p class='meta'>The grid folder has no summary.csv.</p>")
-    parts += ['<h2 id="runs">Runs</h2>', _grid_runs_table(grid)]
+    header, rows = grid_table(grid)
+    parts = ['<h2 id="summary">Summary</h2>', html_table(header, rows)]
     parts.append(_figures_section(figures, skipped))
-    nav = [("summary", "Summary"), ("runs", "Runs"), ("figures", "Figures")]
+    nav = [("summary", "Summary"), ("figures", "Figures")]
     return _page(f"handprop experiment grid: {grid.name}", nav, "\n".join(parts))
 
 
