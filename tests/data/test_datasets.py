@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import http.server
-import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import mnist_dir
 from handprop import data
 from handprop.data import fetch, normalize, original_split, standard_split, write_idx
 from handprop.data.registry import DATASETS, FileSpec
@@ -219,11 +219,11 @@ def test_standard_split(tiny):
         standard_split(data.load_dataset("digits"))
 
 
-MNIST = Path(os.environ.get("HANDPROP_TEST_MNIST", Path(__file__).parents[3] / "shared/data/mnist"))
+MNIST = mnist_dir()  # HANDPROP_TEST_MNIST only: never guessed
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MNIST.is_dir(), reason=f"real MNIST not found at {MNIST}")
+@pytest.mark.mnist
 def test_real_mnist():
     ds = data.load_dataset("mnist", MNIST, progress=False)
     assert ds.images.shape == (70000, 28, 28) and ds.n_train == 60000

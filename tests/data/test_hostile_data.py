@@ -3,7 +3,6 @@ traceback, a wrong result or a file used unverified (issue 13)."""
 
 import errno
 import gzip
-import hashlib
 import io
 import struct
 from dataclasses import replace
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import pin_dataset, write_dataset
 from handprop import data
 from handprop.cli import main
 from handprop.data import check_file, idx, idx_bytes, read_csv, read_idx, write_idx
@@ -41,21 +41,10 @@ def arrays(train=(6, 4, 4), test=(4, 4, 4), n_labels=None, dtype=np.uint8, seed=
 
 
 def pin(monkeypatch, arrs, name="tiny"):
-    """Register dataset ``name`` whose checksums are those of ``arrs``."""
-    files = tuple(
-        FileSpec(n, sha256=hashlib.sha256(idx_bytes(a)).hexdigest(), size=len(idx_bytes(a)))
-        for n, a in arrs.items()
-    )
-    spec = replace(DATASETS["mnist"], name=name, files=files, mirrors=(), system_dirs=())
-    monkeypatch.setitem(DATASETS, name, spec)
-    return spec
+    return pin_dataset(monkeypatch, name, arrs)
 
 
-def write(directory: Path, arrs, compress=True):
-    directory.mkdir(parents=True, exist_ok=True)
-    for n, a in arrs.items():
-        write_idx(directory / (n + ".gz" * compress), a, compress=compress)
-    return directory
+write = write_dataset
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from handprop.data.registry import DATASETS
+
 
 @click.group("data")
 def command() -> None:
@@ -13,16 +15,27 @@ def command() -> None:
 
 
 @command.command("info")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Also look in DIR.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Look in DIR (and DIR/NAME) first, then in the usual places.",
+)
 def info(data_dir) -> None:
-    """Each known dataset: available or not, where, and its size."""
+    """Each known dataset: available or not, where, and its size.
+
+    The copy reported is the first in the lookup order (--data-dir, HANDPROP_DATA, the
+    cache, system folders), as loading finds it; a folder holding another dataset's
+    files (MNIST and Fashion-MNIST share their names) is passed over, and said so."""
     from handprop.data import DATASETS, check_file, locate
 
     for name, spec in DATASETS.items():
+        skipped: list[tuple[Path, str]] = []
         if spec.builtin:
             where, status = "bundled with scikit-learn", "available"
         else:
-            found = locate(spec, data_dir)
+            found = locate(spec, data_dir, skipped) if data_dir is not None else None
+            if found is None:
+                found = locate(spec, None, skipped)
             if found is None:
                 where, status = "not found (handprop data fetch " + name + ")", "missing"
             else:
@@ -38,18 +51,51 @@ def info(data_dir) -> None:
                     size = sum(p.stat().st_size for p in paths) / 1e6
                     where, status = f"{directory} [{how}, {size:.1f} MB]", "available"
         click.echo(f"{name:<14} {status:<10} {where}")
+        for directory, other in skipped:
+            note = f"(passed over {directory}: its files are {other}'s, not {name}'s)"
+            click.echo(f"{'':<14} {'':<10} {note}")
         click.echo(f"{'':<14} {spec.description}")
 
 
-@command.command("fetch")
+@command.command(
+    "fetch",
+    short_help="Make dataset NAME available: found, or downloaded and verified.",
+    epilog=f"NAME is one of: {', '.join(DATASETS)}.",
+)
 @click.argument("name")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Copy from DIR into the cache.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Copy the files from DIR (or DIR/NAME) into the cache, verified.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def fetch(name, data_dir, quiet) -> None:
-    """Make dataset NAME available: locate it, or download and verify it into the cache."""
+    """Make dataset NAME available: locate it, or download and verify it into the cache.
+
+    With --data-dir, the files found there are verified and copied into the cache
+    (gzipped or not, as they are); a verified copy already there is kept."""
     from handprop.data import get_spec, load_dataset
+    from handprop.data.fetch import copy_into_cache, locate, not_in_dir_message
+    from handprop.errors import DataError
 
     spec = get_spec(name)
+    if data_dir is not None and not spec.builtin:
+        skipped: list[tuple[Path, str]] = []
+        found = locate(spec, data_dir, skipped)
+        if found is None:
+            raise DataError(not_in_dir_message(spec, data_dir, skipped))
+        _, directory, paths = found
+        target, copied = copy_into_cache(spec, paths)
+        if not copied:
+            click.echo(f"{name}: a verified copy is already in {target}; nothing copied")
+        else:
+            kept = len(spec.files) - len(copied)
+            click.echo(
+                f"{name}: copied {len(copied)} files from {directory} into {target}"
+                + (f" ({kept} already there)" if kept else "")
+                + ", each verified (sha256 of the content)"
+            )
+        return
     ds = load_dataset(name, data_dir, progress=not quiet)
     if spec.builtin:
         click.echo(f"{name}: bundled, {len(ds)} samples")
@@ -57,7 +103,11 @@ def fetch(name, data_dir, quiet) -> None:
     click.echo(f"{name}: {len(ds)} samples ({ds.n_train} train) in {ds.source}")
 
 
-@command.command("verify")
+@command.command(
+    "verify",
+    short_help="Check dataset NAME's files against their pinned checksums.",
+    epilog=f"NAME is one of: {', '.join(DATASETS)}.",
+)
 @click.argument("name")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Verify the files in DIR.")
 def verify(name, data_dir) -> None:
@@ -71,7 +121,8 @@ def verify(name, data_dir) -> None:
     if spec.builtin:
         click.echo(f"{name}: bundled with scikit-learn; nothing to verify")
         return
-    found = locate(spec, data_dir)
+    skipped: list[tuple[Path, str]] = []
+    found = locate(spec, data_dir, skipped)
     if found is not None:
         directory = found[1]
     elif data_dir is not None:  # report what is there, and what is missing
@@ -91,4 +142,5 @@ def verify(name, data_dir) -> None:
     if failed:
         raise DataError(
             f"{failed} of {len(spec.files)} files of {name} in {directory} failed verification"
+            + "".join(f": it holds the {o} files" for d, o in skipped if d == directory)
         )

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from handprop.data.csvfile import read_csv
-from handprop.data.fetch import cache_dir, check_file, find_file, locate, no_data_message
+from handprop.data.fetch import (
+    cache_dir,
+    check_file,
+    find_file,
+    locate,
+    no_data_message,
+    not_in_dir_message,
+)
 from handprop.data.fetch import download as fetch_files
 from handprop.data.idx import (
     IdxHeader,
@@ -71,11 +78,11 @@ def load_dataset(
     spec = get_spec(name)
     if spec.builtin:
         return _load_digits(spec)
-    found = locate(spec, data_dir)
+    skipped: list[tuple[Path, str]] = []  # folders holding another dataset's files
+    found = locate(spec, data_dir, skipped)
     if found is None:
         if data_dir is not None:
-            missing = ", ".join(f.name + "[.gz]" for f in spec.files)
-            raise DataError(f"{data_dir}: does not hold the {name} files ({missing})")
+            raise DataError(not_in_dir_message(spec, data_dir, skipped))
         if not download:
             raise DataError(no_data_message(spec, "downloading is off"))
         fetch_files(spec, progress=progress)

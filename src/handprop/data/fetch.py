@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import shutil
 import stat
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from handprop.atomic import _umask
 from handprop.data.idx import UnreadableFileError, open_content, reading
-from handprop.data.registry import DatasetSpec, FileSpec
+from handprop.data.registry import DATASETS, DatasetSpec, FileSpec
 from handprop.errors import DataError
 
 ENV_DATA = "HANDPROP_DATA"
@@ -56,8 +57,17 @@ def find_file(directory: Path, f: FileSpec) -> Path | None:
     return found[0] if found else None
 
 
-def locate(spec: DatasetSpec, data_dir: str | Path | None) -> tuple[str, Path, list[Path]] | None:
-    """The first candidate directory holding every file, or None."""
+def locate(
+    spec: DatasetSpec,
+    data_dir: str | Path | None,
+    skipped: list[tuple[Path, str]] | None = None,
+) -> tuple[str, Path, list[Path]] | None:
+    """The first candidate directory holding every file, or None.
+
+    A directory whose files are another registered dataset's (MNIST and Fashion-MNIST
+    share their file names) is not this dataset's copy: it is passed over, and appended
+    to ``skipped`` as (directory, the other dataset's name).
+    """
     if data_dir is not None:
         with reading(Path(data_dir)):
             if not Path(data_dir).exists():
@@ -67,8 +77,43 @@ def locate(spec: DatasetSpec, data_dir: str | Path | None) -> tuple[str, Path, l
     for how, directory in candidate_dirs(spec, data_dir):
         paths = [find_file(directory, f) for f in spec.files]
         if all(paths):
-            return how, directory, paths  # type: ignore[return-value]
+            other = owner(spec, paths)  # type: ignore[arg-type]
+            if other is None:
+                return how, directory, paths  # type: ignore[return-value]
+            if skipped is not None and (directory, other) not in skipped:
+                skipped.append((directory, other))
     return None
+
+
+def owner(spec: DatasetSpec, paths: list[Path]) -> str | None:
+    """The other registered dataset these files are, or None (they are ``spec``'s, or
+    no known dataset's: corrupt or foreign files are left for verification to name).
+
+    Judged by the smallest file (test labels, 10 kB): its content checksum is
+    ``spec``'s, or another dataset's file of the same name.
+    """
+    i = min(range(len(spec.files)), key=lambda i: spec.files[i].size or float("inf"))
+    f, path = spec.files[i], paths[i]
+    if check_file(path, f)[0] == "OK":
+        return None
+    for other in DATASETS.values():
+        if other.name == spec.name:
+            continue
+        for g in other.files:
+            if g.name == f.name and g.sha256 and check_file(path, g)[0] == "OK":
+                return other.name
+    return None
+
+
+def not_in_dir_message(
+    spec: DatasetSpec, data_dir: str | Path, skipped: list[tuple[Path, str]]
+) -> str:
+    """Why ``data_dir`` gave no copy of ``spec``: another dataset's files, or none."""
+    if skipped:
+        directory, other = skipped[0]
+        return f"{directory}: holds the {other} files, not {spec.name}'s"
+    missing = ", ".join(f.name + "[.gz]" for f in spec.files)
+    return f"{data_dir}: does not hold the {spec.name} files ({missing})"
 
 
 def check_file(path: Path, f: FileSpec) -> tuple[str, str]:
@@ -184,10 +229,95 @@ def _download_verified(url: str, dest: Path, f: FileSpec, progress: bool) -> Non
         tmp.unlink(missing_ok=True)
 
 
-def copy_into_cache(spec: DatasetSpec, paths: list[Path]) -> Path:
-    """Copy located files into the cache (used by `handprop data fetch --data-dir`)."""
+def copy_into_cache(spec: DatasetSpec, paths: list[Path]) -> tuple[Path, list[Path]]:
+    """Copy a located copy of ``spec``'s files into the cache (``handprop data fetch
+    --data-dir``); returns the cache folder and the files written there.
+
+    Every file is verified before anything is written; a file already in the cache
+    that verifies is kept (nothing copied for it); one that does not is never
+    overwritten: handprop did not write it. Each copy is written under a temporary
+    name, verified again and linked into place, so no half-written file is ever seen.
+    """
+    for f, p in zip(spec.files, paths, strict=True):
+        status, why = check_file(p, f)
+        if status == "UNREADABLE":
+            raise UnreadableFileError(f"{p}: {why}; nothing was copied into the cache")
+        if status != "OK":
+            raise DataError(
+                f"{p}: not the published {spec.name} file: {why}; nothing was copied into the cache"
+            )
     target = make_cache_dir(spec)
-    for p in paths:
-        if p.parent.resolve() != target.resolve():
-            shutil.copyfile(p, target / p.name)
-    return target
+    todo = []
+    for f, p in zip(spec.files, paths, strict=True):
+        existing = find_file(target, f)
+        if existing is None:
+            todo.append((f, p, target / p.name))
+            continue
+        if existing.resolve() == p.resolve():
+            continue
+        status, why = check_file(existing, f)
+        if status != "OK":
+            raise DataError(
+                f"{existing}: already in the cache but not the published {spec.name} "
+                f"file ({why}); it is left as it is: move it away, then fetch again"
+            )
+    for f, p, dest in todo:
+        _copy_verified(p, dest, f, spec)
+    return target, [dest for _, _, dest in todo]
+
+
+def _copy_verified(src: Path, dest: Path, f: FileSpec, spec: DatasetSpec) -> None:
+    """``src`` to a temporary file beside ``dest``, synced and verified, then linked to
+    ``dest``, which must not exist (a link never replaces a file; a rename would)."""
+
+    def cannot(exc: OSError) -> DataError:
+        return DataError(
+            f"{dest.parent}: cannot write {dest.name} into the cache folder: {exc.strerror or exc}"
+        )
+
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as exc:
+        raise cannot(exc) from None
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(fd, 0o666 & ~_umask())  # mkstemp's 0600, as open() would have made it
+        with os.fdopen(fd, "wb") as out:
+            with reading(src):
+                source = open(src, "rb")  # noqa: SIM115 - closed below
+            with source:
+                while True:
+                    with reading(src):
+                        chunk = source.read(CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        status, why = check_file(tmp, f)
+        if status != "OK":  # src changed while it was copied
+            raise DataError(f"{src}: its copy failed verification ({why}); nothing was kept")
+        _link_no_clobber(tmp, dest, spec)
+    except OSError as exc:
+        raise cannot(exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_no_clobber(tmp: Path, dest: Path, spec: DatasetSpec) -> None:
+    exists = DataError(
+        f"{dest}: already exists and is not a verified copy; it is left as it is: "
+        f"move it away, then fetch {spec.name} again"
+    )
+    try:
+        os.link(tmp, dest)
+        return
+    except FileExistsError:
+        raise exists from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+    # a file system without hard links (FAT, some network ones): rename, after a check
+    if os.path.lexists(dest):
+        raise exists
+    os.replace(tmp, dest)
