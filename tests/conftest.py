@@ -1,8 +1,36 @@
+import hashlib
 import os
 import threading
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+def mnist_dir() -> Path | None:
+    """Real MNIST for the tests: the folder ``HANDPROP_TEST_MNIST`` names, and nothing
+    else (a user's clone has no folder beside it to fall back on). None when unset; a
+    value that names no folder is a mistake, not a reason to skip."""
+    value = os.environ.get("HANDPROP_TEST_MNIST")
+    if not value:
+        return None
+    if not Path(value).is_dir():
+        raise pytest.UsageError(f"HANDPROP_TEST_MNIST={value}: not a folder")
+    return Path(value)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``mnist`` (it reads real MNIST) skips, saying how to run it, when
+    ``HANDPROP_TEST_MNIST`` is unset."""
+    if mnist_dir() is not None:
+        return
+    skip = pytest.mark.skip(
+        reason="needs real MNIST: set HANDPROP_TEST_MNIST to a folder with its IDX files"
+    )
+    for item in items:
+        if "mnist" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -124,3 +152,28 @@ def xp(request):
         except backend.DeviceError as exc:
             pytest.skip(f"cupy asked for, but {exc}")
     return pytest.importorskip(name)
+
+
+def pin_dataset(monkeypatch, name: str, arrs: dict, system_dirs: tuple[str, ...] = ()):
+    """Register dataset ``name``, MNIST-like, whose pinned checksums are those of the IDX
+    files of ``arrs`` (file name -> array); gone after the test."""
+    from handprop.data import idx_bytes
+    from handprop.data.registry import DATASETS, FileSpec
+
+    files = tuple(
+        FileSpec(n, sha256=hashlib.sha256(idx_bytes(a)).hexdigest(), size=len(idx_bytes(a)))
+        for n, a in arrs.items()
+    )
+    spec = replace(DATASETS["mnist"], name=name, files=files, mirrors=(), system_dirs=system_dirs)
+    monkeypatch.setitem(DATASETS, name, spec)
+    return spec
+
+
+def write_dataset(directory: Path, arrs: dict, compress: bool = True) -> Path:
+    """The IDX files of ``arrs`` (file name -> array) in ``directory``, gzipped or not."""
+    from handprop.data import write_idx
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for n, a in arrs.items():
+        write_idx(directory / (n + ".gz" * compress), a, compress=compress)
+    return directory

@@ -467,7 +467,7 @@ def test_to_toml_writes_every_field():
     cfg = parse_toml_config(
         MINIMAL_TOML
         + 'name = "x"\ndata_dir = "d"\nbatch_size = 32\nvalidation = 0.1\npatience = 3\n'
-        + 'layers = ["conv 8 3", "relu", "maxpool 2"]\n',
+        + 'layers = ["conv 8 3", "relu", "maxpool 2"]\nsplit_seed = 5\n',
         "r.toml",
     )
     text = to_toml(cfg)
@@ -762,3 +762,45 @@ def test_good_run_names_pass():
 
     for name in ("lr0.1", "r\u00e9sum\u00e9 \u2603", "summary", "a-b_c", "x" * 200):
         assert run_name_problem(name) is None
+
+
+# --- split_seed: the split's own seed ------------------------------------------------------------
+
+
+def test_split_seed_defaults_to_the_seed():
+    cfg = parse_toml_config(MINIMAL_TOML + "seed = 4\n", "r.toml")
+    assert cfg.split_seed is None and cfg.resolved_split_seed == 4
+    assert parse_seed_config(SEED, "b.cfg").resolved_split_seed == 0
+    # changing the seed of a config without split_seed moves its split too (as before)
+    assert cfg.replace(seed=9).resolved_split_seed == 9
+
+
+def test_split_seed_holds_whatever_the_seed():
+    cfg = parse_toml_config(MINIMAL_TOML + "seed = 4\nsplit_seed = 0\n", "r.toml")
+    assert (cfg.seed, cfg.split_seed, cfg.resolved_split_seed) == (4, 0, 0)
+    assert cfg.replace(seed=9).resolved_split_seed == 0
+    assert "\nsplit_seed = 0\n" in to_toml(cfg)
+    assert "# split_seed = (not set)" in to_toml(cfg.replace(split_seed=None))
+
+
+def test_split_seed_is_a_csv_column():
+    assert config_from_mapping({**ROW, "seed": "2", "split_seed": "7"}, "g.csv").split_seed == 7
+    assert config_from_mapping({**ROW, "seed": "2", "split_seed": ""}, "g.csv").split_seed is None
+
+
+@pytest.mark.parametrize(
+    "value, got", [("-1", "-1"), ("1.5", r"1\.5 \(a float\)"), ('"1"', r"'1' \(a string\)")]
+)
+def test_bad_split_seed_in_toml_names_its_line(value, got):
+    with pytest.raises(
+        ConfigError, match=rf"^r\.toml line 7: split_seed must be an integer >= 0, got {got}$"
+    ):
+        parse_toml_config(MINIMAL_TOML + f"split_seed = {value}\n", "r.toml")
+
+
+def test_bad_split_seed_in_csv_names_its_column():
+    where = {"split_seed": "g.csv row 2 column split_seed"}
+    with pytest.raises(
+        ConfigError, match=r"^g\.csv row 2 column split_seed: split_seed must be an integer >= 0"
+    ):
+        config_from_mapping({**ROW, "split_seed": "one"}, "g.csv row 2", where)

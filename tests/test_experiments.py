@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from handprop.config import parse_toml_config
+from handprop.config import parse_toml_config, to_toml
 from handprop.errors import ConfigError
 from handprop.experiments import read_grid, run_grid
 
@@ -42,9 +42,10 @@ def test_grid_runs_every_row_and_writes_a_summary(tmp_path):
     assert table[2]["status"] == "diverged"
     assert "| small |" in (out / "summary.md").read_text()
 
-    # again: completed runs are skipped, the failed one is tried again
+    # again: completed runs are skipped (and stay completed), the failed one is tried again
     again = run_grid(read_grid(grid), out, progress=False)
-    assert [s.status for s in again] == ["skipped", "skipped", "diverged"]
+    assert [s.status for s in again] == ["completed", "completed", "diverged"]
+    assert [s.skipped for s in again] == [True, True, False]
     assert again[0].accuracy == summaries[0].accuracy
 
 
@@ -158,3 +159,89 @@ def test_a_grid_row_can_be_a_cnn(tmp_path):
 
     net = nn.load(tmp_path / "out" / "cnn" / "model.npz")
     assert net.layers[0].kind == "conv2d" and net.input_shape == (1, 8, 8)
+
+
+def test_a_finished_grid_run_again_keeps_its_summary(tmp_path):
+    from click.testing import CliRunner
+
+    from handprop.cli import main
+
+    grid = write(
+        tmp_path / "g.csv", "a,400,300,100,8,2.0,6,digits,3", "b,400,300,100,12,2.0,6,digits,3"
+    )
+    out = tmp_path / "out"
+
+    def experiments():
+        args = ["experiments", str(grid), "--out", str(out), "-q"]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        with (out / "summary.csv").open() as f:
+            return result.output, list(csv.DictReader(f))
+
+    first_output, first = experiments()
+    again_output, again = experiments()
+    assert [r["status"] for r in first] == ["completed", "completed"]
+    columns = ("run", "status", "accuracy", "final_loss", "epochs", "message")
+    assert [[r[c] for c in columns] for r in again] == [[r[c] for c in columns] for r in first]
+    assert "a: skipped, already completed accuracy" in again_output  # the console says so
+    assert "skipped" not in first_output and "skipped" not in (out / "summary.md").read_text()
+
+
+DIGITS_BASE = (
+    'dataset = "digits"\ntotal = 500\ntrain = 400\ntest = 100\nhidden = 8\n'
+    "learning_rate = 2.0\nepochs = 4\neval_every = 4\n"
+)
+
+
+def test_a_seed_column_over_a_base_config_keeps_the_base_split(tmp_path):
+    from handprop.evaluate import evaluate_ensemble
+
+    base = parse_toml_config(DIGITS_BASE + "seed = 5\n", "base.toml")
+    grid = write(tmp_path / "g.csv", "s0,0", "s1,1", "s2,2", header="run_name,seed")
+    rows = read_grid(grid, base)
+    assert [(r.config.seed, r.config.resolved_split_seed) for r in rows] == [(0, 5), (1, 5), (2, 5)]
+    out = tmp_path / "out"
+    assert [s.status for s in run_grid(rows, out, progress=False)] == ["completed"] * 3
+    assert evaluate_ensemble([out])["run"] == "ensemble of 3 runs"  # one test set
+
+    # a split_seed column moves it; without a base each row's seed is its split's too
+    grid = write(tmp_path / "h.csv", "s0,0,0", "s1,1,1", header="run_name,seed,split_seed")
+    assert [r.config.resolved_split_seed for r in read_grid(grid, base)] == [0, 1]
+    grid = write(
+        tmp_path / "k.csv",
+        "s0,500,400,100,4,2.0,4,0",
+        "s1,500,400,100,4,2.0,4,1",
+        header="run_name,d,dtrain,dtest,m,alpha,epochs,seed",
+    )
+    rows = read_grid(grid)
+    assert [(r.config.split_seed, r.config.resolved_split_seed) for r in rows] == [
+        (None, 0),
+        (None, 1),
+    ]
+
+
+def test_a_row_run_before_split_seed_existed_is_still_its_run(tmp_path):
+    from handprop.experiments import existing_row
+
+    def folder_of(cfg, name):
+        # config.toml as handprop wrote it before split_seed: no such line
+        folder = tmp_path / name
+        folder.mkdir()
+        text = "".join(
+            line for line in to_toml(cfg).splitlines(keepends=True) if "split_seed" not in line
+        )
+        (folder / "config.toml").write_text(text)
+        return folder
+
+    standard = parse_toml_config('split = "standard"\nlearning_rate = 1e-3\nepochs = 2\n', "c")
+    # a seed column over a base: the row now keeps the base's split seed (0)
+    row = standard.replace(seed=1, split_seed=0)
+    assert existing_row(row, folder_of(standard.replace(seed=1), "standard")) is None
+
+    original = parse_toml_config(DIGITS_BASE, "c")
+    row = original.replace(seed=1, split_seed=0)
+    with pytest.raises(ConfigError, match="split with split_seed 1, the row asks for 0: a split"):
+        existing_row(row, folder_of(original.replace(seed=1), "original"))
+    # a row that gives split_seed 1 (or a grid without a base) continues it
+    assert existing_row(original.replace(seed=1), tmp_path / "original") is None
+    assert existing_row(row.replace(split_seed=1), tmp_path / "original") is None

@@ -1,25 +1,22 @@
 """The original's experiment grid and the scikit-learn comparison on real MNIST (slow).
 
 Run with ``python -m pytest -m slow``; MNIST is found through ``HANDPROP_TEST_MNIST``
-(default ``../shared/data/mnist``). About three minutes on 2 cores.
+only (skipped, saying so, without it). About three minutes on 2 cores.
 """
 
 import csv
-import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import mnist_dir
 from handprop.cli import main
 
 ROOT = Path(__file__).parents[1]
-MNIST = Path(os.environ.get("HANDPROP_TEST_MNIST", ROOT.parent / "shared/data/mnist"))
+MNIST = mnist_dir()
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not MNIST.is_dir(), reason=f"real MNIST not found at {MNIST}"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.mnist]
 
 
 def cli(*args):

@@ -208,3 +208,171 @@ def test_a_model_with_nan_parameters_predicts_nothing(tmp_path, model, images):
     save(net, tmp_path / "nan.npz")
     write_idx(tmp_path / "x.idx", images)
     one_error_line(run("predict", tmp_path / "nan.npz", tmp_path / "x.idx"), "NaN or infinite")
+
+
+# -- labelled inputs: the accuracy, --format csv|json --------------------------------
+
+
+def predicted(net, images):
+    return net.predict(images.reshape(len(images), -1) / np.float32(16))
+
+
+@pytest.fixture
+def labelled(tmp_path, model, images):
+    """An MNIST-named IDX pair (gzip images, raw labels) whose labels are the model's
+    own predictions with the first two changed: 3 of 5 right."""
+    net, _ = model
+    labels = predicted(net, images).astype(np.uint8)
+    labels[:2] = (labels[:2] + 1) % 10
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, compress=True)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels)
+    return tmp_path / "t10k-images-idx3-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte", labels
+
+
+def write_csv(path, labels, images, header=True):
+    rows = [",".join(map(str, [y, *x.ravel()])) for y, x in zip(labels, images, strict=True)]
+    head = ["label," + ",".join(f"pixel{i}" for i in range(images[0].size))] if header else []
+    path.write_text("\n".join(head + rows) + "\n")
+
+
+def test_an_idx_file_with_labels_beside_it_prints_the_accuracy(tmp_path, model, labelled):
+    images, labels, _ = labelled
+    result = run("predict", model[1], images)
+    assert result.exit_code == 0, result.output
+    *lines, last = result.output.splitlines()
+    assert last == f"accuracy: 60.00% (3/5) on {images} (labels: {labels})"
+    # the lines above are those of the same images without labels, as before
+    (tmp_path / "alone").mkdir()
+    alone = tmp_path / "alone" / images.name
+    alone.write_bytes(images.read_bytes())
+    plain = run("predict", model[1], alone).output
+    assert plain == "\n".join(lines).replace(str(images), str(alone)) + "\n"
+    assert "accuracy" not in plain
+
+
+@pytest.mark.parametrize(
+    ("images", "labels"),
+    [
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte.gz"),
+        ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+        ("train-images.idx3-ubyte", "train-labels.idx1-ubyte"),  # as Kaggle names them
+        ("digits-images.idx", "digits-labels.idx"),
+    ],
+)
+def test_labels_are_found_beside_the_images_by_name(tmp_path, images, labels):
+    from handprop.predict import labels_beside
+
+    (tmp_path / images).touch()
+    assert labels_beside(tmp_path / images) is None
+    (tmp_path / labels).touch()
+    assert labels_beside(tmp_path / images) == tmp_path / labels
+    assert labels_beside(tmp_path / "x.idx") is None
+
+
+def test_a_csv_file_is_scored_by_its_label_column(tmp_path, model, images):
+    net, _ = model
+    labels = predicted(net, images)
+    labels[0] = (labels[0] + 1) % 10
+    write_csv(tmp_path / "x.csv", labels, images)
+    write_csv(tmp_path / "y.csv", labels[:2], images[:2], header=False)
+    write_idx(tmp_path / "z.idx", images)  # no labels: predicted, not scored
+    result = run("predict", model[1], tmp_path / "x.csv", tmp_path / "z.idx", tmp_path / "y.csv")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-3:] == [
+        f"accuracy: 80.00% (4/5) on {tmp_path / 'x.csv'}",
+        f"accuracy: 50.00% (1/2) on {tmp_path / 'y.csv'}",
+        "accuracy: 71.43% (5/7) on all 2 labelled inputs",
+    ]
+    assert len(result.output.splitlines()) == 12 + 3
+
+
+def test_format_csv_is_a_header_and_a_row_per_input(tmp_path, model, images, labelled):
+    import csv
+
+    net, _ = model
+    write_idx(tmp_path / "x.idx", images[:2])
+    result = run("predict", model[1], labelled[0], tmp_path / "x.idx", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(result.stdout.splitlines()))
+    assert rows[0] == ["input", "predicted", "probability", "label"]
+    P = net.predict_proba(images.reshape(5, -1) / np.float32(16))
+    assert [r[0] for r in rows[1:]] == [f"{labelled[0]}[{i}]" for i in range(5)] + [
+        f"{tmp_path / 'x.idx'}[{i}]" for i in range(2)
+    ]
+    assert [int(r[1]) for r in rows[1:6]] == list(P.argmax(axis=1))
+    np.testing.assert_allclose([float(r[2]) for r in rows[1:6]], P.max(axis=1), atol=1e-6)
+    assert [r[3] for r in rows[1:]] == [str(y) for y in labelled[2]] + ["", ""]
+    assert result.stderr == f"accuracy: 60.00% (3/5) on {labelled[0]} (labels: {labelled[1]})\n"
+
+
+def test_format_json_is_the_rows_as_objects_and_the_accuracy(tmp_path, model, images, labelled):
+    import json
+
+    write_idx(tmp_path / "x.idx", images[:1])
+    result = run("predict", model[1], labelled[0], tmp_path / "x.idx", "--format", "json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [p["label"] for p in out["predictions"]] == [str(y) for y in labelled[2]] + [None]
+    assert set(out["predictions"][0]) == {"input", "predicted", "probability", "label"}
+    assert out["accuracy"] == {
+        "correct": 3,
+        "total": 5,
+        "accuracy": 0.6,
+        "inputs": [
+            {
+                "input": str(labelled[0]),
+                "labels": str(labelled[1]),
+                "correct": 3,
+                "total": 5,
+                "accuracy": 0.6,
+            }
+        ],
+    }
+    unlabelled = run("predict", model[1], tmp_path / "x.idx", "--format", "json")
+    assert json.loads(unlabelled.stdout)["accuracy"] is None
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.zeros(4, np.uint8), "4 labels for the 5 images of"),
+        (np.zeros(6, np.uint8), "6 labels for the 5 images of"),
+        (np.array([0, 1, 10, 2, 3], np.uint8), "label 10 (item 2) is not a class id of the model"),
+        (np.array([0, 1, 10, 2, -1], np.int16), "2 labels are not class ids of the model"),
+        (np.zeros((5, 1), np.uint8), "dims 5x1, not labels"),
+        (np.zeros(5, np.float32), "float32 values, not class ids"),
+    ],
+    ids=["too few", "too many", "class 10", "two bad", "2-d", "float"],
+)
+def test_bad_labels_beside_the_images_are_one_line(tmp_path, model, images, labels, message):
+    write_idx(tmp_path / "a-images-idx3-ubyte", images)
+    write_idx(tmp_path / "a-labels-idx1-ubyte", labels)
+    result = run("predict", model[1], tmp_path / "a-images-idx3-ubyte")
+    one_error_line(result, f"{tmp_path / 'a-labels-idx1-ubyte'}: {message}")
+
+
+def test_a_csv_label_that_is_no_class_of_the_model_is_one_line(tmp_path, model, images):
+    write_csv(tmp_path / "x.csv", [1, 2, 10, 3, 4], images)
+    one_error_line(
+        run("predict", model[1], tmp_path / "x.csv"), "x.csv line 4: a label must lie in [0, 10)"
+    )
+
+
+def test_labelled_idx_rows_are_still_streamed(tmp_path, model, images, monkeypatch):
+    from handprop import predict
+
+    net, _ = model
+    labels = predicted(net, images).astype(np.uint8)
+    labels[3] = (labels[3] + 1) % 10
+    write_idx(tmp_path / "x-images.idx", images)
+    write_idx(tmp_path / "x-labels.idx", labels)
+    monkeypatch.setattr(predict, "BATCH_ROWS", 2)
+    inputs = open_inputs([tmp_path / "x-images.idx"], net)
+    assert isinstance(inputs[0].rows, np.memmap)  # a raw file is mapped, not read
+    accuracy = predict.Accuracy()
+    batches = list(predict.predict_rows(inputs, net))
+    assert [(b.lo, b.hi) for b in batches] == [(0, 2), (2, 4), (4, 5)]
+    for b in batches:
+        np.testing.assert_array_equal(b.labels, labels[b.lo : b.hi])
+        accuracy.add(b, b.P.argmax(axis=1))
+    assert accuracy.summary()["correct"] == 4

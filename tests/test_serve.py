@@ -3,20 +3,22 @@
 The API tests need the serve extra (starlette, uvicorn) and httpx (the test client's
 transport); the browser test also needs Playwright for Python and Debian's Chromium
 (``apt-get install chromium``). Each is skipped, saying which, when that is absent.
-The models are trained here: an MLP on scikit-learn's 8x8 digits (offline), and one on
-real MNIST when it is found (``HANDPROP_TEST_MNIST`` or ``../shared/data/mnist``).
+The models are trained here: the main job's (``experiments/quickstart.toml``) and a
+second MLP on scikit-learn's 8x8 digits (offline), and one on real MNIST when
+``HANDPROP_TEST_MNIST`` names its folder.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
-import select
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -25,12 +27,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import mnist_dir
 from handprop.cli import main
 from handprop.nn import Network, save
 from handprop.predict import prepare_image
 
 ROOT = Path(__file__).parents[1]
-MNIST = Path(os.environ.get("HANDPROP_TEST_MNIST", ROOT.parent / "shared/data/mnist"))
+MNIST = mnist_dir()
 CHROMIUM = Path("/usr/bin/chromium")
 
 pytest.importorskip("starlette", reason="starlette not installed (pip install -e '.[serve]')")
@@ -60,10 +63,12 @@ def train(folder: Path, name: str, lines: str) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """A folder of runs: an MLP on the 8x8 digits, and one on MNIST when it is here."""
+    """A folder of runs: the main job's model and another MLP on the 8x8 digits, and
+    one on MNIST when it is here."""
     folder = tmp_path_factory.mktemp("serve")
+    cli("train", ROOT / "experiments/quickstart.toml", "--out", folder / "runs", "-q")
     train(folder, "digits", DIGITS)
-    if MNIST.is_dir():
+    if MNIST is not None:
         train(folder, "mnist", MNIST_MLP.format(data=MNIST))
     return folder / "runs"
 
@@ -136,7 +141,7 @@ def test_models_lists_every_run_with_dataset_and_accuracy(client, runs):
 
 def digit_images() -> tuple[Path, np.ndarray]:
     """Real test digits: MNIST's first 12 test images, or the 8x8 digits'."""
-    if MNIST.is_dir():
+    if MNIST is not None:
         from handprop.data import load_dataset
 
         ds = load_dataset("mnist", data_dir=MNIST, progress=False)
@@ -180,11 +185,52 @@ def _labels(model: str) -> np.ndarray:
     return load_digits().target[:12]
 
 
+def own_test_images(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The run's test images (uint8, 0-255) and labels, from its split."""
+    from handprop.data import load_dataset
+
+    config = (run / "config.toml").read_text()
+    dataset = re.search(r'^dataset = "(.*)"', config, re.M)[1]
+    ds = load_dataset(dataset, data_dir=MNIST if dataset == "mnist" else None, progress=False)
+    idx = np.load(run / "split.npz")["test_idx"]
+    images = ds.images[idx].astype(np.float64) * (255 / ds.pixel_max)
+    return images.round().astype(np.uint8), ds.labels[idx]
+
+
+@pytest.mark.parametrize(
+    ("model", "points"),
+    [("quickstart", 3), pytest.param("mnist", 1, marks=pytest.mark.mnist)],
+)
+def test_a_models_own_test_digits_as_pictures_read_as_its_arrays_do(
+    client, runs, tmp_path, model, points
+):
+    """Each test digit saved as a PNG four times its size, as a user would send it, and
+    read through ``handprop predict`` and the API: the accuracy within ``points`` of the
+    model's own (on the arrays), so the picture is prepared as the dataset was."""
+    images, labels = own_test_images(runs / model)
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i:05d}.png")
+        files[-1].write_bytes(png(np.kron(image, np.ones((4, 4), np.uint8))))
+    array_accuracy = json.loads((runs / model / "metrics.json").read_text())["accuracy"]
+    out = cli("predict", runs / model, *files)
+    said = [re.match(r"\S+\s+-> (\S+)", line)[1] for line in out.splitlines()[: len(files)]]
+    by_predict = np.mean(np.array(said) == labels.astype(str))
+    by_api = np.mean(
+        [
+            post_png(client, f.read_bytes(), model=model).json()["prediction"] == y
+            for f, y in zip(files, labels, strict=True)
+        ]
+    )
+    assert by_predict == by_api
+    assert by_predict >= array_accuracy - points / 100, (by_predict, array_accuracy)
+
+
 def test_the_answer_shows_the_input_the_saliency_and_the_hidden_units(client, runs):
     answer = post_png(client, stroke_png(), model="digits").json()
     assert answer["label"] == "1"
     assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
-    expected = prepare_image(stroke_png(), (8, 8))
+    expected = prepare_image(stroke_png(), (8, 8), prep="fill")  # as the 8x8 digits were
     np.testing.assert_allclose(answer["input"], expected, atol=1e-4)
     S = np.array(answer["saliency"])
     assert S.shape == (8, 8) and np.abs(S).max() == pytest.approx(1)
@@ -246,7 +292,7 @@ def test_a_cnn_shows_its_first_feature_maps(tmp_path):
 
 
 def test_a_prepared_array_as_json(client):
-    image = prepare_image(stroke_png(), (8, 8))
+    image = prepare_image(stroke_png(), (8, 8), prep="fill")
     answer = client.post("/api/predict", json={"pixels": image.tolist(), "model": "digits"})
     assert answer.status_code == 200
     by_png = post_png(client, stroke_png(), model="digits").json()
@@ -411,28 +457,35 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(runs):
-    """``handprop serve RUNS`` as a subprocess on a free 127.0.0.1 port; always stopped."""
+def served(runs, tmp_path):
+    """``handprop serve RUNS`` as a subprocess on a free 127.0.0.1 port, printing into a
+    file (a pipe nobody reads would fill and stop it); always stopped. Gives the
+    address and the file."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from handprop.cli import main; main()",
-            "serve",
-            str(runs),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    out = tmp_path / "serve.log"
+    with out.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from handprop.cli import main; main()",
+                "serve",
+                str(runs),
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        line = proc.stdout.readline() if ready else "(nothing printed in 120 s)"
-        assert f"http://127.0.0.1:{port}/" in line, line + proc.stdout.read()
-        yield f"http://127.0.0.1:{port}"
+        for _ in range(1200):  # 120 s at most
+            if "\n" in out.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        line = out.read_text().split("\n")[0]
+        assert f"http://127.0.0.1:{port}/" in line, out.read_text() or "(nothing in 120 s)"
+        yield f"http://127.0.0.1:{port}", out
     finally:
         proc.terminate()
         try:
@@ -440,7 +493,33 @@ def server(runs):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stdout.close()
+
+
+@pytest.fixture
+def server(served) -> str:
+    return served[0]
+
+
+def test_the_server_prints_one_line_per_request(served):
+    import httpx
+
+    url, out = served
+    httpx.get(url + "/")
+    httpx.get(url + "/favicon.ico")
+    httpx.post(url + "/api/predict?model=digits", content=stroke_png(),
+               headers={"Content-Type": "image/png"})  # fmt: skip
+    httpx.post(url + "/api/predict", content=b"", headers={"Content-Type": "image/png"})
+    for _ in range(50):
+        lines = out.read_text().splitlines()[1:]
+        if len(lines) >= 4:
+            break
+        time.sleep(0.1)
+    pattern = r"\d\d:\d\d:\d\d {} {} {} \d+ ms"
+    expected = [("GET", "/", 200), ("GET", "/favicon.ico", 200),
+                ("POST", "/api/predict", 200), ("POST", "/api/predict", 400)]  # fmt: skip
+    assert len(lines) == 4, lines
+    for line, (method, path, status) in zip(lines, expected, strict=True):
+        assert re.fullmatch(pattern.format(method, re.escape(path), status), line), line
 
 
 @pytest.fixture
@@ -467,13 +546,16 @@ def canvas_pixels(page, selector: str) -> np.ndarray:
     return np.array(data, dtype=np.uint8).reshape(-1, 4)
 
 
-def draw(page, points):
+def draw(page, *strokes):
+    """Each stroke as a person draws it: press, move through its points (the mouse
+    passing through 4 positions between two of them), release."""
     box = page.locator("#pad").bounding_box()
-    page.mouse.move(box["x"] + points[0][0], box["y"] + points[0][1])
-    page.mouse.down()
-    for x, y in points[1:]:
-        page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
-    page.mouse.up()
+    for points in strokes:
+        page.mouse.move(box["x"] + points[0][0], box["y"] + points[0][1])
+        page.mouse.down()
+        for x, y in points[1:]:
+            page.mouse.move(box["x"] + x, box["y"] + y, steps=4)
+        page.mouse.up()
 
 
 def wait_for_answers(page, more_than: int) -> int:
@@ -490,21 +572,57 @@ def bars(page) -> list[float]:
     ]
 
 
-def test_the_page_reads_a_drawn_stroke_as_a_one(server, browser, runs):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    errors = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+def open_page(browser, server, viewport=(1280, 900)):
+    """The page, loaded, with every 4xx/5xx answer and page error collected."""
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    page.failed, page.errors = [], []
+    page.on("response", lambda r: r.status >= 400 and page.failed.append((r.status, r.url)))
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.goto(server)
     page.wait_for_function("document.body.dataset.ready === '1'")
-    model = "mnist" if (runs / "mnist").is_dir() else "digits"
+    return page
+
+
+def choose(page, model: str) -> None:
+    """Pick ``model`` (the picker is enabled when the server has several)."""
     page.select_option("#model", model)
+    page.wait_for_function(
+        "(m) => document.getElementById('model').value === m && "
+        "document.getElementById('model-info').textContent !== ''",
+        arg=model,
+    )
+
+
+def watch_the_canvas(page) -> None:
+    """Record, at every frame from now on, any place of the canvas but its first."""
+    page.evaluate(
+        """() => {
+            const pad = document.getElementById('pad');
+            const first = pad.getBoundingClientRect();
+            window.padMoves = [];
+            const look = () => {
+                const r = pad.getBoundingClientRect();
+                if (r.left !== first.left || r.top !== first.top) {
+                    window.padMoves.push([r.left, r.top]);
+                }
+                requestAnimationFrame(look);
+            };
+            requestAnimationFrame(look);
+        }"""
+    )
+
+
+def test_the_page_reads_a_drawn_stroke_as_a_one(server, browser, runs):
+    page = open_page(browser, server)
+    model = "mnist" if (runs / "mnist").is_dir() else "quickstart"
+    choose(page, model)
     options = page.eval_on_selector_all("#model option", "os => os.map(o => o.textContent)")
     assert any(o.startswith("digits (digits) — ") and o.endswith("%") for o in options), options
 
     assert canvas_pixels(page, "#input")[:, :3].max() == 0  # nothing drawn: a black preview
     assert sum(bars(page)) == 0
 
-    draw(page, [(140, 45), (140, 235)])  # one vertical stroke, top to bottom
+    draw(page, *map(points, STROKES["1"]))  # a 1 as a person draws it (below)
     seen = wait_for_answers(page, 0)
     assert page.inner_text("#answer") == "1"
     p = bars(page)
@@ -533,9 +651,9 @@ def test_the_page_reads_a_drawn_stroke_as_a_one(server, browser, runs):
     assert canvas_pixels(page, "#input")[:, :3].max() == 0 and sum(bars(page)) == 0
 
     # the other model from the picker reads the same stroke
-    page.select_option("#model", "digits")
+    choose(page, "digits")
     count = int(page.evaluate("document.body.dataset.answers"))
-    draw(page, [(140, 45), (140, 235)])
+    draw(page, *map(points, STROKES["1"]))
     wait_for_answers(page, count)
     assert page.inner_text("#answer") == "1"
     assert int(np.sqrt(len(canvas_pixels(page, "#input")))) == 8
@@ -554,14 +672,141 @@ def test_the_page_reads_a_drawn_stroke_as_a_one(server, browser, runs):
     )
     wait_for_answers(page, count)
     assert page.inner_text("#answer") == "1" and not page.locator("#error").is_visible()
-    assert errors == []
+    assert page.errors == []
+    assert [status for status, _ in page.failed] == [422]  # notes.txt's, and only it
 
     if os.environ.get("HANDPROP_SCREENSHOT"):  # the README's picture
         page.set_viewport_size({"width": 1280, "height": 680})
         page.click("#clear")
-        page.select_option("#model", model)
+        choose(page, model)
         count = int(page.evaluate("document.body.dataset.answers"))
-        draw(page, [(150, 40), (150, 240)])
-        draw(page, [(112, 84), (150, 40)])
+        draw(page, [(150, 40), (150, 240)], [(112, 84), (150, 40)])
         wait_for_answers(page, count)
         page.screenshot(path=os.environ["HANDPROP_SCREENSHOT"])
+
+
+#: the digits 0 to 9 as a person draws them on the 280x280 canvas: each stroke the
+#: points "x,y" the pen passes through, from press to release
+STROKES = {
+    "0": [
+        (
+            "130,46 116,54 103,67 93,85 86,106 82,130 83,155 87,178 95,199 105,216 118,228 "
+            "133,234 148,234 162,228 175,216 186,198 193,177 197,154 198,129 194,106 187,84 "
+            "177,66 164,53 150,46 135,45 120,51"
+        ),
+    ],
+    "1": [
+        "152,42 149,81 146,120 144,160 141,199 138,238",
+    ],
+    "2": [
+        (
+            "88,78 96,65 108,54 123,47 139,45 155,47 170,53 183,63 191,76 195,91 194,106 185,118 "
+            "165,141 145,165 125,188 105,212 85,235 125,234 165,233 205,232"
+        ),
+    ],
+    "3": [
+        (
+            "87,68 99,56 113,48 131,44 148,45 164,51 178,62 186,75 190,90 188,105 180,119 168,130 "
+            "152,138 135,140 154,142 171,150 184,161 193,175 195,190 191,205 181,218 167,229 "
+            "149,235 130,236 111,232 95,224 83,212"
+        ),
+    ],
+    "4": [
+        "110,42 103,72 96,101 89,130 82,160 113,160 144,159 174,158 205,158",
+        "172,70 171,104 170,138 170,172 169,206 168,240",
+    ],
+    "5": [
+        (
+            "195,45 165,46 135,46 105,47 103,74 100,101 98,128 111,118 130,112 151,113 170,121 "
+            "185,133 196,150 200,170 197,190 188,207 174,221 155,230 135,232 115,228 97,217 "
+            "84,202"
+        ),
+    ],
+    "6": [
+        (
+            "179,47 159,55 141,67 124,85 111,106 101,131 95,157 93,185 95,200 102,213 112,224 "
+            "125,231 140,235 155,234 170,229 182,220 191,208 196,194 197,180 193,166 185,153 "
+            "174,143 160,137 145,135 129,137 116,144 104,154 97,166 93,181"
+        ),
+    ],
+    "7": [
+        "80,50 110,50 140,49 170,48 200,48 188,80 175,112 162,144 150,176 138,208 125,240",
+    ],
+    "8": [
+        (
+            "156,46 177,51 190,61 195,73 190,89 175,108 154,128 131,148 109,168 93,187 85,203 "
+            "88,217 100,227 119,233 142,235 165,232 183,226 193,215 194,201 185,184 168,165 "
+            "145,145 122,124 102,105 89,87 85,71 91,59 106,50 127,46 151,45"
+        ),
+    ],
+    "9": [
+        (
+            "191,86 186,72 177,60 165,51 150,46 135,45 120,49 107,57 96,68 90,81 88,96 91,111 "
+            "98,124 109,135 122,142 137,145 153,143 167,138 179,128 187,116 192,101 191,86 "
+            "190,124 187,153 185,182 182,211 180,240"
+        ),
+    ],
+}
+
+
+def points(stroke: str) -> list[tuple[int, int]]:
+    return [tuple(map(int, xy.split(","))) for xy in stroke.split()]
+
+
+@pytest.mark.parametrize(
+    ("model", "at_least"),
+    [("quickstart", 7), pytest.param("mnist", 8, marks=pytest.mark.mnist)],
+)
+def test_drawn_digits_read_right_and_the_canvas_never_moves(server, browser, runs, model, at_least):
+    """0 to 9 drawn stroke by stroke (press, several moves, release), each on a clear
+    canvas: at least ``at_least`` read right, no request refused (a press paints a dot,
+    so nothing blank is sent), and the canvas stays where it was under the pen."""
+    page = open_page(browser, server)
+    choose(page, model)
+    watch_the_canvas(page)
+    read = []
+    for strokes in STROKES.values():
+        page.click("#clear")
+        count = int(page.evaluate("document.body.dataset.answers"))
+        draw(page, *map(points, strokes))
+        wait_for_answers(page, count)
+        read.append(page.inner_text("#answer"))
+    right = sum(got == digit for got, digit in zip(read, STROKES, strict=True))
+    assert right >= at_least, f"{model} read 0-9 as {read}"
+    assert page.evaluate("window.padMoves") == []
+    assert page.failed == [] and page.errors == []
+    assert not page.locator("#error").is_visible()
+
+
+def test_a_press_alone_paints_a_dot_and_is_read(server, browser):
+    page = open_page(browser, server)
+    choose(page, "quickstart")
+    box = page.locator("#pad").bounding_box()
+    page.mouse.move(box["x"] + 140, box["y"] + 140)
+    page.mouse.down()
+    page.mouse.up()
+    wait_for_answers(page, 0)
+    ink = canvas_pixels(page, "#pad")[:, 0].reshape(280, 280)
+    assert ink[140, 140] == 255 and (ink > 128).sum() > 200  # a round dot, pen width 20
+    assert page.failed == [] and not page.locator("#error").is_visible()
+
+
+def test_the_page_keeps_its_shape_between_models_and_on_a_phone(server, browser, runs):
+    page = open_page(browser, server)
+    heights = set()
+    for model in sorted(p.name for p in runs.iterdir()):
+        choose(page, model)
+        heights.add(page.eval_on_selector("header", "h => h.getBoundingClientRect().height"))
+    assert len(heights) == 1, heights
+    # the error line floats: showing it moves nothing
+    pad = page.locator("#pad").bounding_box()
+    page.set_input_files(
+        "#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}]
+    )
+    page.wait_for_selector("#error", state="visible")
+    assert page.locator("#pad").bounding_box() == pad
+
+    phone = open_page(browser, server, viewport=(390, 844))
+    width = phone.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page is {width} px wide on a 390 px screen"
+    assert phone.failed == []  # the favicon too

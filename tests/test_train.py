@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,94 @@ def test_early_stopping_restores_the_best_parameters(tmp_path):
         rows = [r for r in _csv.DictReader(f) if r["val_loss"]]
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert int(best["epoch"]) == es["best_epoch"]
+
+
+# --- the split's seed ---------------------------------------------------------------------------
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+
+
+def test_a_config_without_split_seed_splits_as_before(cfg):
+    from handprop.data import load_dataset, original_split
+    from handprop.train import carve_validation, split_indices
+
+    ds = load_dataset("digits")
+    assert cfg.split_seed is None
+    train_idx, test_idx = split_indices(cfg, ds)
+    old_train, old_test = original_split(len(ds.labels), 1797, 1500, 297, 3)  # by the seed
+    np.testing.assert_array_equal(train_idx, old_train)
+    np.testing.assert_array_equal(test_idx, old_test)
+    fit, val = carve_validation(cfg.replace(validation=0.2), train_idx)
+    order = np.random.default_rng([3, 1]).permutation(1500)  # the validation part, as before
+    np.testing.assert_array_equal(val, np.sort(train_idx[order[:300]]))
+    np.testing.assert_array_equal(fit, np.sort(train_idx[order[300:]]))
+
+
+def test_split_seed_fixes_the_split_while_seed_varies_the_initialisation(cfg):
+    cfg = cfg.replace(epochs=5, eval_every=5)
+    base = train_run(cfg, default_name="base", progress=False)
+    other = train_run(cfg.replace(seed=8, split_seed=3), default_name="other", progress=False)
+    for key in ("train_idx", "test_idx"):
+        np.testing.assert_array_equal(
+            np.load(base.run_dir / "split.npz")[key], np.load(other.run_dir / "split.npz")[key]
+        )
+    params = [nn.load(r.run_dir / "model.npz").params for r in (base, other)]
+    assert not np.array_equal(*params)
+    # config.toml records the split's seed, also where the config left it to the seed
+    saved = [parse_toml_config((r.run_dir / "config.toml").read_text(), "c") for r in (base, other)]
+    assert [(s.seed, s.split_seed) for s in saved] == [(3, 3), (8, 3)]
+    assert other.metrics["split"]["seed"] == 3
+
+
+def test_a_resumed_run_keeps_its_split_seed(cfg, ctrl_c_after_step, tmp_path):
+    from handprop.data import load_dataset
+    from handprop.train import split_indices
+
+    moved = cfg.replace(seed=8, split_seed=3, epochs=10, eval_every=5)
+    ctrl_c_after_step(4)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(moved, default_name="cut", progress=False)
+    ctrl_c_after_step(None)
+    resumed = resume_run(tmp_path / "runs" / "cut", progress=False)
+    assert resumed.status == "completed"
+    _, test_idx = split_indices(cfg, load_dataset("digits"))  # seed 3's split
+    np.testing.assert_array_equal(np.load(resumed.run_dir / "split.npz")["test_idx"], test_idx)
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from handprop.cli import main
+
+    return CliRunner().invoke(main, list(map(str, args)), catch_exceptions=False)
+
+
+def test_three_seeds_of_quickstart_form_an_ensemble(tmp_path):
+    out = tmp_path / "ens"
+    for seed in (0, 1, 2):
+        result = cli("train", EXPERIMENTS / "quickstart.toml", "--seed", seed, "--out", out, "-q")
+        assert result.exit_code == 0, result.output
+    runs = [out / "quickstart", out / "quickstart-2", out / "quickstart-3"]
+    saved = [parse_toml_config((r / "config.toml").read_text(), "c") for r in runs]
+    assert [(s.seed, s.split_seed) for s in saved] == [(0, 0), (1, 0), (2, 0)]
+    tests = [np.load(r / "split.npz")["test_idx"] for r in runs]
+    assert all(np.array_equal(t, tests[0]) for t in tests)
+
+    result = cli("evaluate", out, "--ensemble")
+    assert result.exit_code == 0, result.output
+    assert "ensemble of 3 runs" in result.output
+
+    # --split-seed moves the split: such runs are no ensemble
+    moved = tmp_path / "moved"
+    for seed in (0, 1):
+        args = ("--seed", seed, "--split-seed", seed, "--out", moved, "-q")
+        assert cli("train", EXPERIMENTS / "quickstart.toml", *args).exit_code == 0
+    result = cli("evaluate", moved, "--ensemble")
+    assert result.exit_code != 0 and "other test samples" in result.output
+
+
+def test_seed_does_not_go_with_resume(cfg):
+    run = train_run(cfg.replace(epochs=2, eval_every=2), default_name="r", progress=False)
+    result = cli("train", "--resume", run.run_dir, "--seed", "1")
+    assert result.exit_code != 0
+    assert "--seed goes with CONFIG; a resumed run keeps the seeds it began with" in result.output

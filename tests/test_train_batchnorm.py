@@ -122,7 +122,7 @@ def test_a_grid_of_runs_is_evaluated_and_predicted_as_one_ensemble(tmp_path):
     assert result.exit_code == 0, result.output
     X = (rows / ds.pixel_max).reshape(5, 1, 8, 8)
     P = np.mean([nn.load(f"{m}/model.npz").predict_proba(X) for m in members], axis=0)
-    first = result.output.strip().splitlines()[-5]
+    first = result.stdout.splitlines()[0]  # "ensemble of ..." goes to stderr
     assert f"-> {P[0].argmax()}" in first and f"{P[0].max():.3f}" in first
     # models of other inputs or classes are refused, naming the file
     other = nn.Network.from_spec("64-10-3", meta={"image_shape": [8, 8], "pixel_max": 16.0})

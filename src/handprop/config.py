@@ -84,7 +84,8 @@ DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
 #: where the network computes: "cpu" (NumPy) or "cuda" (CuPy on an NVIDIA GPU); the
 #: same tuple as ``handprop.nn.backend.DEVICES`` (a test cross-checks them)
 DEVICE_NAMES: tuple[str, ...] = ("cpu", "cuda")
-#: "original": the first ``total`` samples, permuted by ``seed``, cut into train and test;
+#: "original": the first ``total`` samples, permuted by ``split_seed`` (by default
+#: ``seed``), cut into train and test;
 #: "standard": the dataset's official training and test parts
 SPLIT_NAMES: tuple[str, ...] = ("original", "standard")
 #: fields with one value per hidden layer (a single value is broadcast)
@@ -486,6 +487,9 @@ class RunConfig:
     data_dir: str | None = option(None, _optional(_string(path=True)), "data directory")
     seed: int = option(0, _integer(0), "seed")
     split: str = option("original", _choice(SPLIT_NAMES), "split")
+    # the split's own seed (and the validation part's): None follows `seed`, so a config
+    # without it splits as it always did; one split_seed and several seeds share a test set
+    split_seed: int | None = option(None, _optional(_integer(0)), "split seed")
     activation: tuple[str, ...] = option("sigmoid", _activations(), "activation")
     loss: str = option("cross_entropy", _choice(LOSS_NAMES), "loss")
     init: str = option("uniform", _choice(INIT_NAMES), "weight initialisation")
@@ -561,6 +565,12 @@ class RunConfig:
                     values[per_layer] = _DEFAULTS[per_layer]
         given = {name: (name, value) for name, value in values.items()}
         return RunConfig(**_resolve(given, _Origin("override", text=True)))
+
+    @property
+    def resolved_split_seed(self) -> int:
+        """The seed of the train/test split and of the validation part: ``split_seed``,
+        or ``seed`` when it is not set."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-able (tuples as lists), in declaration order."""

@@ -5,7 +5,13 @@ other config field as an optional column (``dataset``, ``seed``, ``hidden``,
 ``activation``, ``loss``, ``optimizer``, ``batch_size``, ``device``, ...); an empty cell takes the
 default, or the value from a base config. Each row becomes ``OUT/run_name``.
 
-Re-running a grid picks up where it stopped: a completed run is skipped, an interrupted
+A row splits the data by its ``split_seed`` cell, else by the base config's split seed
+(its ``split_seed``, else its ``seed``), else by its own ``seed``: a ``seed`` column over a
+base config varies the initialisation, as ``handprop train BASE --seed S`` does, and the
+rows share a test set (an ensemble); without a base, each seed is also its own split.
+
+Re-running a grid picks up where it stopped: a completed run is skipped (its row in the
+summary keeps its status, ``completed``, and its metrics), an interrupted
 or killed one resumes from its checkpoint, anything else starts again in its own
 folder. A run that fails (say it diverges, or would not fit in memory) is recorded in
 its folder and in the summary, and the others go on. handprop writes only into folders
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import os
 import signal
@@ -55,12 +62,14 @@ class GridRow:
 @dataclass
 class RunSummary:
     name: str
-    status: str  # completed, diverged, interrupted, failed, cancelled, skipped (complete)
+    status: str  # completed, diverged, interrupted, failed or cancelled
     accuracy: float | None = None
     final_loss: float | None = None
     seconds: float | None = None
     epochs: int | None = None
     message: str | None = None
+    # complete before this grid ran: not trained again; status and metrics are its run's
+    skipped: bool = False
 
 
 def read_grid(path: str | Path, base: RunConfig | None = None) -> list[GridRow]:
@@ -85,6 +94,10 @@ def read_grid(path: str | Path, base: RunConfig | None = None) -> list[GridRow]:
     if dupes:
         raise ConfigError(f"{path} line 1: column {sorted(dupes)[0]!r} appears twice")
     base_values = {} if base is None else base.to_dict()
+    if base is not None:
+        # the base's split holds for every row, whatever seed a row sets (as --seed keeps
+        # a config's split); a split_seed cell changes it
+        base_values["split_seed"] = base.resolved_split_seed
     rows: list[GridRow] = []
     names: dict[str, int] = {}
     for line, cells in enumerate(reader, start=2):
@@ -185,8 +198,8 @@ def run_one(
 
 
 def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
-    """What a row's folder already holds: its summary ("skipped") when the row is
-    complete, None when it must (re)start or resume.
+    """What a row's folder already holds: its summary (status "completed", marked
+    ``skipped``) when the row is complete, None when it must (re)start or resume.
 
     The row's config must be the folder's, but for the device: a grid begun on the CPU
     may go on with ``--device cuda`` (the same numbers to float rounding).
@@ -200,26 +213,53 @@ def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
 
     config_file = folder / CONFIG_FILE
     if config_file.is_file():
-        if not _same_run(config_file.read_text(encoding="utf-8"), cfg, config_file):
+        text = config_file.read_text(encoding="utf-8")
+        if not _same_run(text, cfg, config_file):
             raise ConfigError(
-                f"{folder} holds a run with another config; rename the row's "
-                "run_name or choose another --out"
+                f"{folder} holds a run with another config{_split_seed_hint(text, cfg)}; "
+                "rename the row's run_name or choose another --out"
             )
         if is_complete(folder):
-            return _summary(folder, "skipped")
+            return dataclasses.replace(_summary(folder, "completed"), skipped=True)
     return None
 
 
 def _same_run(text: str, cfg: RunConfig, path: Path) -> bool:
     """Whether the config.toml ``text`` describes ``cfg``'s run, on any device (one
-    written before configs had a device reads as "cpu")."""
+    written before configs had a device reads as "cpu"), split by the same seed (one
+    written before split_seed existed splits by its seed)."""
     if text == to_toml(cfg):
         return True
     try:
         saved = parse_toml_config(text, str(path))
     except HandpropError:
         return False
-    return saved.replace(device=cfg.device) == cfg
+    return _as_trained(saved.replace(device=cfg.device)) == _as_trained(cfg)
+
+
+def _as_trained(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the seed its split is drawn from written out; without one where the
+    split draws nothing (the standard split, no validation part), so that split_seed
+    alone never makes two runs of the same data differ."""
+    draws = cfg.split == "original" or cfg.validation > 0
+    return cfg.replace(split_seed=cfg.resolved_split_seed if draws else None)
+
+
+def _split_seed_hint(text: str, cfg: RunConfig) -> str:
+    """A hint for the message, " (split with split_seed 1, ...)", when the saved run
+    differs from the row in its split's seed alone (say, a grid run before a seed column
+    over a base config kept the base's split), else ""."""
+    try:
+        saved = _as_trained(parse_toml_config(text, "config.toml").replace(device=cfg.device))
+    except HandpropError:
+        return ""
+    now = _as_trained(cfg)
+    if saved.split_seed == now.split_seed or saved.replace(split_seed=now.split_seed) != now:
+        return ""
+    return (
+        f" (split with split_seed {saved.split_seed}, the row asks for {now.split_seed}: "
+        f"a split_seed cell of {saved.split_seed} continues it)"
+    )
 
 
 def _one_line(exc: BaseException) -> str:

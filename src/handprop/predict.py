@@ -1,14 +1,27 @@
 """Turn user inputs (PNG/JPEG images, IDX or CSV files) into a model's input rows.
 
-An image is prepared the way MNIST's digits were: converted to grayscale, inverted if
-its background is light (MNIST digits are white on black), cropped to the ink, scaled
-so that its longer side fills 20 of 28 pixels (5/7 of the model's image side), and
-pasted into the model's image so that its centre of mass lies at the centre.
+A picture is prepared the way the model's own training images were (``IMAGE_PREPS``,
+named in the model's metadata as ``image_prep``): converted to grayscale, inverted if
+its background is light (the datasets hold light digits on black), cropped to the ink,
+then either
+
+- ``mnist``: scaled so that its longer side fills 20 of 28 pixels (5/7 of the model's
+  image side) and pasted so that its centre of mass lies at the centre, as MNIST's
+  digits were; or
+- ``fill``: scaled, by averaging blocks of pixels, so that it fills the frame (its
+  height, or its width if that binds), and centred by mass along the other side, as
+  scikit-learn's 8x8 digits (32x32 bitmaps counted in 4x4 blocks) and Fashion-MNIST's
+  pictures were.
 
 Every input is opened and checked before the first prediction is made (a bad file
 is one clear line, never half a listing), then IDX and CSV rows are normalized and
 predicted batch by batch: a raw IDX file is memory-mapped, so a million images cost
 no more memory than one batch of them as floats.
+
+Labelled inputs carry their true labels, checked against the model's classes before
+the first prediction, so that :class:`Accuracy` can score the predictions: an IDX images
+file whose labels file lies beside it (:func:`labels_beside`: t10k-images-idx3-ubyte.gz
+and t10k-labels-idx1-ubyte[.gz]) and every CSV file (its first column is the label).
 """
 
 from __future__ import annotations
@@ -46,7 +59,8 @@ BATCH_ROWS = 4096
 
 
 def load_model(path: str | Path) -> Network:
-    """A saved model: a ``.npz`` file, or a run folder holding ``model.npz``."""
+    """A saved model: a ``.npz`` file, or a run folder holding ``model.npz``; its image
+    preparation is checked too (:func:`image_prep`)."""
     from handprop import nn
 
     path = Path(path)
@@ -56,7 +70,12 @@ def load_model(path: str | Path) -> Network:
                 f"{path}: a folder without a {MODEL_FILE}; give a run folder or a .npz model file"
             )
         path = path / MODEL_FILE
-    return nn.load(path)
+    net = nn.load(path)
+    try:
+        image_prep(net.meta)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
+    return net
 
 
 def model_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -175,13 +194,39 @@ def _grayscale(img) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
 
 
+#: how a picture becomes a dataset's image: a model's ``image_prep``, and what it means
+IMAGE_PREPS = {
+    "mnist": "the digit scaled into a 20x20 box of 28x28, centred by its mass (as MNIST)",
+    "fill": "the digit scaled to fill the frame, centred by its mass (as the 8x8 digits)",
+}
+
+
+def image_prep(meta: dict[str, Any]) -> str:
+    """A model's image preparation: its ``image_prep``, or, for a model saved before
+    models recorded it, its dataset's; "mnist" when neither is known. ModelFileError
+    for a name that is not in ``IMAGE_PREPS``."""
+    from handprop.data import DATASETS
+
+    prep = meta.get("image_prep")
+    if prep is None:
+        known = DATASETS.get(meta.get("dataset"))  # type: ignore[arg-type]
+        return known.image_prep if known else "mnist"
+    if prep not in IMAGE_PREPS:
+        raise ModelFileError(
+            f"the model's image_prep is {prep!r:.40}; known: {', '.join(IMAGE_PREPS)}"
+        )
+    return prep
+
+
 def prepare_image(
     source: str | Path | bytes | Any,
     image_shape: tuple[int, int],
     name: str | None = None,
     max_pixels: int | None = None,
+    prep: str = "mnist",
 ) -> np.ndarray:
-    """A picture as a float array (H, W) in [0, 1], white digit on black, MNIST-style.
+    """A picture as a float array (H, W) in [0, 1], white digit on black, prepared as
+    ``prep`` says (a key of ``IMAGE_PREPS``; see the module docstring).
 
     ``source`` is a file's path, an image file's bytes (an upload) or a PIL image;
     messages start with ``name`` (default: the path, or "image"). ``handprop predict``
@@ -221,29 +266,64 @@ def prepare_image(
 
     ink = np.argwhere(gray > 0.1)
     (top, left), (bottom, right) = ink.min(axis=0), ink.max(axis=0) + 1
-    digit = gray[top:bottom, left:right]
-
+    digit = Image.fromarray((gray[top:bottom, left:right] * 255).astype(np.uint8))
     H, W = image_shape
-    box = max(1, round(min(H, W) * 20 / 28))
-    scale = box / max(digit.shape)
-    new_h = max(1, round(digit.shape[0] * scale))
-    new_w = max(1, round(digit.shape[1] * scale))
-    small = Image.fromarray((digit * 255).astype(np.uint8)).resize(
-        (new_w, new_h), Image.Resampling.LANCZOS
-    )
-    digit = np.asarray(small, dtype=np.float64) / 255.0
+    if prep == "mnist":
+        # the longer side fills 20/28 of the frame, smoothly resampled; the centre of
+        # mass on pixel (14, 14) of 28x28, where MNIST's lies (13.996, 14.004 on average)
+        box = max(1, round(min(H, W) * 20 / 28))
+        return _centred(digit, image_shape, (box, box), Image.Resampling.LANCZOS, (H / 2, W / 2))
+    if prep == "fill":
+        # the frame filled, each pixel the average of the block it covers; the centre of
+        # mass midway between the middle pixels, where the 8x8 digits' lies (3.57 of 0..7);
+        # strokes as broad as theirs
+        centre = ((H - 1) / 2, (W - 1) / 2)
+        digit = _broadened(digit, FILL_STROKE * max(digit.size))
+        return _centred(digit, image_shape, (H, W), Image.Resampling.BOX, centre)
+    raise ConfigError(f"unknown image preparation {prep!r}; known: {', '.join(IMAGE_PREPS)}")
 
-    # centre of mass to the image centre, as MNIST was prepared
-    total = digit.sum()
-    rows, cols = np.indices(digit.shape)
-    cy = (rows * digit).sum() / total
-    cx = (cols * digit).sum() / total
-    top = round(float(H / 2 - cy - 0.5))
-    left = round(float(W / 2 - cx - 0.5))
-    top = min(max(top, 0), H - new_h)
-    left = min(max(left, 0), W - new_w)
+
+#: the 8x8 digits' strokes are this broad for the digit's longer side (their median;
+#: 0.13 to 0.20 for 80% of them), twice 2 area / boundary of their ink
+FILL_STROKE = 0.15
+
+
+def stroke_width(ink: np.ndarray) -> float:
+    """The mean width of the strokes of a boolean picture, in pixels: a stroke of width
+    t and length L has area t L and about 2 L boundary pixels."""
+    inside = np.pad(ink, 1)
+    inner = inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+    return 2 * ink.sum() / max(1, (ink & ~inner).sum())
+
+
+def _broadened(digit, width: float):
+    """The digit (a PIL image) with its strokes broadened to about ``width`` pixels
+    (a max filter), if they are narrower: a fine pen's digit drawn as a broad pen's."""
+    from PIL import ImageFilter, ImageOps
+
+    size = 2 * round((width - stroke_width(np.asarray(digit) > 127)) / 2) + 1
+    if size < 3:
+        return digit
+    return ImageOps.expand(digit, size // 2).filter(ImageFilter.MaxFilter(size))
+
+
+def _centred(
+    digit, image_shape: tuple[int, int], box: tuple[int, int], resample, centre: tuple[float, float]
+) -> np.ndarray:
+    """The cropped digit (a PIL image) scaled to fit ``box`` (height, width), its shape
+    kept, and pasted into a black ``image_shape`` with its centre of mass on ``centre``
+    (row, column) as far as the frame allows: a side that fills the frame stays put."""
+    (H, W), (w, h) = image_shape, digit.size
+    scale = min(box[0] / h, box[1] / w)
+    small = digit.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+    small = np.asarray(small, dtype=np.float64) / 255.0
+    rows, cols = np.indices(small.shape)
+    cy = (rows * small).sum() / small.sum()
+    cx = (cols * small).sum() / small.sum()
+    top = min(max(round(float(centre[0] - cy)), 0), H - small.shape[0])
+    left = min(max(round(float(centre[1] - cx)), 0), W - small.shape[1])
     out = np.zeros((H, W))
-    out[top : top + new_h, left : left + new_w] = digit
+    out[top : top + small.shape[0], left : left + small.shape[1]] = small
     return out
 
 
@@ -259,6 +339,8 @@ class Input:
     rows: np.ndarray
     scale: float
     single: bool = False  # one image: named by its path alone
+    labels: np.ndarray | None = None  # true class ids (n,) int64, when the input has them
+    labels_from: Path | None = None  # the file they came from (the input's own, for CSV)
 
     @property
     def count(self) -> int:
@@ -363,7 +445,9 @@ def _pixel_scale(path: Path, rows: np.ndarray, pixel_max: float) -> float:
     return 255.0 if high > pixel_max else pixel_max
 
 
-def _open_csv(path: Path, net: Network) -> np.ndarray:
+def _open_csv(path: Path, net: Network) -> tuple[np.ndarray, np.ndarray]:
+    """A CSV file's rows (n, features) and labels (n,): its first column, each a class
+    id of the model (a row whose label is not is refused with its line)."""
     from handprop.data import read_csv
 
     try:
@@ -378,9 +462,52 @@ def _open_csv(path: Path, net: Network) -> np.ndarray:
     width = first.count(b",") + 1
     # the reader holds the text, its lines and an int64 array of every cell at once
     check_fits(3 * size + lines * (width * 9 + 64), f"{path}: reading its {lines:,} rows")
-    _, images = read_csv(path)
+    labels, images = read_csv(path, n_classes=net.n_classes)
     _check_features(path, images.shape[1:], net, "rows")
-    return images.reshape(len(images), -1)
+    return images.reshape(len(images), -1), labels
+
+
+def labels_beside(path: Path) -> Path | None:
+    """The labels file that pairs with the IDX images file ``path`` by MNIST's naming:
+    "images" -> "labels" and "idx3" -> "idx1" in the file's name, gzip-compressed or not
+    (t10k-images-idx3-ubyte.gz -> t10k-labels-idx1-ubyte.gz or t10k-labels-idx1-ubyte);
+    None when no such file is there."""
+    if "images" not in path.name:
+        return None
+    name = path.name.replace("images", "labels").replace("idx3", "idx1")
+    plain = name.removesuffix(".gz")
+    names = (name, plain) if name != plain else (plain, plain + ".gz")
+    return next((path.with_name(n) for n in names if path.with_name(n).is_file()), None)
+
+
+def _open_labels(path: Path, images: Path, count: int, n_classes: int) -> np.ndarray:
+    """The labels (n,) int64 of the IDX labels file ``path``, checked against the
+    ``count`` images of ``images`` and the model's ``n_classes``: one DataError line
+    naming ``path`` otherwise."""
+    from handprop.data.idx import read_header, read_idx
+
+    why = f"as the labels file beside {images} it must hold one class id per image"
+    h = read_header(path)
+    if len(h.dims) != 1:
+        raise DataError(f"{path}: dims {h.shape}, not labels; {why}")
+    if h.dtype.kind not in "iu":
+        raise DataError(f"{path}: {h.dtype.name} values, not class ids; {why}")
+    if h.dims[0] != count:
+        raise DataError(
+            f"{path}: {h.dims[0]:,} labels for the {count:,} images of {images}; a labels "
+            "file must hold one class id per image"
+        )
+    labels = read_idx(path).astype(np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if len(bad):
+        first = f"{labels[bad[0]]} (item {bad[0]:,})"
+        raise DataError(
+            f"{path}: label {first} is not a class id of the model (0 to {n_classes - 1})"
+            if len(bad) == 1
+            else f"{path}: {len(bad):,} labels are not class ids of the model "
+            f"(0 to {n_classes - 1}), the first {first}"
+        )
+    return labels
 
 
 def open_inputs(paths: list[str | Path], net: Network) -> list[Input]:
@@ -388,6 +515,7 @@ def open_inputs(paths: list[str | Path], net: Network) -> list[Input]:
     memory), images prepared; rows are read and normalized later, by :func:`predict_batches`."""
     image_shape = tuple(net.meta.get("image_shape") or ())
     pixel_max = float(net.meta.get("pixel_max", 255))
+    prep = image_prep(net.meta)
     inputs: list[Input] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -401,14 +529,21 @@ def open_inputs(paths: list[str | Path], net: Network) -> list[Input]:
                     raise DataError(
                         f"{p}: this model was not trained on images; give IDX or CSV rows"
                     )
-                row = prepare_image(p, image_shape).reshape(1, -1).astype(net.dtype)
+                row = prepare_image(p, image_shape, prep=prep).reshape(1, -1)
+                row = row.astype(net.dtype)
                 inputs.append(Input(p, row, 1.0, single=True))
             elif suffix == ".csv":
-                rows = _open_csv(p, net)
-                inputs.append(Input(p, rows, _pixel_scale(p, rows, pixel_max)))
+                rows, labels = _open_csv(p, net)
+                scale = _pixel_scale(p, rows, pixel_max)
+                inputs.append(Input(p, rows, scale, labels=labels, labels_from=p))
             else:
                 rows = _open_idx(p, net)
-                inputs.append(Input(p, rows, _pixel_scale(p, rows, pixel_max)))
+                scale = _pixel_scale(p, rows, pixel_max)
+                beside = labels_beside(p)
+                labels = None
+                if beside is not None:
+                    labels = _open_labels(beside, p, len(rows), net.n_classes)
+                inputs.append(Input(p, rows, scale, labels=labels, labels_from=beside))
         except OSError as exc:
             raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
         except (EOFError, zlib.error) as exc:
@@ -416,12 +551,39 @@ def open_inputs(paths: list[str | Path], net: Network) -> list[Input]:
     return inputs
 
 
+@dataclass
+class Batch:
+    """The probabilities ``P`` (hi - lo, n_classes) of rows [lo, hi) of one input."""
+
+    input: Input
+    lo: int
+    hi: int
+    P: np.ndarray
+
+    @property
+    def names(self) -> list[str]:
+        return [self.input.name(i) for i in range(self.lo, self.hi)]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The rows' true class ids, or None when the input has none."""
+        labels = self.input.labels
+        return None if labels is None else labels[self.lo : self.hi]
+
+
 def predict_batches(
     inputs: list[Input], net: Network | Sequence[Network]
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(names, probabilities (k, n_classes)) batch by batch over every input's rows;
-    each batch is converted to the network's dtype and normalized only when its turn
-    comes, so memory stays at one batch whatever the inputs' size.
+    """(names, probabilities (k, n_classes)) batch by batch over every input's rows
+    (:func:`predict_rows`, without the labels)."""
+    for batch in predict_rows(inputs, net):
+        yield batch.names, batch.P
+
+
+def predict_rows(inputs: list[Input], net: Network | Sequence[Network]) -> Iterator[Batch]:
+    """Every input's rows predicted batch by batch; each batch is converted to the
+    network's dtype and normalized only when its turn comes, so memory stays at one
+    batch whatever the inputs' size.
 
     Given several networks (an ensemble, checked by :func:`load_ensemble`), the
     probabilities are the mean of theirs."""
@@ -444,7 +606,61 @@ def predict_batches(
                 P = Pn if len(nets) == 1 else Pn.astype(np.float64) if P is None else P + Pn
             if len(nets) > 1:
                 P /= len(nets)
-            yield [item.name(i) for i in range(lo, hi)], P
+            yield Batch(item, lo, hi, P)
+
+
+class Accuracy:
+    """The predictions' accuracy on each labelled input, counted batch by batch."""
+
+    def __init__(self) -> None:
+        self._counts: dict[int, list] = {}  # id(input) -> [input, correct, total]
+
+    def add(self, batch: Batch, predicted: np.ndarray) -> None:
+        """Count the batch's predicted class ids (hi - lo,) against its labels, if any."""
+        if batch.labels is None:
+            return
+        count = self._counts.setdefault(id(batch.input), [batch.input, 0, 0])
+        count[1] += int(np.count_nonzero(predicted == batch.labels))
+        count[2] += len(predicted)
+
+    def summary(self) -> dict[str, Any] | None:
+        """None when no input had labels; else correct, total and accuracy over all the
+        labelled inputs, and ``inputs``: the same for each (with its ``labels`` file)."""
+        if not self._counts:
+            return None
+        inputs = [
+            {
+                "input": str(item.path),
+                "labels": str(item.labels_from),
+                "correct": correct,
+                "total": total,
+                "accuracy": correct / total,
+            }
+            for item, correct, total in self._counts.values()
+        ]
+        correct, total = sum(r["correct"] for r in inputs), sum(r["total"] for r in inputs)
+        return {"correct": correct, "total": total, "accuracy": correct / total, "inputs": inputs}
+
+    def lines(self) -> list[str]:
+        """One line per labelled input, "accuracy: 97.98% (291/297) on FILE" (an IDX
+        file's with its labels file), then one for them all when there are several."""
+        summary = self.summary()
+        if summary is None:
+            return []
+
+        def line(r: dict[str, Any], where: str) -> str:
+            share = f"{r['correct']:,}/{r['total']:,}"
+            return f"accuracy: {100 * r['accuracy']:.2f}% ({share}) on {where}"
+
+        def where(r: dict[str, Any]) -> str:
+            own = r["labels"] == r["input"]  # a CSV file's own label column
+            return r["input"] if own else f"{r['input']} (labels: {r['labels']})"
+
+        inputs = summary["inputs"]
+        lines = [line(r, where(r)) for r in inputs]
+        if len(inputs) > 1:
+            lines.append(line(summary, f"all {len(inputs)} labelled inputs"))
+        return lines
 
 
 def load_inputs(paths: list[str | Path], net: Network) -> tuple[list[str], np.ndarray]:

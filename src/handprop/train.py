@@ -88,6 +88,7 @@ class Split:
     X_val: np.ndarray | None = None  # held out of training for early stopping
     y_val: np.ndarray | None = None
     val_idx: np.ndarray | None = None
+    image_prep: str = "mnist"  # how a picture becomes one of the images (the registry's)
 
 
 @dataclass
@@ -115,24 +116,26 @@ def split_indices(cfg: RunConfig, dataset: Any) -> tuple[np.ndarray, np.ndarray]
         if cfg.test is not None:
             test_idx = test_idx[: cfg.test]
         return train_idx, test_idx
-    return original_split(len(dataset.labels), cfg.total, cfg.train, cfg.test, cfg.seed)
+    seed = cfg.resolved_split_seed  # not cfg.seed: runs over several seeds share a split
+    return original_split(len(dataset.labels), cfg.total, cfg.train, cfg.test, seed)
 
 
 def carve_validation(cfg: RunConfig, train_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``cfg.validation`` of the training indices off, at random from the seed."""
+    """Split ``cfg.validation`` of the training indices off, at random from the split's
+    seed (``split_seed``, by default ``seed``)."""
     n_val = round(cfg.validation * len(train_idx))
     if cfg.validation and not 1 <= n_val < len(train_idx):
         raise ConfigError(
             f"validation = {cfg.validation} of {len(train_idx)} training samples leaves "
             f"{n_val} for validation and {len(train_idx) - n_val} for training; both need >= 1"
         )
-    order = np.random.default_rng([cfg.seed, 1]).permutation(len(train_idx))
+    order = np.random.default_rng([cfg.resolved_split_seed, 1]).permutation(len(train_idx))
     return np.sort(train_idx[order[n_val:]]), np.sort(train_idx[order[:n_val]])
 
 
 def load_split(cfg: RunConfig, progress: bool = True) -> Split:
     """Load the config's dataset, split it, and normalize only the samples used."""
-    from handprop.data import load_dataset, normalize
+    from handprop.data import get_spec, load_dataset, normalize
 
     ds = load_dataset(cfg.dataset, cfg.data_dir, progress=progress)
     train_idx, test_idx = split_indices(cfg, ds)
@@ -162,6 +165,7 @@ def load_split(cfg: RunConfig, progress: bool = True) -> Split:
         X_val=features(val_idx),
         y_val=labels(val_idx),
         val_idx=val_idx,
+        image_prep=get_spec(cfg.dataset).image_prep,
     )
 
 
@@ -172,6 +176,7 @@ def build_network(cfg: RunConfig, data: Split) -> nn.Network:
         "class_names": list(data.class_names),
         "image_shape": list(data.image_shape),
         "pixel_max": data.pixel_max,
+        "image_prep": data.image_prep,
     }
     init = "he_uniform" if cfg.init == "pytorch" else cfg.init  # pytorch: redrawn below
     if cfg.layers is not None:
@@ -276,7 +281,7 @@ def split_description(cfg: RunConfig, data: Split) -> dict[str, Any]:
         "train": len(data.y_train),
         "test": len(data.y_test),
         "validation": 0 if data.y_val is None else len(data.y_val),
-        "seed": cfg.seed,
+        "seed": cfg.resolved_split_seed,  # the split's seed, not the initialisation's
     }
 
 
@@ -859,6 +864,8 @@ def train_run(
     continue it; so can a run killed outright, from its last periodic checkpoint.
     """
     world = world or OneProcess()
+    if cfg.split_seed is None:  # config.toml records the split's seed, whatever seed becomes
+        cfg = cfg.replace(split_seed=cfg.resolved_split_seed)
     # the data and the network are checked (and sized) before any folder is made
     trainer = Trainer(cfg, Path(run_dir or "."), progress, checkpoint_seconds, world)
     if run_dir is None and world.rank == 0:

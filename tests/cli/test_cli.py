@@ -1,5 +1,7 @@
 """The handprop command: exit codes and one-line messages for user errors."""
 
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -125,3 +127,70 @@ def test_a_bad_thread_count_is_reported_before_any_file_is_written(tmp_path, mon
         "handprop: error: HANDPROP_THREADS must be a whole number >= 1, got 'many'"
     )
     assert not (tmp_path / "runs").exists()
+
+
+def command_summaries(args, width):
+    """The Commands section of ``handprop ARGS --help`` at ``width`` columns: each name
+    and its summary, wrapped lines joined."""
+    result = CliRunner().invoke(main, [*args, "--help"], terminal_width=width)
+    assert result.exit_code == 0, result.output
+    summaries = {}
+    for line in result.output.split("Commands:\n", 1)[1].splitlines():
+        if not line.strip():
+            break
+        entry = re.match(r"  (\S+)\s+(.*)", line)  # continued lines are indented further
+        if entry:
+            name = entry[1]
+            summaries[name] = entry[2]
+        else:
+            summaries[name] += " " + line.strip()
+    return summaries
+
+
+@pytest.mark.parametrize("width", [80, 50, 200])
+@pytest.mark.parametrize("group", [[], ["data"]])
+def test_no_command_summary_is_cut_short(group, width):
+    cli = main.commands[group[0]] if group else main
+    summaries = command_summaries(group, width)
+    assert set(summaries) == set(cli.commands)
+    for name, summary in summaries.items():
+        assert not summary.endswith("..."), f"{name}: {summary}"
+        whole = cli.commands[name].short_help
+        assert summary.replace(" ", "") == whole.replace(" ", ""), name  # wrapped, not cut
+
+
+def help_text(*args):
+    result = CliRunner().invoke(main, [*args, "--help"], prog_name="handprop", terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name", ["evaluate", "report", "compare", "figures"])
+def test_commands_that_take_a_run_say_a_config_file_names_its_latest_run(name):
+    assert "a config file (.toml, .cfg: its latest run)" in help_text(name)
+
+
+def test_predict_help_names_its_arguments_and_its_own_device():
+    text = help_text("predict")
+    assert "Usage: handprop predict [OPTIONS] MODEL... INPUT..." in text
+    assert "ARGS" not in text
+    device = text.split("--device cpu|cuda", 1)[1]
+    assert "Default: cpu" in device and "config" not in device
+    assert "Overrides the config's device" in help_text("train")  # train has a config
+    assert "accuracy" in text and "--format [text|csv|json]" in text
+
+
+def test_export_help_names_every_layer_it_exports():
+    from handprop.nn import LAYERS
+
+    text = help_text("export")
+    for kind in LAYERS:
+        assert kind in text, kind
+    assert "batchnorm as BatchNormalization" in text
+
+
+def test_data_fetch_help_lists_the_dataset_names():
+    from handprop.data import DATASETS
+
+    text = help_text("data", "fetch")
+    assert all(name in text for name in DATASETS)

@@ -46,15 +46,22 @@ checkpoint_every = click.option(
     help="Seconds between a run's checkpoints (written at epoch boundaries).",
 )
 
-#: ``--device cpu|cuda``, shared by ``train``, ``predict`` and ``experiments``; checked by
-#: :func:`check_device_name` and :func:`use_device` (one ``handprop: error:`` line, not
-#: click's usage message)
-device_option = click.option(
-    "--device",
-    metavar="cpu|cuda",
-    help="Where the network computes: cpu (NumPy) or cuda (CuPy on an NVIDIA GPU; "
-    "pip install 'handprop[gpu]'). Overrides the config's device.",
+#: what every ``--device`` option says first
+DEVICE_HELP = (
+    "Where the network computes: cpu (NumPy) or cuda (CuPy on an NVIDIA GPU; "
+    "pip install 'handprop[gpu]')."
 )
+
+
+def device_option_saying(more: str):
+    """``--device cpu|cuda`` with :data:`DEVICE_HELP`, then ``more`` (what the device
+    means to this command); checked by :func:`check_device_name` and :func:`use_device`
+    (one ``handprop: error:`` line, not click's usage message)."""
+    return click.option("--device", metavar="cpu|cuda", help=f"{DEVICE_HELP} {more}")
+
+
+#: ``--device cpu|cuda`` of the commands that read a config (``train``, ``experiments``)
+device_option = device_option_saying("Overrides the config's device.")
 
 
 def check_device_name(device: str) -> None:
@@ -146,5 +153,16 @@ def main() -> None:
     get_threads()  # a bad HANDPROP_THREADS is reported now, before any file is written
 
 
+def whole_summaries(command: click.Command) -> None:
+    """Give ``command`` and, for a group, each of its subcommands the summary that
+    command lists show in full: its own ``short_help``, else the first paragraph of its
+    help, whole (click would cut that off with "..." at the terminal's width)."""
+    if not command.short_help and command.help:
+        command.short_help = " ".join(command.help.split("\n\n")[0].split())
+    for sub in getattr(command, "commands", {}).values():
+        whole_summaries(sub)
+
+
 for _name in COMMAND_MODULES:
     main.add_command(importlib.import_module(f"handprop.cli.{_name}").command)
+whole_summaries(main)

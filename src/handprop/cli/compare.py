@@ -10,7 +10,7 @@ import click
 CHOICES = {"default": "sklearn_default", "analogue": "sklearn_analogue"}
 
 
-@click.command("compare")
+@click.command("compare", short_help="Train scikit-learn's MLP on RUN's split, beside handprop.")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option(
     "--only",
@@ -26,8 +26,8 @@ def command(run: Path, only: tuple[str, ...], data_dir: Path | None, as_json: bo
 
     Two settings: scikit-learn's defaults (ReLU, Adam), and the closest analogue of
     the run's own algorithm (for the original: logistic, full-batch SGD, no momentum,
-    no L2, the same epochs). RUN is a run folder or a config file (its latest run).
-    Their predictions are saved in RUN as predictions_sklearn_*.csv, and the
+    no L2, the same epochs). RUN is a run folder or a config file (.toml, .cfg: its
+    latest run). Their predictions are saved in RUN as predictions_sklearn_*.csv, and the
     side-by-side numbers (accuracy, macro F1, time, epochs, scikit-learn's parameters
     and caveats) in RUN/comparison.json.
     """

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 
-@click.command("evaluate")
+@click.command("evaluate", short_help="Accuracy, per-class precision/recall/F1, confusions of RUN.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--ensemble",
@@ -28,7 +28,9 @@ import click
 def command(runs: tuple[Path, ...], ensemble: bool, as_json: bool, top: int) -> None:
     """Accuracy, per-class precision/recall/F1 and confusion matrix of RUN.
 
-    Recomputed from RUN/predictions.csv; scikit-learn comparison predictions in RUN
+    RUN is a run folder or a config file (.toml, .cfg: its latest run); with
+    --ensemble, also an experiment grid (its finished runs). Recomputed from
+    RUN/predictions.csv; scikit-learn comparison predictions in RUN
     (predictions_sklearn_*.csv) are scored the same way and shown side by side.
 
     Several RUNs, or --ensemble (e.g. handprop evaluate GRID --ensemble), are scored as

@@ -9,7 +9,7 @@ import click
 from handprop.cli import check_device_name, checkpoint_every, device_option
 
 
-@click.command("experiments")
+@click.command("experiments", short_help="Run every row of FILE.csv as a run of one grid.")
 @click.argument("csv_file", metavar="FILE.csv", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Grid folder [runs/<FILE>].")
 @click.option(
@@ -38,9 +38,9 @@ def command(
 ) -> None:
     """Run every row of FILE.csv (run_name,d,dtrain,dtest,m,alpha,epochs,...).
 
-    Running it again continues: finished rows are skipped, interrupted or killed ones
-    resume from their checkpoints. Ctrl-C stops the running rows with a checkpoint,
-    cancels the queued ones and writes the summary.
+    Running it again continues: finished rows are skipped (the summary keeps their
+    results), interrupted or killed ones resume from their checkpoints. Ctrl-C stops
+    the running rows with a checkpoint, cancels the queued ones and writes the summary.
 
     With --scheduler the rows are tasks on a Dask cluster whose workers need not share
     a disk with this machine: each worker finds the data itself (--data-dir is then a
@@ -80,7 +80,9 @@ def command(
 
     def done(s) -> None:
         acc = "" if s.accuracy is None else f" accuracy {s.accuracy:.2%}"
-        click.echo(f"{s.name}: {s.status}{acc}" + (f" ({s.message})" if s.message else ""))
+        # a row complete before is not trained again; its summary row stays "completed"
+        status = f"skipped, already {s.status}" if s.skipped else s.status
+        click.echo(f"{s.name}: {status}{acc}" + (f" ({s.message})" if s.message else ""))
 
     def report(summaries) -> None:
         click.echo("")
@@ -115,6 +117,6 @@ def command(
         click.echo("handprop: interrupted; run the same command again to continue", err=True)
         raise
     report(summaries)
-    failed = [s for s in summaries if s.status not in ("completed", "skipped")]
+    failed = [s for s in summaries if s.status != "completed"]
     if failed:
         raise SystemExit(1)

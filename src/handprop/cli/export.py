@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 
-@click.command("export")
+@click.command("export", short_help="Write MODEL as an ONNX graph.")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
@@ -20,9 +20,14 @@ import click
 def command(model: Path, fmt: str, output: Path | None) -> None:
     """Write MODEL (a .npz model file or a run folder) as an ONNX graph.
 
-    Built from handprop's layer list (Gemm, Conv, MaxPool/AveragePool, Relu/Sigmoid/
-    Tanh, Flatten, Softmax; dropout left out), weights as initializers, a dynamic
-    batch dimension, the input's normalisation in the metadata. The graph passes
+    Built from handprop's layer list, each layer as the ONNX operator that computes
+    the same: dense as Gemm, conv2d as Conv, maxpool2d and avgpool2d as MaxPool and
+    AveragePool, flatten as Flatten, batchnorm as BatchNormalization (its running mean
+    and variance), sigmoid, tanh and relu as Sigmoid, Tanh and Relu; dropout and
+    identity (the identity at inference) are left out; Softmax (or, for an mse model,
+    the outputs divided by their sum) gives the probabilities. Weights are
+    initializers, the batch dimension is dynamic, the input's normalisation is in
+    the metadata. The graph passes
     onnx.checker and, when onnxruntime is installed, must give handprop's probabilities
     to 1e-5 before it is written. The default file is never overwritten; -o FILE
     replaces an existing FILE only if it ends in .onnx. Needs the onnx extra:

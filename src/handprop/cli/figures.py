@@ -11,7 +11,7 @@ import click
 OVERLAY_FOLDER = Path("figures")
 
 
-@click.command("figures")
+@click.command("figures", short_help="PNG figures of RUN: confusions, scores, curves, errors.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--out",

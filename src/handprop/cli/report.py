@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 
-@click.command("report")
+@click.command("report", short_help="One self-contained HTML page of RUN.")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option(
     "--out",
@@ -18,7 +18,8 @@ import click
 def command(run: Path, out: Path | None) -> None:
     """Config, metrics, comparison and figures of RUN in one HTML file.
 
-    RUN is a run folder or an experiment grid. The page embeds its figures and styles,
+    RUN is a run folder, an experiment grid, or a config file (.toml, .cfg: its latest
+    run). The page embeds its figures and styles,
     so it opens offline and can be sent as a single file. Prints the file written.
     """
     from handprop.report import write_report

@@ -7,20 +7,22 @@ from pathlib import Path
 import click
 
 
-@click.command("serve")
+@click.command("serve", short_help="A page to draw digits on and watch networks read them.")
 @click.argument("source", required=False, default="runs", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port."
 )
-def command(source: Path, host: str, port: int) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No line per request.")
+def command(source: Path, host: str, port: int, quiet: bool) -> None:
     """Open a page to draw digits on and watch SOURCE's networks read them.
 
     SOURCE is a .npz model file, a run folder, or a folder of runs (default: runs/),
-    whose models a picker lists. The page shows the class probabilities, the 28x28
-    input the network sees, a saliency map from the network's own backward pass and
-    its first layer's activity; scripts use the JSON API (docs/api.md). Needs the
-    serve extra: pip install -e ".[serve]".
+    whose models a picker lists. The page shows the class probabilities, the input
+    the network sees (prepared as its dataset's images were), a saliency map from
+    the network's own backward pass and its first layer's activity; scripts use the
+    JSON API (docs/api.md). Each request prints one line (time, method, path, status,
+    milliseconds) unless --quiet. Needs the serve extra: pip install -e ".[serve]".
     """
     from handprop.errors import ConfigError
 
@@ -45,4 +47,4 @@ def command(source: Path, host: str, port: int) -> None:
             f"at http://{shown}:{bound}/  (Ctrl-C stops)"
         )
 
-    run(models, host, port, ready)
+    run(models, host, port, ready, log=None if quiet else lambda line: click.echo(line))

@@ -13,11 +13,23 @@ from handprop.errors import ConfigError, HandpropError
 DATASET_NAMES = tuple(DATASETS)
 
 
-@click.command("train")
+@click.command("train", short_help="Train the network CONFIG describes into a run folder.")
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), help="Dataset to train on.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Directory holding the files.")
-@click.option("--seed", type=int, help="Seed of the split and the initialisation.")
+@click.option(
+    "--seed",
+    type=int,
+    help="Seed of the initialisation, the mini-batch order, the dropout masks and the "
+    "augmentation. The split stays the config's (its split_seed, else its seed), so runs "
+    "with --seed 0, 1, 2 share a test set and form an ensemble.",
+)
+@click.option(
+    "--split-seed",
+    type=int,
+    help="Seed of the train/test split and the validation part [the config's split_seed, "
+    "else its seed].",
+)
 @click.option("--out", type=click.Path(path_type=Path), help="Folder in which runs are made.")
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue an interrupted RUN.")
 @click.option(
@@ -29,7 +41,17 @@ DATASET_NAMES = tuple(DATASETS)
 @device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(
-    config, dataset, data_dir, seed, out, resume, epochs, checkpoint_every, device, quiet
+    config,
+    dataset,
+    data_dir,
+    seed,
+    split_seed,
+    out,
+    resume,
+    epochs,
+    checkpoint_every,
+    device,
+    quiet,
 ) -> None:
     """Train the network CONFIG describes (6-line .cfg or .toml) into a run folder.
 
@@ -50,6 +72,12 @@ def command(
         if resume is not None:
             if config is not None:
                 raise ConfigError("give either CONFIG or --resume RUN, not both")
+            for option, value in (("--seed", seed), ("--split-seed", split_seed)):
+                if value is not None:
+                    raise ConfigError(
+                        f"{option} goes with CONFIG; a resumed run keeps the seeds it began "
+                        f"with (in {resume / 'config.toml'})"
+                    )
             result = resume_run(
                 resume,
                 progress=progress,
@@ -64,12 +92,15 @@ def command(
             if epochs is not None:
                 raise ConfigError("--epochs goes with --resume; set epochs in CONFIG instead")
             cfg = load_config(config)
+            if seed is not None and split_seed is None:
+                split_seed = cfg.resolved_split_seed  # --seed alone keeps the config's split
             overrides = {
                 k: v
                 for k, v in {
                     "dataset": dataset,
                     "data_dir": None if data_dir is None else str(data_dir),
                     "seed": seed,
+                    "split_seed": split_seed,
                     "out": None if out is None else str(out),
                     "device": device,
                 }.items()

@@ -33,6 +33,9 @@ class DatasetSpec:
     mirrors: tuple[str, ...] = ()
     system_dirs: tuple[str, ...] = ()
     builtin: bool = False  # shipped inside a package (no files to find)
+    #: how a picture is made into one of its images (see handprop.predict.IMAGE_PREPS):
+    #: "mnist", a 20x20 box in 28x28 centred by mass, or "fill", the frame filled
+    image_prep: str = "mnist"
 
 
 @dataclass
@@ -144,11 +147,13 @@ DATASETS: dict[str, DatasetSpec] = {
         FASHION_FILES,
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         system_dirs=("/usr/share/datasets/fashion-mnist",),
+        image_prep="fill",  # each product trimmed and scaled to fill the 28x28 frame
     ),
     "digits": DatasetSpec(
         "digits",
         "scikit-learn's bundled 8x8 digits (1797 images, offline)",
         tuple(str(i) for i in range(10)),
         builtin=True,
+        image_prep="fill",  # 32x32 bitmaps filled by the digit, then 4x4 blocks counted
     ),
 }

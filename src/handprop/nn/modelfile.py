@@ -29,7 +29,8 @@ READ_CHUNK = 16 * 2**20
 
 
 def check_meta(meta: dict[str, Any], net: Network) -> None:
-    """The facts ``predict`` relies on: class names, image shape and pixel scale.
+    """The facts ``predict`` relies on: class names, image shape, pixel scale and the
+    name of the image preparation (which ``handprop.predict`` knows).
 
     Raises ShapeError naming the first one of the wrong type or size.
     """
@@ -61,6 +62,9 @@ def check_meta(meta: dict[str, Any], net: Network) -> None:
         and pixel_max > 0
     ):
         raise ShapeError(f"pixel_max must be a finite number > 0, got {pixel_max!r:.80}")
+    prep = meta.get("image_prep")
+    if prep is not None and not isinstance(prep, str):
+        raise ShapeError(f"image_prep must be a name, got {prep!r:.80}")
 
 
 def save(net: Network, path: str | Path) -> None:

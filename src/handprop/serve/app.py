@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,9 @@ def create_app(
     async def page(request: Request) -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    async def icon(request: Request) -> FileResponse:  # for clients that ask without the page
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
     async def list_models(request: Request) -> JSONResponse:
         return JSONResponse(
             {"models": [m.info() for m in models], "default": models[0].id},
@@ -88,7 +93,10 @@ def create_app(
 
         def prepare_and_explain() -> dict[str, Any]:
             with preparing:
-                image = prepare_image(body, model.image_shape, name=name, max_pixels=max_pixels)
+                image = prepare_image(
+                    body, model.image_shape, name=name, max_pixels=max_pixels,
+                    prep=model.image_prep,
+                )  # fmt: skip
             return model.explain(image)
 
         try:
@@ -111,6 +119,7 @@ def create_app(
     return Starlette(
         routes=[
             Route("/", page, methods=["GET"]),
+            Route("/favicon.ico", icon, methods=["GET"]),
             Route("/api/models", list_models, methods=["GET"]),
             Route("/api/predict", predict, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -229,8 +238,42 @@ def _pixels(data: Any, model: ServedModel) -> np.ndarray:
     return image
 
 
-def run(models: list[ServedModel], host: str, port: int, ready: Any = None) -> None:
-    """Serve ``models`` on host:port until Ctrl-C or SIGTERM.
+class RequestLog:
+    """ASGI wrapper: one line per request, ``HH:MM:SS METHOD PATH STATUS MS``, given to
+    ``write`` once the answer is sent (the query string stays out: it may name files)."""
+
+    def __init__(self, app: Any, write: Callable[[str], None]) -> None:
+        self.app, self.write = app, write
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            ms = 1000 * (time.perf_counter() - start)
+            path = scope["path"][:100]
+            self.write(f"{time.strftime('%H:%M:%S')} {scope['method']} {path} {status} {ms:.0f} ms")
+
+
+def run(
+    models: list[ServedModel],
+    host: str,
+    port: int,
+    ready: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``models`` on host:port until Ctrl-C or SIGTERM; ``log``, if given, is
+    handed one line per request (:class:`RequestLog`).
 
     The socket is bound here, before uvicorn starts, so that a port in use or a host
     that is not this machine's is one ConfigError line, not a logged traceback.
@@ -258,8 +301,12 @@ def run(models: list[ServedModel], host: str, port: int, ready: Any = None) -> N
     bound_port = sock.getsockname()[1]
     if ready is not None:
         ready(bound_port)
+    app = create_app(models)
     config = uvicorn.Config(
-        create_app(models), log_level="warning", access_log=False, lifespan="off"
+        app if log is None else RequestLog(app, log),
+        log_level="warning",
+        access_log=False,  # uvicorn's own: the RequestLog's lines say the same, shorter
+        lifespan="off",
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -23,7 +23,7 @@ import numpy as np
 
 from handprop.errors import ConfigError, HandpropError
 from handprop.nn import ACTIVATIONS, Conv2D, Dense, Dropout, Network
-from handprop.predict import MODEL_FILE, load_model
+from handprop.predict import IMAGE_PREPS, MODEL_FILE, image_prep, load_model
 
 #: the most pixels an image sent to the server may have (Pillow's own limit is 89 M)
 MAX_PIXELS = 10_000_000
@@ -48,6 +48,7 @@ class ServedModel:
     accuracy : float or None     test accuracy from the run's metrics.json
     classes : list of str        class names (Fashion-MNIST's clothes, or "0".."9")
     image_shape : (H, W)         the images the network reads
+    image_prep : str             how a picture becomes one (handprop.predict.IMAGE_PREPS)
     """
 
     id: str
@@ -57,6 +58,7 @@ class ServedModel:
     accuracy: float | None = None
     classes: list[str] = field(default_factory=list)
     image_shape: tuple[int, int] = (28, 28)
+    image_prep: str = "mnist"
     # one request at a time per network: a training-mode pass keeps arrays on the layers
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -70,6 +72,8 @@ class ServedModel:
             "accuracy": self.accuracy,
             "classes": self.classes,
             "image_shape": list(self.image_shape),
+            "image_prep": self.image_prep,
+            "preparation": IMAGE_PREPS[self.image_prep],
             "kind": "cnn" if isinstance(first, Conv2D) else "mlp",
             "description": self.net.describe(),
             "n_params": self.net.n_params,
@@ -218,6 +222,7 @@ def load_served(path: Path, model_id: str, run: Path | None) -> ServedModel:
         accuracy=accuracy,
         classes=[str(n) for n in names],
         image_shape=image_shape,
+        image_prep=image_prep(net.meta),
     )
 
 

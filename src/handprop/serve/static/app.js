@@ -75,11 +75,13 @@ function chooseModel(id) {
   state.model = state.models.find((m) => m.id === id);
   const m = state.model;
   const acc = m.accuracy == null ? "accuracy unknown" : `test accuracy ${(100 * m.accuracy).toFixed(2)}%`;
-  $("model-info").textContent = `${m.dataset || "dataset unknown"} · ${acc} · ${m.description}`;
+  const info = `${m.dataset || "dataset unknown"} · ${acc} · ${m.description}`;
+  $("model-info").textContent = info;
+  $("model-info").title = info; // one line, cut with an ellipsis: the whole on hover
   $("input").width = $("saliency").width = m.image_shape[1];
   $("input").height = $("saliency").height = m.image_shape[0];
   $("input-caption").textContent =
-    `the ${m.image_shape[0]}x${m.image_shape[1]} input: cropped, scaled, centred (as handprop predict)`;
+    `the ${m.image_shape[0]}x${m.image_shape[1]} input: ${m.preparation}; handprop predict does the same`;
   drawBars(null);
   if (state.inked) send();
 }
@@ -99,9 +101,17 @@ function point(e) {
   return { x: ((e.clientX - r.left) * pad.width) / r.width, y: ((e.clientY - r.top) * pad.height) / r.height };
 }
 
+function dot(at) {
+  // a press paints a round dot of the pen's width (a zero-length line paints nothing)
+  ctx.fillStyle = "#fff";
+  ctx.beginPath();
+  ctx.arc(at.x, at.y, Number($("pen").value) / 2, 0, 2 * Math.PI);
+  ctx.fill();
+  state.inked = true;
+}
+
 function stroke(from, to) {
   ctx.strokeStyle = "#fff";
-  ctx.fillStyle = "#fff";
   ctx.lineCap = "round";
   ctx.lineJoin = "round";
   ctx.lineWidth = Number($("pen").value);
@@ -117,7 +127,7 @@ pad.addEventListener("pointerdown", (e) => {
   pad.setPointerCapture(e.pointerId);
   state.drawing = true;
   state.last = point(e);
-  stroke(state.last, state.last);
+  dot(state.last);
   send();
 });
 pad.addEventListener("pointermove", (e) => {
