@@ -1,6 +1,11 @@
+import contextlib
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,3 +182,74 @@ def write_dataset(directory: Path, arrs: dict, compress: bool = True) -> Path:
     for n, a in arrs.items():
         write_idx(directory / (n + ".gz" * compress), a, compress=compress)
     return directory
+
+
+class Command:
+    """``handprop ARGS`` in a subprocess of its own session (its own process group)."""
+
+    def __init__(self, *args, cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from handprop.cli import main; main()", *map(str, args)],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def wait_for(self, condition, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ended early: {self.proc.communicate()}")
+            assert time.monotonic() < deadline, "timed out waiting"
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def kill_group(self) -> None:
+        """SIGKILL to the group (the workers of a killed grid are in it too)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.returncode is None:
+            self.proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def command(tmp_path):
+    started: list[Command] = []
+
+    def start(*args) -> Command:
+        started.append(Command(*args, cwd=tmp_path))
+        return started[-1]
+
+    yield start
+    for c in started:  # never leave a run, a grid or a worker behind, even on failure
+        c.kill_group()
+
+
+class FileServer:
+    """A file server of ``root`` on 127.0.0.1 (an ephemeral port) for download tests;
+    ``close`` stops it."""
+
+    def __init__(self, root: Path):
+        import http.server
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()

@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 
 from handprop.augment import shift_rotate, warp
+from handprop.errors import ConfigError
 
 
 def test_zero_transform_is_the_identity(rng):
@@ -91,3 +93,72 @@ def test_a_uniform_displacement_moves_the_image_bilinearly(rng):
     half = bilinear(X, np.broadcast_to(yy, (2, 6, 6)), np.broadcast_to(xx + 0.5, (2, 6, 6)))
     np.testing.assert_allclose(half[..., :5], (X[..., :5] + X[..., 1:]) / 2)
     np.testing.assert_allclose(half[..., 5], X[..., 5] / 2)  # half from the background
+
+
+# -- settings that mean nothing for the images at hand ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"elastic_alpha": 34, "elastic_sigma": 1e6},
+            "augment_elastic_sigma must be > 0 and at most 8 pixels (the side of the 8x8 "
+            "images of digits), got 1000000.0",
+        ),
+        ({"elastic_alpha": 34, "elastic_sigma": 8.5}, "augment_elastic_sigma must be > 0"),
+        ({"elastic_alpha": 34, "elastic_sigma": float("nan")}, "augment_elastic_sigma must"),
+        (
+            {"max_shift": 8},
+            "augment_shift must be an integer >= 0 and less than 8 pixels (the side of the "
+            "8x8 images of digits), got 8",
+        ),
+        ({"max_shift": -1}, "augment_shift must be an integer >= 0"),
+        ({"max_degrees": 181.0}, "augment_rotate must be in [0, 180] degrees, got 181.0"),
+        ({"elastic_alpha": -1.0}, "augment_elastic_alpha must be a finite number >= 0, got -1.0"),
+        ({"elastic_alpha": float("inf")}, "augment_elastic_alpha must be a finite number >= 0"),
+    ],
+)
+def test_settings_beyond_the_image_are_refused_naming_the_field(settings, message):
+    from handprop.augment import check_augment
+
+    with pytest.raises(ConfigError) as info:
+        check_augment((8, 8), **settings, dataset="digits")
+    assert str(info.value).startswith(message)
+
+
+def test_settings_within_the_image_pass():
+    from handprop.augment import check_augment
+
+    check_augment((8, 8), 7, 180.0, 34.0, 8.0)
+    check_augment((28, 28), 2, 10.0, 34.0, 4.0)
+    check_augment((8, 8), 0, 0.0, 0.0, 1e6)  # alpha 0: sigma is not used
+
+
+def test_the_smoothing_kernel_is_bounded_by_the_image():
+    from handprop.augment import gaussian_matrix
+
+    K = gaussian_matrix(8, 8.0)  # the widest sigma: a (8, 65) work array, no more
+    assert K.shape == (8, 8) and np.allclose(K.sum(axis=1), 1)
+    with pytest.raises(ValueError, match=r"sigma must be in \(0, 8\] \(the size\), got 1000000.0"):
+        gaussian_matrix(8, 1e6)  # asked for a (8, 8e6) array: 1.8 GB on 28x28
+
+
+def test_a_run_with_a_sigma_wider_than_the_images_is_one_line_and_no_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from handprop.cli import main
+
+    config = tmp_path / "wide.toml"
+    config.write_text(
+        'dataset = "digits"\ntotal = 400\ntrain = 300\ntest = 100\nhidden = 8\n'
+        "learning_rate = 0.5\nepochs = 1\nbatch_size = 50\n"
+        f'augment_elastic_alpha = 34\naugment_elastic_sigma = 1e6\nout = "{tmp_path / "out"}"\n'
+    )
+    result = CliRunner().invoke(main, ["train", str(config), "-q"], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        "handprop: error: augment_elastic_sigma must be > 0 and at most 8 pixels (the side "
+        "of the 8x8 images of digits), got 1000000.0"
+    ]
+    assert not (tmp_path / "out").exists()  # refused before any folder is made

@@ -279,3 +279,106 @@ def test_ctrl_c_cancels_the_rows_left_and_writes_the_summary(tmp_path, cluster):
     )
     # nothing came back for the long rows: no folder left behind for them
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["quick"]
+
+
+class Server:
+    """A TCP server on 127.0.0.1 that is not a Dask scheduler, in a thread, accepting
+    for as long as the test runs: ``silent`` holds each connection and says nothing,
+    ``garbage`` answers each with bytes that are not Dask's, ``http`` is a web server.
+    :meth:`stop` closes it and every connection (bounded waits)."""
+
+    def __init__(self, kind: str) -> None:
+        import threading
+
+        self.kind = kind
+        self.conns: list[socket.socket] = []
+        self.http = None
+        if kind == "http":
+            from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+            self.http = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+            self.port = self.http.server_address[1]
+            self.thread = threading.Thread(
+                target=self.http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            )
+        else:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(8)
+            self.sock.settimeout(0.05)
+            self.port = self.sock.getsockname()[1]
+            self.stopping = False
+            self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.conns.append(conn)
+            if self.kind == "garbage":
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"\xff\x00HTTP/1.1 418 I'm a teapot\r\n" * 64)
+
+    def stop(self) -> None:
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        else:
+            self.stopping = True
+            self.thread.join(timeout=5)
+            self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def server():
+    started: list[Server] = []
+
+    def start(kind: str) -> Server:
+        started.append(Server(kind))
+        return started[-1]
+
+    yield start
+    for s in started:  # stopped even when the test failed
+        s.stop()
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        # takes the connection and never answers: waited forever before
+        ("silent", "something there takes connections but does not answer as a Dask scheduler"),
+        # a web server: "out of memory" and a Client.__del__ traceback before
+        ("http", "something there takes connections but does not answer as a Dask scheduler"),
+        ("garbage", "something there answers, but not as a Dask scheduler"),
+        ("closed", "cannot reach a Dask scheduler within 5 s"),
+        ("udp", "handprop reaches a Dask scheduler over tcp:// or ws://, not udp://"),
+        ("malformed", "not a Dask scheduler's address (missing port number"),
+    ],
+)
+def test_a_wrong_scheduler_is_one_line_within_seconds(tmp_path, server, kind, says):
+    """Whatever is at the address, one line within ~10 s, and nothing printed after it
+    (no TimeoutError traceback, no Client.__del__ at exit)."""
+    if kind in ("silent", "http", "garbage"):
+        address = f"tcp://127.0.0.1:{server(kind).port}"
+    elif kind == "closed":
+        address = f"tcp://127.0.0.1:{free_port()}"
+    elif kind == "udp":
+        address = f"udp://127.0.0.1:{free_port()}"
+    else:
+        address = "tcp://127.0.0.1"
+    grid = tmp_path / "g.csv"
+    grid.write_text(f"{HEADER}\n{GRID[0]}\n")
+    started = time.monotonic()
+    result = handprop("experiments", grid, "--scheduler", address, cwd=tmp_path, timeout=30)
+    assert time.monotonic() - started < 12, result.stderr
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"handprop: error: {address}: "), lines[0]
+    assert says in lines[0]
+    assert not (tmp_path / "runs").exists()

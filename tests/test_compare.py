@@ -153,3 +153,33 @@ def test_cli_prints_the_table(run_dir, compared):
     result = CliRunner().invoke(main, ["compare", str(run_dir), "--only", "default", "-q"])
     assert result.exit_code == 0, result.output
     assert "scikit-learn (default)" in result.output and "handprop" in result.output
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("split_seed = 5", "split_seed = 6"), "split_seed is 6, but the run's was 5"),
+        (("test = 200", "test = 150"), "test is 150, but the run's was 200"),
+        (("train = 700", "train = 600"), "train is 600, but the run's was 700"),
+        (("validation = 0.0", "validation = 0.1"),
+         "validation is 0.1 (70 samples), but the run's was 0 samples"),
+        (('dataset = "digits"', 'dataset = "mnist"'),
+         "dataset is 'mnist', but the run's was 'digits'"),
+    ],
+)  # fmt: skip
+def test_an_edited_config_is_named_not_the_dataset_files(tmp_path, run_dir, edit, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    text = (copy / "config.toml").read_text()
+    assert f"\n{edit[0]}\n" in text
+    (copy / "config.toml").write_text(text.replace(f"\n{edit[0]}\n", f"\n{edit[1]}\n"))
+    with pytest.raises(ConfigError) as info:
+        compare_run(copy, progress=False)
+    assert str(info.value) == (
+        f"{copy / 'config.toml'}: {message} (its metrics.json); the config was edited "
+        f"after the run: put {message.split()[0]} back, compare trains on the run's own split"
+    )
+    result = CliRunner().invoke(main, ["compare", str(copy), "-q"])
+    assert result.exit_code == 1 and result.output == f"handprop: error: {info.value}\n"

@@ -715,7 +715,7 @@ def test_toml_nested_too_deeply_is_one_line():
 
 def test_a_huge_config_file_is_refused_unread(tmp_path):
     path = write(tmp_path, "big.toml", MINIMAL_TOML + 'x = "' + "y" * (1 << 20) + '"\n')
-    with pytest.raises(ConfigError, match=r"big\.toml: .* bytes is too large for a run config"):
+    with pytest.raises(ConfigError, match=r"big\.toml: .* bytes is too large for a config file"):
         load_config(path)
 
 
@@ -804,3 +804,44 @@ def test_bad_split_seed_in_csv_names_its_column():
         ConfigError, match=r"^g\.csv row 2 column split_seed: split_seed must be an integer >= 0"
     ):
         config_from_mapping({**ROW, "split_seed": "one"}, "g.csv row 2", where)
+
+
+#: every field that holds a number other than an integer count
+REAL_FIELDS = [
+    name
+    for name, spec in field_specs().items()
+    if any(w in spec.kind.expect for w in ("number", "float")) and "integer" not in spec.kind.expect
+]
+
+
+def test_the_real_fields_are_all_there():
+    assert {"learning_rate", "momentum", "weight_decay", "dropout", "validation"} <= set(
+        REAL_FIELDS
+    )
+    assert {"augment_rotate", "augment_elastic_alpha", "augment_elastic_sigma"} <= set(REAL_FIELDS)
+
+
+@pytest.mark.parametrize("name", REAL_FIELDS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_no_number_field_takes_nan_or_inf(name, value):
+    """NaN fails every comparison, so a bound alone lets it through: every field that
+    reads a number refuses NaN and infinities, in TOML, a CSV cell and an override."""
+    text = MINIMAL_TOML.replace("learning_rate = 2.5\n", "")  # given again below
+    if name != "learning_rate":
+        text += "learning_rate = 2.5\n"
+    with pytest.raises(ConfigError, match=rf"^r\.toml line \d+: {name} must be .*, got {value}"):
+        parse_toml_config(text + f"{name} = {value}\n", "r.toml")
+    row = {k: v for k, v in ROW.items() if k != "alpha" or name != "learning_rate"}
+    where = {name: f"g.csv row 2 column {name}"}
+    with pytest.raises(ConfigError, match=rf"^g\.csv row 2 column {name}: {name} must be"):
+        config_from_mapping({**row, name: value}, "g.csv row 2", where)
+    base = parse_toml_config(MINIMAL_TOML, "r.toml")
+    with pytest.raises(ConfigError, match=rf"^override: {name} must be .*, got {value}"):
+        base.replace(**{name: float(value)})
+
+
+def test_a_rotation_of_180_degrees_is_the_most_there_is():
+    text = MINIMAL_TOML + "batch_size = 10\naugment_rotate = "
+    assert parse_toml_config(text + "180\n", "r.toml").augment_rotate == 180
+    with pytest.raises(ConfigError, match=r"augment_rotate must be a number in \[0, 180\], got"):
+        parse_toml_config(text + "180.5\n", "r.toml")

@@ -149,3 +149,25 @@ def test_main_prints_one_line_for_a_user_error(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().count("\n") == 0
     assert "handprop: error:" in result.output and "run folder not found" in result.output
+
+
+@pytest.mark.parametrize(
+    ("first_cell", "message"),
+    [
+        ("1" + "0" * 30, "line 2, column index: sample index must be at most "
+         "9,223,372,036,854,775,807 (an int64's largest), got 1" + "0" * 30),
+        ("-18", "line 2, column index: sample index must be >= 0, got -18"),
+        ("eighteen", "line 2, column index: expected an integer, got 'eighteen'"),
+    ],
+)  # fmt: skip
+def test_an_edited_predictions_index_is_one_line(tmp_path, first_cell, message):
+    from handprop.cli import main
+
+    folder = write_run(tmp_path / "run")
+    path = folder / "predictions.csv"
+    lines = path.read_text().splitlines()
+    lines[1] = first_cell + lines[1][lines[1].index(",") :]
+    path.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(main, ["evaluate", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert result.output == f"handprop: error: {path} {message}\n"

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,51 +47,6 @@ def one_error_line(result) -> str:
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("handprop: error: "), result.output
     return lines[0]
-
-
-class Command:
-    """``handprop ARGS`` in a subprocess of its own session (its own process group)."""
-
-    def __init__(self, *args, cwd: Path) -> None:
-        code = "from handprop.cli import main; main()"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, *map(str, args)],
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-
-    def wait_for(self, condition, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ended early: {self.proc.communicate()}")
-            assert time.monotonic() < deadline, "timed out waiting"
-            time.sleep(0.02)
-
-    def finish(self, timeout: float = 120.0) -> tuple[int, str, str]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
-
-    def kill_group(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.communicate()
-
-
-@pytest.fixture
-def command(tmp_path):
-    started: list[Command] = []
-
-    def start(*args) -> Command:
-        started.append(Command(*args, cwd=tmp_path))
-        return started[-1]
-
-    yield start
-    for c in started:  # never leave a run behind, even when the test failed
-        c.kill_group()
 
 
 def checkpoint_epoch(run_dir: Path) -> int:
@@ -313,12 +267,19 @@ def rewrite_checkpoint(run_dir: Path, **changes) -> None:
         ("nan", "its parameters are not all finite"),
         ("object", "it holds Python objects, which handprop never loads"),
         ("missing", "it has no 'seconds' array"),
+        ("best", "'best' must hold a loss and two whole numbers >= 0, got [inf, inf, 0.0]"),
+        ("opt_nan", "its 'opt_m' is not all finite"),
     ],
 )
 def test_a_bad_checkpoint_is_one_line(tmp_path, damage, message):
-    run_dir = interrupted_run(tmp_path)
+    run_dir = interrupted_run(tmp_path, 'optimizer = "adam"\nbatch_size = 100\n')
     path = run_dir / "checkpoint.npz"
-    if damage == "truncate":
+    if damage == "best":  # int(inf) would raise OverflowError, a traceback
+        rewrite_checkpoint(run_dir, best=np.array([np.inf, np.inf, 0.0]))
+    elif damage == "opt_nan":  # the resumed run's first step would make NaN parameters
+        with np.load(path) as ck:
+            rewrite_checkpoint(run_dir, opt_m=np.full_like(ck["opt_m"], np.nan))
+    elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:200])
     elif damage == "epoch":
         rewrite_checkpoint(run_dir, epoch=np.array(-5))
@@ -335,6 +296,31 @@ def test_a_bad_checkpoint_is_one_line(tmp_path, damage, message):
     line = one_error_line(run("train", "--resume", run_dir, "-q"))
     assert f"{path}: not a usable checkpoint" in line and message in line
     assert "allow_pickle" not in line
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e400", "0", "-1", "ten"])
+@pytest.mark.parametrize("subcommand", ["train", "experiments"])
+def test_checkpoint_every_must_be_a_finite_number_of_seconds(tmp_path, subcommand, value):
+    """click's FloatRange lets "nan" through (it fails every comparison), which turned
+    the periodic checkpoints off without a word; now it is one line, before any file."""
+    source = tiny_config(tmp_path, 1)
+    if subcommand == "experiments":
+        source = tmp_path / "g.csv"
+        source.write_text(GRID_HEADER + "\nr,400,300,100,8,2.0,1,digits\n")
+    line = one_error_line(
+        run(subcommand, source, "--out", tmp_path / "out", f"--checkpoint-every={value}")
+    )
+    assert line == (
+        f"handprop: error: --checkpoint-every must be a finite number of seconds > 0, got {value!r}"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_every_takes_seconds(tmp_path):
+    result = run(
+        "train", tiny_config(tmp_path, 2), "--out", tmp_path, "-q", "--checkpoint-every", "0.5"
+    )
+    assert result.exit_code == 0, result.output
 
 
 def test_a_wrong_length_optimizer_state_is_refused(tmp_path):

@@ -138,10 +138,14 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, mpiexec
     start = time.monotonic()
     job = mpiexec(*two_ranks(good, bad))
     code, _, err = job.finish(timeout=60)
-    assert code != 0
+    assert code == 1, err
     assert time.monotonic() - start < 30
-    assert "handprop: error: [rank 1 of 2] " in err and "hidden must be a positive integer" in err
-    assert "Traceback" not in err
+    # a start-up error: rank 0 says it, naming rank 1, and the job ends without Abort
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("handprop: error: [rank 1 of 2] "), err
+    assert "hidden must be a positive integer" in last
+    assert err.count("handprop: error:") == 1
+    assert "Traceback" not in err and "Abort" not in err
 
 
 def test_ranks_with_different_configs_are_refused_at_start_up(tmp_path, mpiexec):
@@ -183,3 +187,77 @@ def test_a_signal_stops_every_rank_after_one_checkpoint_and_resumes(
     assert serial.returncode == 0
     expected = params(tmp_path / "serial" / "seed")
     assert np.abs(params(run_dir) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "message"),
+    [
+        # every rank reads the config the same way
+        (
+            "learning_rate",
+            {"learning_rate = 2.0": "learning_rate = -0.5"},
+            "{cfg} line 7: learning_rate must be a finite number > 0, got -0.5",
+        ),
+        # every rank looks for the data and finds nothing
+        (
+            "data_dir",
+            {'dataset = "digits"': 'dataset = "mnist"\ndata_dir = "/nonexistent/handprop-data"'},
+            "/nonexistent/handprop-data: no such data directory",
+        ),
+    ],
+)
+def test_a_start_up_error_is_handprops_last_line_on_every_rank(
+    tmp_path, mpiexec, name, edit, message
+):
+    """No MPI_Abort when every rank knows of the error: rank 0 prints it once, every rank
+    exits 1, and MPICH adds no `Abort(1) on node ...` line after it."""
+    text = config(tmp_path, "seed").read_text()
+    for old, new in edit.items():
+        text = text.replace(old, new)
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(text)
+    code, out, err = mpiexec("-n", "2", *HANDPROP, "train", str(cfg), "-q").finish(timeout=60)
+    assert code == 1, err
+    assert last_line(err) == "handprop: error: " + message.format(cfg=cfg), err
+    assert err.count("handprop: error:") == 1, err  # once, from rank 0
+    assert "Abort" not in err and "Traceback" not in err and out == "", (out, err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_start_up_error_on_rank_0_alone_ends_every_rank_without_abort(tmp_path, mpiexec):
+    """Rank 0 alone makes the run folder: when it cannot, the other ranks hear of it at
+    their next start-up collective, and all exit 1 after rank 0's one line."""
+    cfg = config(tmp_path, "seed")
+    (tmp_path / "blocker").write_text("a file where --out wants a folder\n")
+    code, _, err = mpiexec(
+        "-n", "2", *HANDPROP, "train", str(cfg), "--out", "blocker/out", "-q"
+    ).finish(timeout=60)
+    assert code == 1, err
+    assert last_line(err).startswith("handprop: error: [rank 0 of 2] blocker/out: "), err
+    assert err.count("handprop: error:") == 1, err
+    assert "Abort" not in err and "Traceback" not in err
+    assert (tmp_path / "blocker").read_text() == "a file where --out wants a folder\n"
+
+
+def test_experiments_refuses_to_run_as_several_ranks(tmp_path, mpiexec):
+    grid = tmp_path / "g.csv"
+    grid.write_text(
+        "run_name,d,dtrain,dtest,m,alpha,epochs,dataset\nr,400,300,100,8,2.0,3,digits\n"
+    )
+    code, out, err = mpiexec(
+        "-n", "2", *HANDPROP, "experiments", str(grid), "--out", "out", "-q"
+    ).finish(timeout=60)
+    assert code == 1, err
+    assert out == ""
+    assert err.strip().splitlines() == [
+        "handprop: error: handprop experiments runs as one process, not as 2 MPI ranks "
+        "(each rank would run all of it, colliding with the others): a grid fans its rows "
+        "out with --jobs N, or on a Dask cluster with --scheduler; mpiexec -n N goes with "
+        "handprop train"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -210,6 +210,20 @@ def test_a_model_with_nan_parameters_predicts_nothing(tmp_path, model, images):
     one_error_line(run("predict", tmp_path / "nan.npz", tmp_path / "x.idx"), "NaN or infinite")
 
 
+def test_a_model_with_a_negative_batchnorm_variance_predicts_nothing(tmp_path, images):
+    """It predicted NaN probabilities, exit 0 (and export wrote them): refused at load."""
+    net = Network.from_layers(
+        ["dense 8", "batchnorm", "relu"], (64,), 10, rng=0, meta={"image_shape": [8, 8]}
+    )
+    net.layers[1].running_var[3] = -1.0
+    save(net, tmp_path / "neg.npz")
+    write_idx(tmp_path / "x.idx", images)
+    message = "neg.npz: batchnorm layer 1's running_var (running variance) has 1 negative value"
+    one_error_line(run("predict", tmp_path / "neg.npz", tmp_path / "x.idx"), message)
+    one_error_line(run("export", tmp_path / "neg.npz", "-o", tmp_path / "neg.onnx"), message)
+    assert not (tmp_path / "neg.onnx").exists()
+
+
 # -- labelled inputs: the accuracy, --format csv|json --------------------------------
 
 
@@ -376,3 +390,118 @@ def test_labelled_idx_rows_are_still_streamed(tmp_path, model, images, monkeypat
         np.testing.assert_array_equal(b.labels, labels[b.lo : b.hi])
         accuracy.add(b, b.P.argmax(axis=1))
     assert accuracy.summary()["correct"] == 4
+
+
+# -- issue 27: a camera's EXIF orientation, float images with NaN, a CSV without labels --
+
+
+def upright_seven() -> np.ndarray:
+    """A dark 7 on a white page, taller than wide: turned, it reads as something else."""
+    page = np.full((60, 40), 255, dtype=np.uint8)
+    page[8:12, 8:32] = 0  # the bar
+    for r in range(12, 52):  # the stem, slanting down to the left
+        c = 30 - (r - 12) // 3
+        page[r, c - 2 : c + 2] = 0
+    return page
+
+
+#: EXIF orientation -> how a camera stores an upright picture under it (the tag says
+#: how to turn it back): 3 turned half round, 6 and 8 a quarter each way, 2 mirrored
+STORED = {
+    3: Image.Transpose.ROTATE_180,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+}
+
+
+def save_oriented(path, page: np.ndarray, orientation: int | None, **kwargs) -> None:
+    """``page`` stored as a camera under ``orientation`` stores it (None: no tag)."""
+    img = Image.fromarray(page)
+    if orientation is None:
+        img.save(path, **kwargs)
+        return
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.transpose(STORED[orientation]).save(path, exif=exif, **kwargs)
+
+
+@pytest.mark.parametrize("orientation", list(STORED))
+def test_the_exif_orientation_is_applied(tmp_path, orientation):
+    page = upright_seven()
+    save_oriented(tmp_path / "up.png", page, None)
+    save_oriented(tmp_path / "turned.png", page, orientation)
+    upright = prepare_image(tmp_path / "up.png", (28, 28))
+    np.testing.assert_array_equal(prepare_image(tmp_path / "turned.png", (28, 28)), upright)
+    # a JPEG, as a phone writes it: the same up to the codec's loss
+    save_oriented(tmp_path / "up.jpg", page, None, quality=95)
+    save_oriented(tmp_path / "turned.jpg", page, orientation, quality=95)
+    jpeg = prepare_image(tmp_path / "up.jpg", (28, 28))
+    np.testing.assert_allclose(prepare_image(tmp_path / "turned.jpg", (28, 28)), jpeg, atol=0.02)
+    assert np.abs(jpeg - upright).max() < 0.02
+    # without the tag the same pixels are another picture: the tag is what turned it
+    Image.fromarray(page).transpose(STORED[orientation]).save(tmp_path / "bare.png")
+    assert np.abs(prepare_image(tmp_path / "bare.png", (28, 28)) - upright).max() > 0.5
+
+
+def test_predict_reads_a_turned_jpeg_upright(tmp_path, model):
+    import json
+
+    folder = model[1]
+    page = upright_seven()
+    save_oriented(tmp_path / "up.jpg", page, None, quality=95)
+    save_oriented(tmp_path / "turned.jpg", page, 6, quality=95)
+    result = run(
+        "predict", folder, tmp_path / "up.jpg", tmp_path / "turned.jpg", "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    up, turned = json.loads(result.stdout)["predictions"]
+    assert turned["predicted"] == up["predicted"]
+    assert turned["probability"] == pytest.approx(up["probability"], abs=0.01)
+
+
+def float_tiff(path, values: np.ndarray) -> None:
+    Image.fromarray(values.astype(np.float32), mode="F").save(path)
+
+
+def stroke() -> np.ndarray:
+    page = np.zeros((40, 30), dtype=np.float32)
+    page[5:35, 12:16] = 1.0
+    return page
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.full((40, 30), np.nan),
+        np.where(np.arange(1200).reshape(40, 30) == 7, np.nan, stroke()),
+        np.where(stroke() > 0, np.inf, 0),
+        np.where(stroke() > 0, 1, -np.inf),
+    ],
+    ids=["all NaN", "one NaN", "inf ink", "-inf page"],
+)
+def test_float_images_with_nan_or_inf_pixels_are_one_line(tmp_path, model, values):
+    float_tiff(tmp_path / "x.tiff", values)
+    result = run("predict", model[1], tmp_path / "x.tiff")
+    one_error_line(result, "x.tiff: holds NaN or infinite pixel values")
+    float_tiff(tmp_path / "fine.tiff", stroke())  # a finite float image still reads
+    assert run("predict", model[1], tmp_path / "fine.tiff").exit_code == 0
+
+
+def test_a_csv_without_its_label_column_says_so(tmp_path, model, images):
+    rows = images.reshape(5, 64).astype(int)
+    rows[:, 0] = 3  # the first pixel reads as a label: the rows look one value short
+    text = "\n".join(",".join(map(str, r)) for r in rows) + "\n"
+    (tmp_path / "x.csv").write_text(text)
+    one_error_line(
+        run("predict", model[1], tmp_path / "x.csv"),
+        "x.csv: rows of 64 values: the label column is missing (a CSV row holds its label "
+        "first, then the model's 8x8 (64 values))",
+    )
+    (tmp_path / "short.csv").write_text(
+        "\n".join(t[: t.rindex(",")] for t in text.split("\n")[:-1])
+    )
+    one_error_line(
+        run("predict", model[1], tmp_path / "short.csv"),
+        "short.csv: rows of 1x62 (62 values each); the model expects 8x8 (64 values)",
+    )

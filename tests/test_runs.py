@@ -219,6 +219,36 @@ def test_missing_predictions_say_why(tmp_path):
         _ = RunFolder(run).predictions
 
 
+#: a predictions.csv edited by hand (issue 27): each is one line naming the line and
+#: the column, never an OverflowError from numpy
+EDITED = [
+    ("99999999999999999999999999,0,0,0.8,0.1,0.1\n",
+     r"line 2, column index: sample index must be at most 9,223,372,036,854,775,807 "
+     r"\(an int64's largest\), got 99999999999999999999999999$"),
+    ("9" * 5000 + ",0,0,0.8,0.1,0.1\n",
+     r"line 2, column index: sample index must be at most .*got '9{30}'\.\.\. "
+     r"\(5,000 characters\)$"),
+    ("-5,0,0,0.8,0.1,0.1\n", r"line 2, column index: sample index must be >= 0, got -5$"),
+    ("5,-" + "9" * 5000 + ",0,0.8,0.1,0.1\n",
+     r"line 2, column true: class id must be in \[0, 3\), got '-9{29}'\.\.\. \(5,001"),
+    ("5,0," + "1" * 30 + ",0.8,0.1,0.1\n", r"line 2, column pred: class id must be in"),
+    ("five,0,0,0.8,0.1,0.1\n", r"line 2, column index: expected an integer, got 'five'$"),
+    ("5,0,0,0.8," + "1" * 400 + ",0.1\n",
+     r"line 2, column p1: expected a finite number, got '1{30}'\.\.\. \(400 characters\)$"),
+    ("5,0,0,0.8,NaN,0.1\n", r"line 2, column p1: expected a finite number, got 'NaN'$"),
+    ("5,0,0,0.8,0.1\n", r"line 2: expected 6 columns, got 5$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("row", "message"), EDITED)
+def test_an_edited_predictions_csv_is_one_line(tmp_path, row, message):
+    path = _bad_predictions(tmp_path, GOOD_HEADER + row)
+    with pytest.raises(DataError, match=message) as info:
+        read_predictions(path)
+    assert str(info.value).startswith(f"{path} line 2")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
 # --- run folder ---------------------------------------------------------------------------
 
 

@@ -10,8 +10,10 @@ second MLP on scikit-learn's 8x8 digits (offline), and one on real MNIST when
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -317,6 +319,31 @@ def big_image() -> bytes:
     return buf.getvalue()
 
 
+def float_tiff(values: np.ndarray) -> bytes:
+    """A float ("F" mode) TIFF of a white stroke on black, ``values`` where it says."""
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.float32), mode="F").save(buf, "TIFF")
+    return buf.getvalue()
+
+
+STROKE = np.zeros((40, 30))
+STROKE[5:35, 12:16] = 1.0
+
+
+def pixels_json(first: str, model: str = "digits") -> bytes:
+    """An 8 x 8 "pixels" body whose first value is the literal ``first``, zeros else."""
+    rows = ["[" + ",".join([first] + ["0"] * 7) + "]"] + ["[" + ",".join(["0"] * 8) + "]"] * 7
+    return f'{{"model": "{model}", "pixels": [{",".join(rows)}]}}'.encode()
+
+
+def as_json(content: bytes) -> dict:
+    return {"content": content, "headers": {"Content-Type": "application/json"}}
+
+
+def as_tiff(content: bytes) -> dict:
+    return {"content": content, "headers": {"Content-Type": "image/tiff"}}
+
+
 BAD = {
     "empty": (
         {"content": b"", "headers": {"Content-Type": "image/png"}},
@@ -383,6 +410,49 @@ BAD = {
     "wrong content type": (
         {"content": b"a=1", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
         415, "unsupported Content-Type 'application/x-www-form-urlencoded'",
+    ),
+    # issue 27: float images with NaN or inf pixels, numbers too large for a float
+    "all-nan tiff": (
+        as_tiff(float_tiff(np.full((40, 30), np.nan))),
+        422, "upload: holds NaN or infinite pixel values",
+    ),
+    "one nan in a tiff": (
+        as_tiff(float_tiff(np.where(np.arange(1200).reshape(40, 30) == 7, np.nan, STROKE))),
+        422, "upload: holds NaN or infinite pixel values",
+    ),
+    "inf tiff": (
+        as_tiff(float_tiff(np.where(STROKE > 0, np.inf, 0))),
+        422, "upload: holds NaN or infinite pixel values",
+    ),
+    "json 400-digit integer": (
+        as_json(pixels_json("1" + "0" * 399)),
+        422, "the JSON body holds a number too large for a float: 100000000000... (400 characters)",
+    ),
+    "json 5000-digit integer": (  # over int()'s 4,300 digits
+        as_json(pixels_json("-" + "9" * 5000)),
+        422, "the JSON body holds a number too large for a float: -99999999999... (5,001 char",
+    ),
+    "json 1e400": (
+        as_json(pixels_json("1e400")),
+        422, "the JSON body holds a number too large for a float: 1e400",
+    ),
+    "json nested deeply": (
+        as_json(b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        400, "the request body is not valid JSON: nested too deeply",
+    ),
+    "json booleans": (
+        as_json(pixels_json("true")), 422, "every value must be a number",
+    ),
+    "json a list in a row": (
+        as_json(pixels_json("[0.5]")), 422, "every value must be a number",
+    ),
+    "json a million numbers": (
+        as_json(b'{"pixels": [' + b"0," * 999_999 + b"0]}"),
+        422, "got a list of 1,000,000 numbers",
+    ),
+    "json a huge model name": (
+        as_json(b'{"model": "' + b"m" * 100_000 + b'", "pixels": []}'),
+        404, "unknown model 'mmmm",
     ),
 }  # fmt: skip
 
@@ -461,14 +531,21 @@ def served(runs, tmp_path):
     """``handprop serve RUNS`` as a subprocess on a free 127.0.0.1 port, printing into a
     file (a pipe nobody reads would fill and stop it); always stopped. Gives the
     address and the file."""
+    with serving(runs, tmp_path / "serve.log") as (url, out):
+        yield url, out
+
+
+@contextlib.contextmanager
+def serving(runs: Path, out: Path, before: str = ""):
+    """``handprop serve RUNS`` as :func:`served` starts it, its stdout and stderr into
+    ``out``; ``before``: Python run in the server's process before the command."""
     port = free_port()
-    out = tmp_path / "serve.log"
     with out.open("w") as log:
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                "from handprop.cli import main; main()",
+                before + "\nfrom handprop.cli import main; main()",
                 "serve",
                 str(runs),
                 "--port",
@@ -520,6 +597,202 @@ def test_the_server_prints_one_line_per_request(served):
     assert len(lines) == 4, lines
     for line, (method, path, status) in zip(lines, expected, strict=True):
         assert re.fullmatch(pattern.format(method, re.escape(path), status), line), line
+
+
+# -- issue 27: turned photos, failed requests in the log, serving beyond this machine ----
+
+
+def upright_seven() -> np.ndarray:
+    """A dark 7 on a white page (as tests/test_predict.py draws it)."""
+    page = np.full((60, 40), 255, dtype=np.uint8)
+    page[8:12, 8:32] = 0
+    for r in range(12, 52):
+        c = 30 - (r - 12) // 3
+        page[r, c - 2 : c + 2] = 0
+    return page
+
+
+def photo(page: np.ndarray, fmt: str, orientation: int | None = None) -> bytes:
+    """``page`` as a camera stores it upright under EXIF ``orientation`` 6: turned a
+    quarter to the left, the tag saying to turn it back (None: as it is, no tag)."""
+    buf = io.BytesIO()
+    img = Image.fromarray(page)
+    if orientation is None:
+        img.save(buf, fmt, quality=95)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.transpose(Image.Transpose.ROTATE_90).save(buf, fmt, quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def test_a_turned_photo_is_read_upright(client):
+    page = upright_seven()
+    for fmt, atol in (("PNG", 0), ("JPEG", 0.02)):
+        answers = [
+            client.post("/api/predict", content=data, params={"model": "digits"},
+                        headers={"Content-Type": f"image/{fmt.lower()}"}).json()
+            for data in (photo(page, fmt), photo(page, fmt, 6))
+        ]  # fmt: skip
+        up, turned = (np.array(a["input"]) for a in answers)
+        np.testing.assert_allclose(turned, up, atol=atol, err_msg=fmt)
+        assert answers[1]["label"] == answers[0]["label"]
+        np.testing.assert_array_equal(up, np.round(prepare_image(photo(page, fmt), (8, 8),
+                                                                 prep="fill"), 4))  # fmt: skip
+
+
+def test_failed_requests_are_one_line_each_in_the_servers_log(served):
+    """Every refusal of BAD, over real HTTP, and a client that leaves mid-body: one
+    access line each and no traceback."""
+    import httpx
+
+    url, out = served
+    statuses = []
+    for kwargs, status, _ in BAD.values():
+        try:
+            answer = httpx.post(url + "/api/predict", **kwargs, timeout=60)
+        except httpx.TransportError:  # the 8 MiB body: refused before it is all sent
+            answer = None
+        statuses.append(status)
+        if answer is not None:
+            assert answer.status_code == status, answer.text
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                  b"Content-Length: 1000\r\n\r\nonly a part")  # fmt: skip
+    statuses.append(400)  # the client went away: nobody reads the answer
+    httpx.get(url + "/api/nothing")
+    httpx.get(url + "/api/predict")
+    statuses += [404, 405]
+    for _ in range(100):
+        lines = out.read_text().splitlines()[1:]
+        if len(lines) >= len(statuses):
+            break
+        time.sleep(0.1)
+    text = out.read_text()
+    assert "Traceback" not in text and "Exception" not in text, text
+    assert len(lines) == len(statuses), text
+    for line, status in zip(lines, statuses, strict=True):
+        assert re.fullmatch(rf"\d\d:\d\d:\d\d (POST|GET) /api/\w+ {status} \d+ ms", line), line
+
+
+BOOM = """
+from handprop.serve.models import ServedModel
+def boom(self, image):
+    raise RuntimeError("boom: a bug in explain")
+ServedModel.explain = boom
+"""
+
+
+def test_a_bug_is_a_500_line_and_its_traceback_once(runs, tmp_path):
+    """A real internal error (a model whose explain raises): the page gets one line,
+    the log the request's line and one traceback, not uvicorn's second one."""
+    import httpx
+
+    with serving(runs, tmp_path / "boom.log", before=BOOM) as (url, out):
+        for _ in range(2):
+            answer = httpx.post(url + "/api/predict", content=stroke_png(),
+                                headers={"Content-Type": "image/png"})  # fmt: skip
+            assert answer.status_code == 500
+            assert answer.json() == {
+                "error": "internal error in handprop serve (RuntimeError: boom: a bug in explain)"
+            }
+        empty = httpx.post(url + "/api/predict", content=b"", headers={"Content-Type": "image/png"})
+        assert empty.status_code == 400
+        for _ in range(100):
+            if out.read_text().count(" ms\n") >= 3:
+                break
+            time.sleep(0.1)
+    text = out.read_text()
+    assert text.count("Traceback (most recent call last)") == 2, text
+    assert text.count("handprop serve: internal error in POST /api/predict (a bug):") == 2, text
+    assert text.count("RuntimeError: boom: a bug in explain") == 2, text
+    assert "Exception in ASGI application" not in text, text
+    access = [line for line in text.splitlines() if line.endswith(" ms")]
+    assert [line.split()[3] for line in access] == ["500", "500", "400"], text
+
+
+def test_a_bug_in_process_is_a_500_and_logged_once(runs, monkeypatch, caplog):
+    from handprop.serve import find_models
+    from handprop.serve.app import create_app
+    from handprop.serve.models import ServedModel
+
+    def boom(self, image):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ServedModel, "explain", boom)
+    client = make_client(create_app(find_models(runs)))
+    with caplog.at_level(logging.ERROR, logger="handprop.serve"):
+        answer = post_png(client, stroke_png())
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error in handprop serve (RuntimeError: boom)"}
+    [record] = caplog.records
+    assert record.getMessage() == "handprop serve: internal error in POST /api/predict (a bug):"
+    assert record.exc_info[0] is RuntimeError
+
+
+@pytest.mark.parametrize(
+    ("host", "address", "warning"),
+    [
+        ("127.0.0.1", "127.0.0.1", None),
+        ("localhost", "127.0.0.1", None),
+        ("127.0.0.2", "127.0.0.2", None),
+        ("::1", "::1", None),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1", None),
+        ("0.0.0.0", "0.0.0.0", "--host 0.0.0.0 serves on every network interface"),
+        ("::", "::", "--host :: serves on every network interface"),
+        ("192.168.1.5", "192.168.1.5",
+         "--host 192.168.1.5 serves on an address other machines can reach"),
+        ("myhost", "10.0.0.7", "--host myhost (10.0.0.7) serves on an address other machines"),
+        ("fe80::1%eth0", "fe80::1%eth0", "--host fe80::1%eth0 serves on an address other"),
+    ],
+)  # fmt: skip
+def test_serving_beyond_this_machine_is_warned(host, address, warning):
+    from handprop.serve.app import exposure
+
+    said = exposure(host, address)
+    if warning is None:
+        assert said is None
+    else:
+        assert said.startswith(f"handprop: warning: {warning}") and "\n" not in said
+        assert "no authentication" in said and "--host 127.0.0.1" in said
+
+
+@pytest.mark.parametrize(
+    ("host", "address", "shown"), [("0.0.0.0", "0.0.0.0", "0.0.0.0"), ("::", "::", "[::]"),
+                                   ("127.0.0.1", "127.0.0.1", "127.0.0.1")],
+)  # fmt: skip
+def test_the_warning_goes_to_stderr_after_the_ready_line(runs, monkeypatch, host, address, shown):
+    """``handprop serve --host`` with the server faked: nothing listens, the ready
+    line is stdout's first (and only) line, the warning stderr's."""
+    from handprop.serve import app
+    from handprop.serve.app import exposure
+
+    def fake_run(models, host, port, ready=None, log=None):
+        ready(port, address)
+
+    monkeypatch.setattr(app, "run", fake_run)
+    result = CliRunner().invoke(main, ["serve", str(runs / "digits"), "--host", host])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        f"handprop serve: 1 model (digits) at http://{shown}:8000/  (Ctrl-C stops)\n"
+    )
+    warning = exposure(host, address)
+    assert result.stderr == ("" if warning is None else warning + "\n")
+
+
+def test_a_port_in_use_on_every_interface_is_one_line_and_no_warning(runs, monkeypatch):
+    import uvicorn
+
+    # should the bind succeed after all, serve nothing and return at once
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            main, ["serve", str(runs / "digits"), "--host", "0.0.0.0", "--port", port]
+        )
+    one_error_line(result, f"cannot listen on 0.0.0.0:{port} (Address already in use)")
 
 
 @pytest.fixture

@@ -9,11 +9,64 @@ generator, so a run (and a resumed run, and every MPI rank) sees the same augmen
 batches every time. The output pixels are read from the input by bilinear
 interpolation, once for all three transformations; pixels that come from outside the
 image are 0 (background).
+
+:func:`check_augment` refuses settings that mean nothing for the images at hand (a shift
+that moves every image out of its frame, a sigma wider than the image), once, before
+training; the functions below trust their arguments but for :func:`gaussian_matrix`,
+whose size it bounds by the image's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+from handprop.errors import ConfigError
+
+
+def check_augment(
+    image_shape: Sequence[int],
+    max_shift: int = 0,
+    max_degrees: float = 0.0,
+    elastic_alpha: float = 0.0,
+    elastic_sigma: float = 4.0,
+    dataset: str | None = None,
+) -> None:
+    """Refuse augmentation settings that mean nothing for images of ``image_shape``
+    (..., h, w), naming the config field, the rule, the value and the image size (and
+    ``dataset``, the images' name, when given).
+
+    A shift of the image's side or more moves some images wholly out of the frame; a
+    sigma beyond the side smooths the displacement field into one constant move, and its
+    kernel, 4 sigma each way, would outgrow the image (a sigma of 1e6 asked for
+    gigabytes). Rotations beyond 180 degrees and negative or non-finite values are
+    refused by the config already, and here too for other callers. Sigma is checked
+    only when the distortions are on (alpha > 0): otherwise it is not used.
+
+    Raises
+    ------
+    ConfigError
+    """
+    h, w = (int(n) for n in image_shape[-2:])
+    side = min(h, w)
+    images = f"the {h}x{w} images" + (f" of {dataset}" if dataset else "")
+    if not 0 <= max_shift < side:
+        raise ConfigError(
+            f"augment_shift must be an integer >= 0 and less than {side} pixels (the side "
+            f"of {images}), got {max_shift!r}"
+        )
+    if not 0 <= max_degrees <= 180:
+        raise ConfigError(f"augment_rotate must be in [0, 180] degrees, got {max_degrees!r}")
+    if not (np.isfinite(elastic_alpha) and elastic_alpha >= 0):
+        raise ConfigError(
+            f"augment_elastic_alpha must be a finite number >= 0, got {elastic_alpha!r}"
+        )
+    if elastic_alpha and not 0 < elastic_sigma <= side:
+        raise ConfigError(
+            f"augment_elastic_sigma must be > 0 and at most {side} pixels (the side of "
+            f"{images}), got {elastic_sigma!r}"
+        )
 
 
 def shift_rotate(
@@ -56,7 +109,13 @@ def augment(
 
 def gaussian_matrix(size: int, sigma: float) -> np.ndarray:
     """K (size, size): K @ v is v smoothed by a normalised Gaussian of standard deviation
-    ``sigma`` pixels, cut at 4 sigma, the border reflected (scipy.ndimage's defaults)."""
+    ``sigma`` pixels, cut at 4 sigma, the border reflected (scipy.ndimage's defaults).
+
+    ``sigma`` is at most ``size``, so that the work arrays, (size, 8 sigma + 1), stay
+    within a few times the image's size (:func:`check_augment` says so to a config).
+    """
+    if not 0 < sigma <= size:
+        raise ValueError(f"sigma must be in (0, {size}] (the size), got {sigma!r}")
     r = max(1, int(4.0 * sigma + 0.5))
     t = np.arange(-r, r + 1)
     g = np.exp(-0.5 * (t / sigma) ** 2)

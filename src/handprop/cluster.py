@@ -19,7 +19,10 @@ client:
 A worker that cannot find the data, or a row that raises, is one failed row naming the
 worker; a worker that dies mid-row has the row rerun elsewhere (the scheduler's
 ``allowed-failures``, plus ``retries`` for errors). Ctrl-C cancels the rows not yet
-finished and writes the summary of those that did.
+finished and writes the summary of those that did. An address where no scheduler answers
+(nothing there, a silent server, a web server, a worker, a malformed address) is one
+line within seconds (:func:`check_scheduler`), and the grid folder is locked while one
+process runs it, as a local grid's is.
 
 Dask is imported only here, and only when a cluster is asked for: ``import handprop``
 and local grids never need it.
@@ -54,6 +57,7 @@ from handprop.rundir import (
     GRID_MARKER,
     RUN_MARKER,
     FolderLock,
+    GridLock,
     make_folder,
     make_or_adopt,
     remove_if_unused,
@@ -61,6 +65,9 @@ from handprop.rundir import (
 
 #: seconds to reach a scheduler before saying it cannot be reached
 CONNECT_TIMEOUT_S = 5.0
+#: the address schemes --scheduler takes (Dask's others need certificates, UCX, or run
+#: inside one process)
+SCHEMES = ("tcp", "ws")
 #: reruns of a row whose task raised (a worker that died is handled by the scheduler:
 #: its rows go to other workers, up to distributed.scheduler.allowed-failures times)
 ROW_RETRIES = 2
@@ -100,13 +107,16 @@ def connect(scheduler: str, jobs: int | None = None) -> Iterator[Any]:
     ------
     ClusterError
         Dask is not installed, or no scheduler answers at the address within
-        :data:`CONNECT_TIMEOUT_S` seconds.
+        :data:`CONNECT_TIMEOUT_S` seconds (and a little more for its reply): see
+        :func:`check_scheduler`.
     """
     distributed = _distributed()
     import dask
 
     cluster = None
     timeout = f"{CONNECT_TIMEOUT_S}s"
+    if scheduler != "local":
+        check_scheduler(scheduler)
     with dask.config.set({"distributed.comm.timeouts.connect": timeout}):
         if scheduler == "local":
             cores = os.cpu_count() or 1
@@ -121,16 +131,11 @@ def connect(scheduler: str, jobs: int | None = None) -> Iterator[Any]:
             client = distributed.Client(cluster, set_as_default=False)
         else:
             try:
-                client = distributed.Client(
+                client = _client_class()(
                     scheduler, timeout=timeout, set_as_default=False, direct_to_workers=False
                 )
-            except (OSError, TimeoutError, ValueError) as exc:
-                why = " ".join(str(exc).split()) or type(exc).__name__
-                raise ClusterError(
-                    f"{scheduler}: cannot reach a Dask scheduler within "
-                    f"{CONNECT_TIMEOUT_S:g} s ({why}); start one with `dask scheduler` "
-                    "and give its address as tcp://HOST:PORT"
-                ) from None
+            except Exception as exc:  # it answered the check a moment ago: gone since
+                raise _unreachable(scheduler, exc) from None
     try:
         client.register_plugin(_plugin(), name="handprop-one-row-per-worker")
         yield client
@@ -140,6 +145,136 @@ def connect(scheduler: str, jobs: int | None = None) -> Iterator[Any]:
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close(timeout=10)
+
+
+def check_scheduler(address: str) -> None:
+    """Ask ``address`` who it is, as a Dask client would, all within
+    :data:`CONNECT_TIMEOUT_S` seconds and a little more: whatever is there (nothing, a
+    silent server, a web server, another protocol), this returns or raises, and leaves
+    nothing behind to print at exit.
+
+    Raises
+    ------
+    ClusterError
+        Not an address (one line saying why), nothing answers there, something that is
+        not a Dask scheduler answers, or nothing answers in time.
+    """
+    _distributed()
+    import asyncio
+    import threading
+
+    from distributed.comm import connect as dask_connect
+    from distributed.comm.addressing import parse_address
+
+    expect = (
+        "give the address `dask scheduler` prints, tcp://HOST:PORT (port 8786 unless "
+        "it was started with another)"
+    )
+    try:
+        scheme = parse_address(address, strict=False)[0]
+    except (TypeError, ValueError) as exc:
+        raise ClusterError(
+            f"{address}: not a Dask scheduler's address ({_why(exc)}); {expect}"
+        ) from None
+    if scheme not in SCHEMES:
+        raise ClusterError(
+            f"{address}: handprop reaches a Dask scheduler over "
+            f"{' or '.join(s + '://' for s in SCHEMES)}, not {scheme}://; {expect}"
+        )
+
+    class NoReplyError(Exception):
+        """Connected, and nothing came back in time."""
+
+    async def identity() -> Any:
+        comm = await dask_connect(address, timeout=CONNECT_TIMEOUT_S)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    async def bounded() -> Any:
+        try:  # dask's connect bounds the connection, not the handshake after it
+            return await asyncio.wait_for(identity(), CONNECT_TIMEOUT_S + _REPLY_S)
+        except asyncio.TimeoutError:
+            raise NoReplyError from None
+
+    outcome: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            outcome["reply"] = asyncio.run(bounded())
+        except BaseException as exc:  # reported below, in the caller's thread
+            outcome["error"] = exc
+
+    # a thread of its own: asyncio.run needs a thread without a running event loop
+    thread = threading.Thread(target=ask, name="handprop-scheduler-check", daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_S + 2 * _REPLY_S)
+    error = outcome.get("error", None if "reply" in outcome else NoReplyError())
+    reply = outcome.get("reply")
+    if isinstance(error, NoReplyError):
+        raise ClusterError(
+            f"{address}: something there takes connections but does not answer as a Dask "
+            f"scheduler (nothing came back within {CONNECT_TIMEOUT_S + _REPLY_S:g} s); " + expect
+        )
+    if isinstance(error, ValueError):  # malformed, or a scheme Dask has no comm for
+        raise ClusterError(
+            f"{address}: not a Dask scheduler's address ({_why(error)}); " + expect
+        ) from None
+    if isinstance(error, OSError) and "Timed out trying to connect" in str(error):
+        raise _unreachable(address, error)
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        raise error
+    if error is not None or not isinstance(reply, dict):
+        why = _why(error) if error is not None else f"it replied {str(reply)[:60]!r}"
+        raise ClusterError(
+            f"{address}: something there answers, but not as a Dask scheduler ({why}); " + expect
+        )
+    if reply.get("type") != "Scheduler":
+        what = f"a Dask {reply['type']}" if isinstance(reply.get("type"), str) else "not"
+        raise ClusterError(f"{address}: {what} a Dask scheduler; " + expect)
+
+
+#: seconds, after connecting, for the handshake and the reply to ``identity``
+_REPLY_S = 2.0
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as the words in a message's brackets."""
+    if isinstance(exc, MemoryError):  # a frame length read from someone else's bytes
+        return "its reply is not Dask's protocol"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _unreachable(address: str, exc: BaseException) -> ClusterError:
+    return ClusterError(
+        f"{address}: cannot reach a Dask scheduler within {CONNECT_TIMEOUT_S:g} s "
+        f"({_why(exc)}); start one with `dask scheduler` and give its address as "
+        "tcp://HOST:PORT"
+    )
+
+
+def _client_class() -> Any:
+    """Dask's Client, quiet when it fails to start: no close at garbage collection (a
+    traceback at exit, after a wait of 10 s) for a client that never connected."""
+    distributed = _distributed()
+
+    class Client(distributed.Client):
+        _failed = False
+
+        def start(self, **kwargs: Any) -> None:
+            try:
+                super().start(**kwargs)
+            except BaseException:
+                self._failed = True
+                raise
+
+        def __del__(self) -> None:
+            if not self._failed:
+                super().__del__()
+
+    return Client
 
 
 def _plugin() -> Any:
@@ -298,6 +433,18 @@ def run_grid_on_cluster(
     summaries as ``exc.summaries``.
     """
     out, _ = make_or_adopt(out, GRID_MARKER)
+    with GridLock(out):  # one process runs the grid at a time
+        return _run_grid_on_cluster(rows, out, client, progress, on_done, checkpoint_seconds)
+
+
+def _run_grid_on_cluster(
+    rows: list[GridRow],
+    out: Path,
+    client: Any,
+    progress: bool,
+    on_done: Callable[[RunSummary], None] | None,
+    checkpoint_seconds: float | None,
+) -> list[RunSummary]:
     _allow_open_files(len(rows))
     results: dict[str, RunSummary] = {}
     claims: dict[str, _Claim] = {}

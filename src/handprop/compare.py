@@ -23,6 +23,7 @@ the exact scikit-learn parameters used. Only this module imports scikit-learn.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -51,7 +52,7 @@ from handprop.runs import (
     RunFolder,
     is_grid,
 )
-from handprop.train import Split, load_split
+from handprop.train import Split, load_split, split_description
 
 #: the comparison models, in the order they are trained and shown
 MODELS = tuple(COMPARISON_FILES)
@@ -127,8 +128,57 @@ def _full_proba(clf: Any, X: np.ndarray, k: int) -> np.ndarray:
     return P
 
 
-def _check_split(run: RunFolder, data: Split) -> None:
-    """The re-derived split must be the one the run trained and tested on."""
+def _edited(run: RunFolder, field: str, now: str, then: str) -> ConfigError:
+    return ConfigError(
+        f"{run.path / CONFIG_FILE}: {field} is {now}, but the run's was {then} (its "
+        f"{METRICS_FILE}); the config was edited after the run: put {field} back, compare "
+        "trains on the run's own split"
+    )
+
+
+def _check_dataset(run: RunFolder, cfg: RunConfig) -> None:
+    """The config's dataset must be the one the run recorded (checked before loading)."""
+    then = run.metrics.get("dataset")
+    if then is not None and cfg.dataset != then:
+        raise _edited(run, "dataset", repr(cfg.dataset), repr(then))
+
+
+def _edited_field(run: RunFolder, cfg: RunConfig, data: Split) -> ConfigError | None:
+    """The first field of config.toml that gives another split than the one the run
+    recorded in metrics.json ("split": kind, total, seed, and the sample counts), or
+    None when the config gives the recorded split (or the run recorded none)."""
+    then = run.metrics.get("split")
+    if not isinstance(then, dict):
+        return None
+    now = split_description(cfg, data)
+    seed = "seed" if cfg.split_seed is None else "split_seed"
+    # (config field, what it is now, what the run had): the settings first, then the
+    # counts they give; train counts the validation samples carved out of it
+    fields = [
+        ("split", now["kind"], then.get("kind")),
+        ("total", now["total"], then.get("total")),
+        (seed, now["seed"], then.get("seed")),
+    ]
+    held_out = then.get("validation") or 0  # absent in a run from before validation
+    with contextlib.suppress(KeyError, TypeError):  # a metrics.json edited too: settings only
+        fields += [
+            ("train", now["train"] + now["validation"], then["train"] + held_out),
+            ("test", now["test"], then["test"]),
+            ("validation", now["validation"], held_out),
+        ]
+    for field, value, recorded in fields:
+        if recorded is not None and value != recorded:
+            if field == "validation":  # a fraction in the config, a count in metrics.json
+                now_text = f"{cfg.validation!r} ({value:,} samples)"
+                return _edited(run, field, now_text, f"{recorded:,} samples")
+            return _edited(run, field, repr(value), repr(recorded))
+    return None
+
+
+def _check_split(run: RunFolder, data: Split, cfg: RunConfig | None = None) -> None:
+    """The re-derived split must be the one the run trained and tested on: ConfigError
+    naming the field of an edited config.toml (``cfg``) that changed it, or DataError
+    when the dataset files did."""
     path = run.path / SPLIT_FILE
     if not path.is_file():
         raise DataError(f"{path}: file not found; this folder is not a complete handprop run")
@@ -139,9 +189,14 @@ def _check_split(run: RunFolder, data: Split) -> None:
         raise DataError(f"{path}: not a split file with train_idx and test_idx ({exc})") from None
     for key in saved:
         if not np.array_equal(saved[key], getattr(data, key)):
+            edited = None if cfg is None else _edited_field(run, cfg, data)
+            if edited is not None:
+                raise edited
+            source = run.metrics.get("data_source")
+            then = f", the run's from {source}" if source and source != data.source else ""
             raise DataError(
                 f"{path}: {key} differs from the split its config gives on the data found "
-                f"now ({data.source}); the dataset files changed since the run"
+                f"now ({data.source}{then}); the dataset files changed since the run"
             )
 
 
@@ -190,8 +245,9 @@ def compare_run(
             f"(status {folder.metrics.get('status', 'missing')}); compare needs a finished run"
         )
     cfg = load_run_config(folder, data_dir)
+    _check_dataset(folder, cfg)
     data = load_split(cfg, progress=progress)
-    _check_split(folder, data)
+    _check_split(folder, data, cfg)
     k = len(data.class_names)
 
     hp = folder.predictions

@@ -525,7 +525,9 @@ class RunConfig:
     )
     # data augmentation of image mini-batches
     augment_shift: int = option(0, _integer(0), "largest random shift in pixels")
-    augment_rotate: float = option(0.0, _real(0, 180), "largest random rotation in degrees")
+    augment_rotate: float = option(
+        0.0, _real(0, 180, high_open=False), "largest random rotation in degrees"
+    )
     augment_elastic_alpha: float = option(
         0.0, _real(0, math.inf), "elastic distortion scale alpha in pixels (0: off)"
     )
@@ -887,27 +889,22 @@ def parse_toml_config(text: str, source: str) -> RunConfig:
     return config_from_mapping(table, source, lines, text=False)
 
 
-#: the largest config file read (a real one is a few hundred bytes)
-MAX_CONFIG_BYTES = 1 << 20
-
-
 def load_config(path: str | Path) -> RunConfig:
     """Read a run config: TOML when the name ends with ``.toml``, else the 6-line format.
 
     Raises
     ------
     ConfigError
-        The file is missing, a folder, unreadable, not UTF-8, or malformed.
+        The file is missing, a folder, a FIFO or a device, larger than
+        :data:`~handprop.files.MAX_CONFIG_BYTES`, unreadable, not UTF-8, or malformed.
     """
+    from handprop.files import MAX_CONFIG_BYTES, read_regular
+
     path = Path(path)
     source = str(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{source}: {path.stat().st_size:,} bytes is too large for a run config "
-                f"(at most {MAX_CONFIG_BYTES:,}); is this the right file?"
-            )
-        data = path.read_bytes()
+        # not a FIFO, a device or a huge file: refused before it is opened
+        data = read_regular(path, "config file", MAX_CONFIG_BYTES, ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
     except IsADirectoryError:

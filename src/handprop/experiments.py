@@ -16,7 +16,10 @@ or killed one resumes from its checkpoint, anything else starts again in its own
 folder. A run that fails (say it diverges, or would not fit in memory) is recorded in
 its folder and in the summary, and the others go on. handprop writes only into folders
 it made (:mod:`handprop.rundir`): a row whose folder is somebody else's fails, and the
-user's folder is left as it was.
+user's folder is left as it was. One process runs a grid folder at a time (it holds the
+folder's :class:`~handprop.rundir.GridLock`): a second one is refused before it touches
+a row or the summary. With ``jobs > 1`` the worker processes die with the grid's
+process (``kill -9`` included), so that running the grid again at once continues it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import dataclasses
 import io
 import os
 import signal
+import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -45,7 +50,7 @@ from handprop.config import (
     to_toml,
 )
 from handprop.errors import ConfigError, HandpropError, Interrupted
-from handprop.rundir import GRID_MARKER, FolderLock, make_or_adopt, remove_if_unused
+from handprop.rundir import GRID_MARKER, FolderLock, GridLock, make_or_adopt, remove_if_unused
 
 SUMMARY_COLUMNS = ("run", "status", "accuracy", "final_loss", "seconds", "epochs", "message")
 
@@ -74,9 +79,13 @@ class RunSummary:
 
 def read_grid(path: str | Path, base: RunConfig | None = None) -> list[GridRow]:
     """Rows of an experiment CSV as validated configs; a bad cell names row and column."""
+    from handprop.files import MAX_GRID_BYTES, read_regular
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        # not a FIFO, a device or a huge file: refused before it is opened
+        text = read_regular(path, "experiment CSV", MAX_GRID_BYTES, ConfigError)
+        text = text.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the experiment CSV ({exc})") from None
     reader = csv.reader(io.StringIO(text))
@@ -209,11 +218,13 @@ def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
     ConfigError
         The folder holds a run with another config.
     """
+    from handprop.files import MAX_CONFIG_BYTES, read_regular
     from handprop.runfolder import CONFIG_FILE, is_complete
 
     config_file = folder / CONFIG_FILE
     if config_file.is_file():
-        text = config_file.read_text(encoding="utf-8")
+        text = read_regular(config_file, "config file", MAX_CONFIG_BYTES, ConfigError)
+        text = text.decode("utf-8")
         if not _same_run(text, cfg, config_file):
             raise ConfigError(
                 f"{folder} holds a run with another config{_split_seed_hint(text, cfg)}; "
@@ -287,9 +298,45 @@ def _on_signal_in_worker(signum: int, frame: object) -> None:
         raise Interrupted(signum)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None) -> None:
+    """A worker process's start: it dies with its parent (the grid's process
+    ``parent``, or None: whichever process started it), holds none of the grid's
+    locks, and stops its row on SIGINT or SIGTERM."""
+    _die_with(os.getppid() if parent is None else parent)
+    GridLock.close_inherited()  # a forked copy of the grid's lock, never this worker's
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _on_signal_in_worker)
+
+
+#: prctl's option that has the kernel send a signal to a process when its parent dies
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when the grid's process ``parent`` ends, however it ends (a
+    ``kill -9`` gives it no chance to stop its workers): on Linux the kernel sends
+    SIGKILL at the parent's death (PR_SET_PDEATHSIG); elsewhere a thread looks every
+    half second. A row killed so resumes from its checkpoint when the grid runs again.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:  # it died before the request: nobody to wait for
+                    os._exit(1)
+                return
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="handprop-parent-watch", daemon=True).start()
 
 
 def _run_in_worker(
@@ -370,6 +417,18 @@ def run_grid(
     of every row, and re-raises with the summaries as ``exc.summaries``.
     """
     out, _ = make_or_adopt(out, GRID_MARKER)
+    with GridLock(out):  # one process runs the grid at a time
+        return _run_grid(rows, out, jobs, progress, on_done, checkpoint_seconds)
+
+
+def _run_grid(
+    rows: list[GridRow],
+    out: Path,
+    jobs: int,
+    progress: bool,
+    on_done: Callable[[RunSummary], None] | None,
+    checkpoint_seconds: float | None,
+) -> list[RunSummary]:
     results: dict[str, RunSummary] = {}
 
     def done(summary: RunSummary) -> None:
@@ -413,7 +472,15 @@ def _run_pool(
     done: Callable[[RunSummary], None],
 ) -> None:
     threads = _blas_threads(jobs)
-    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker)
+    import multiprocessing
+
+    context = multiprocessing.get_context()
+    # the workers' parent: this process (fork, spawn), else the fork server, which ends
+    # when this process does
+    parent = None if context.get_start_method() == "forkserver" else os.getpid()
+    pool = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(parent,)
+    )
     futures = {
         pool.submit(_run_in_worker, row.config, out / row.name, threads, checkpoint_seconds): row
         for row in rows

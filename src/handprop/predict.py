@@ -170,13 +170,34 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
     return img
 
 
-def _grayscale(img) -> np.ndarray:
-    """Image -> float (H, W) in [0, 1]; transparent pixels take the background's place."""
+#: the EXIF tag that says how a camera's pixels must be turned to stand upright
+EXIF_ORIENTATION = 0x0112
+
+
+def _upright(img):
+    """The picture as it is meant to be seen: a camera keeps its pixels as the sensor
+    read them and says in the EXIF Orientation tag how to turn them (a phone held
+    upright writes a landscape JPEG tagged 6, "turn 90 degrees clockwise"), so the tag
+    is applied. An EXIF block Pillow cannot parse is ignored: the pixels as stored."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError, struct.error):
+        return img
+    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+
+
+def _grayscale(img, name: str = "image") -> np.ndarray:
+    """Image -> float (H, W) in [0, 1]; transparent pixels take the background's place.
+    DataError, starting with ``name``, for a float image holding NaN or infinities."""
     from PIL import Image
 
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16-bit and float grayscale: convert("L") would clip them, so scale by hand
         gray = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(gray).all():  # a float TIFF's: no scale or ink to read
+            raise DataError(f"{name}: holds NaN or infinite pixel values")
         top = 1.0 if img.mode == "F" and gray.max() <= 1 else 255.0
         if img.mode.startswith("I;16") or gray.max() > 255:
             top = 65535.0
@@ -235,7 +256,8 @@ def prepare_image(
     Raises DataError naming the file when it is not an image Pillow can read, is too
     large (Pillow's decompression-bomb limit, or more than ``max_pixels``:
     ImageTooLargeError), is truncated, or is blank (one colour: there is no digit to
-    read). An animated image is read by its first frame.
+    read) or holds NaN or infinite pixel values (a float TIFF). An animated image is
+    read by its first frame; a camera's EXIF orientation is applied (:func:`_upright`).
     """
     from PIL import Image
 
@@ -250,7 +272,7 @@ def prepare_image(
         with img if owned else contextlib.nullcontext(img):
             img.seek(0)  # an animated GIF or a multi-page TIFF: the first frame
             img.load()
-            gray = _grayscale(img)
+            gray = _grayscale(_upright(img), name)
     except HandpropError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
@@ -363,6 +385,13 @@ def _check_features(path: Path, sample: tuple[int, ...], net: Network, what: str
             if image
             else f"{features:,} values"
         )
+        if what == "rows" and math.prod(sample) + 1 == features:
+            # a CSV row is a label, then the pixels: a row of exactly the model's values
+            # has none, and its first pixel was read as the label
+            raise DataError(
+                f"{path}: rows of {features:,} values: the label column is missing (a CSV "
+                f"row holds its label first, then the model's {expects})"
+            )
         raise DataError(
             f"{path}: {what} of {_shape_text(sample)} ({math.prod(sample):,} values each); "
             f"the model expects {expects}"
@@ -512,7 +541,11 @@ def _open_labels(path: Path, images: Path, count: int, n_classes: int) -> np.nda
 
 def open_inputs(paths: list[str | Path], net: Network) -> list[Input]:
     """Every input opened and checked (existence, format, sizes against the model,
-    memory), images prepared; rows are read and normalized later, by :func:`predict_batches`."""
+    memory), images prepared; rows are read and normalized later, by :func:`predict_batches`.
+    A FIFO, a device or a file over its kind's limit (:mod:`handprop.files`) is refused
+    before it is opened."""
+    from handprop.files import MAX_CSV_BYTES, MAX_IDX_BYTES, MAX_IMAGE_BYTES, regular_file
+
     image_shape = tuple(net.meta.get("image_shape") or ())
     pixel_max = float(net.meta.get("pixel_max", 255))
     prep = image_prep(net.meta)
@@ -520,10 +553,16 @@ def open_inputs(paths: list[str | Path], net: Network) -> list[Input]:
     for p in map(Path, paths):
         if p.is_dir():
             raise DataError(f"{p}: is a folder; give image, IDX or CSV files")
-        if not p.is_file():
-            raise DataError(f"{p}: no such file" if not p.exists() else f"{p}: not a regular file")
+        if not p.exists():
+            raise DataError(f"{p}: no such file")
         try:
             suffix = p.suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                regular_file(p, "image", MAX_IMAGE_BYTES)
+            elif suffix == ".csv":
+                regular_file(p, "CSV file", MAX_CSV_BYTES)
+            else:
+                regular_file(p, "IDX file", MAX_IDX_BYTES)
             if suffix in IMAGE_SUFFIXES:
                 if len(image_shape) != 2:
                     raise DataError(

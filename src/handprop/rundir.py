@@ -9,7 +9,9 @@ marker is somebody else's: handprop refuses to write into it.
 While a process trains in a run folder it holds an exclusive lock on the marker
 (``fcntl.flock``; the kernel drops it when the process dies, ``kill -9`` included), so
 a second ``--resume`` or a second grid on the same folder is refused instead of mixing
-its files into the first one's.
+its files into the first one's. A grid folder is locked the same way, as a whole, while
+one ``handprop experiments`` runs it (:class:`GridLock`): a second one on the same
+``--out`` is refused before it touches any row or the summary.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ except ImportError:  # pragma: no cover - Windows: no lock, the marker still gua
 
 RUN_MARKER = ".handprop-run"
 GRID_MARKER = ".handprop-grid"
+#: the file a grid's lock is held on, inside the grid folder; it holds the holder's pid
+GRID_LOCK = ".handprop-grid.lock"
 
 
 def _check_path(path: Path) -> None:
@@ -189,6 +193,93 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class GridLock:
+    """An exclusive lock on a grid folder handprop made, held while one process runs
+    the grid: ``fcntl.flock`` on :data:`GRID_LOCK` inside it (made now if missing),
+    which the kernel drops when the process ends, ``kill -9`` included. The file holds
+    the holder's pid, for the message a second process gets.
+
+    Not re-entrant: a second GridLock on the same folder is refused, in this process
+    too. Child processes forked while it is held call :meth:`close_inherited`, so that
+    a child outliving its parent never holds the grid.
+
+    Raises
+    ------
+    OutputError
+        Another process holds the grid ("OUT is in use by another handprop experiments
+        (pid N)"), or the folder is not a grid folder handprop made.
+    """
+
+    #: the lock files this process holds open (a forked child closes its copies)
+    _open: ClassVar[set[int]] = set()
+
+    def __init__(self, folder: str | Path, marker: str = GRID_MARKER) -> None:
+        self.folder = Path(folder)
+        if not is_owned(self.folder, marker):
+            raise OutputError(
+                f"{folder}: was not made by handprop (no {marker} inside); "
+                "handprop never writes into a folder it did not make"
+            )
+        path = self.folder / GRID_LOCK
+        # never through a link planted in its place (it would truncate its target)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            self.fd: int | None = os.open(path, flags, 0o644)  # not inherited on exec
+        except OSError as exc:
+            raise output_error(path, exc, "cannot open") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _holder(self.fd)
+                os.close(self.fd)
+                self.fd = None
+                pid = f" (pid {holder})" if holder else ""
+                raise OutputError(
+                    f"{folder} is in use by another handprop experiments{pid}; "
+                    "wait for it or choose another --out"
+                ) from None
+        self._open.add(self.fd)
+        with contextlib.suppress(OSError, AttributeError):  # the pid only names the holder
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Drop the lock (closing the file drops it); the file stays for the next run."""
+        if self.fd is not None:
+            self._open.discard(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+    @classmethod
+    def close_inherited(cls) -> None:
+        """In a child forked while locks were held: close its copies of the lock files.
+        (Closing a copy leaves the parent's lock as it is: a flock goes when the last
+        descriptor of the open file goes.)"""
+        for fd in list(cls._open):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        cls._open.clear()
+
+    def __enter__(self) -> GridLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> int | None:
+    """The pid the grid's lock file names (the holder writes it right after locking:
+    look for a moment), None when it names none."""
+    for _ in range(20):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            text = os.pread(fd, 32, 0).decode("ascii").strip()
+            if text:
+                return int(text)
+        time.sleep(0.01)
+    return None
 
 
 def remove_own_files(folder: str | Path, names: Iterable[str]) -> None:

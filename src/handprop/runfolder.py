@@ -150,8 +150,11 @@ class RunWriter:
         ConfigError
             Truncated, not a .npz, or holding Python objects (never unpickled).
         """
+        from handprop.files import MAX_MODEL_BYTES, regular_file
+
         path = self.run_dir / CHECKPOINT_FILE
         try:
+            regular_file(path, "checkpoint", MAX_MODEL_BYTES, ConfigError)  # a FIFO would hang
             with np.load(path, allow_pickle=False) as ck:
                 return {name: ck[name] for name in ck.files}
         except ValueError as exc:

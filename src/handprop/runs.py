@@ -85,7 +85,10 @@ class Predictions:
 
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, cells) of every non-blank line of a CSV file."""
+    from handprop.files import MAX_RUN_LOG_BYTES, regular_file
+
     try:
+        regular_file(path, "CSV file", MAX_RUN_LOG_BYTES)  # not a FIFO, a device, a huge file
         f = path.open(newline="", encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
@@ -101,13 +104,42 @@ def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
             raise DataError(f"{path} line {reader.line_num + 1}: not valid CSV: {exc}") from None
 
 
+#: the largest sample index a predictions file may hold (an int64's)
+MAX_INDEX = int(np.iinfo(np.int64).max)
+
+
+def _shown(text: str) -> str:
+    """A cell as a message quotes it: a long one cut, with its length."""
+    return repr(text) if len(text) <= 40 else f"{text[:30]!r}... ({len(text):,} characters)"
+
+
 def _int(path: Path, line: int, column: str, text: str) -> int:
     try:
         return int(text)
     except ValueError:
         raise DataError(
-            f"{path} line {line}, column {column}: expected an integer, got {text!r}"
+            f"{path} line {line}, column {column}: expected an integer, got {_shown(text)}"
         ) from None
+
+
+def _id(path: Path, line: int, column: str, text: str, high: int) -> int:
+    """A cell holding a sample index or a class id: an integer in [0, high]; DataError,
+    naming the line and the column, for one that is not."""
+    digits = text.lstrip("+-")
+    if len(digits) > 400 and digits.isascii() and digits.isdigit():
+        value = -1 if text.startswith("-") else high + 1  # int() stops at 4,300 digits
+    else:
+        value = _int(path, line, column, text)
+    if not 0 <= value <= high:
+        shown = text if len(text) <= 40 else _shown(text)
+        if column != "index":
+            rule = f"class id must be in [0, {high + 1})"
+        elif value < 0:
+            rule = "sample index must be >= 0"
+        else:
+            rule = f"sample index must be at most {high:,} (an int64's largest)"
+        raise DataError(f"{path} line {line}, column {column}: {rule}, got {shown}")
+    return value
 
 
 def _float(path: Path, line: int, column: str, text: str, allow_empty: bool = False) -> float:
@@ -122,7 +154,7 @@ def _float(path: Path, line: int, column: str, text: str, allow_empty: bool = Fa
         text_ok = math.isfinite(value)
     if not text_ok:
         raise DataError(
-            f"{path} line {line}, column {column}: expected a finite number, got {text!r}"
+            f"{path} line {line}, column {column}: expected a finite number, got {_shown(text)}"
         )
     return value
 
@@ -134,7 +166,8 @@ def read_predictions(path: str | Path) -> Predictions:
     ------
     DataError
         The file is missing or empty, its header is not the contract's, a row has the
-        wrong number of columns, a cell is not a number, or a class id is out of [0, k).
+        wrong number of columns, a cell is not a number, an index is negative or beyond
+        an int64, or a class id is out of [0, k).
     """
     path = Path(path)
     rows = _rows(path)
@@ -154,12 +187,10 @@ def read_predictions(path: str | Path) -> Predictions:
     for line, cells in rows:
         if len(cells) != k + 3:
             raise DataError(f"{path} line {line}: expected {k + 3} columns, got {len(cells)}")
-        i, t, p = (_int(path, line, name, c) for name, c in zip(header[:3], cells[:3], strict=True))
-        for name, value in (("true", t), ("pred", p)):
-            if not 0 <= value < k:
-                raise DataError(
-                    f"{path} line {line}, column {name}: class id must be in [0, {k}), got {value}"
-                )
+        i = _id(path, line, "index", cells[0], MAX_INDEX)
+        t, p = (
+            _id(path, line, name, c, k - 1) for name, c in zip(header[1:3], cells[1:3], strict=True)
+        )
         ints.append((i, t, p))
         probs.append([_float(path, line, header[3 + j], c) for j, c in enumerate(cells[3:])])
     if not ints:
@@ -313,9 +344,11 @@ def read_diagnostics(path: str | Path) -> list[LayerDiagnostics]:
 
 def read_json(path: str | Path) -> dict[str, Any]:
     """Read a JSON object (``metrics.json``); DataError names the line of a syntax error."""
+    from handprop.files import MAX_RUN_LOG_BYTES, read_regular
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, "JSON file", MAX_RUN_LOG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -331,10 +364,12 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """Read ``config.toml`` as a plain dict; ConfigError names the line of a syntax error."""
+    from handprop.files import MAX_CONFIG_BYTES, read_regular
+
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        text = read_regular(path, "config file", MAX_CONFIG_BYTES, ConfigError)
+        return tomllib.loads(text.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except tomllib.TOMLDecodeError as exc:

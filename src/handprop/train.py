@@ -471,6 +471,17 @@ class Trainer:
         self.progress = progress and self.world.rank == 0
         self.checkpoint_seconds = checkpoint_seconds
         self.data = load_split(cfg, progress=self.progress)
+        if self.augmented:  # the settings against the images' size, known from now on
+            from handprop.augment import check_augment
+
+            check_augment(
+                self.data.image_shape,
+                cfg.augment_shift,
+                cfg.augment_rotate,
+                cfg.augment_elastic_alpha,
+                cfg.augment_elastic_sigma,
+                dataset=cfg.dataset,
+            )
         if self.world.size > 1:
             self.check_same_on_every_rank()
         self.net = build_network(cfg, self.data)  # built and initialised on the host
@@ -603,6 +614,7 @@ class Trainer:
                         lambda loss, epoch=epoch: self.check_loss(loss, epoch),
                         augment,
                     )
+                    self.check_params(epoch)  # the last step's update has no loss yet
                     row: dict[str, Any] = {"epoch": epoch, "loss": loss}
                     evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
                     if evaluated:
@@ -626,15 +638,41 @@ class Trainer:
             start = time.perf_counter()
             recalibrate_batchnorm(self.net, self.data.X_train, cfg.batch_size or 256)
             self.seconds += time.perf_counter() - start  # part of the training time
+            self.check_params(self.epoch)
+
+    # -- the divergence guard
+    #
+    # Every step's loss, a scalar computed anyway, is checked (check_loss): parameters
+    # made NaN or infinite by a step make the next step's loss so. The parameters
+    # themselves are checked in one pass at the end of every epoch (check_params; for
+    # full-batch gradient descent, after every step), which sees the update of an
+    # epoch's last step, whose loss comes only with the next epoch, or never; and the
+    # test set's outputs before any result is written (finish), which sees parameters
+    # still finite but so large that the forward pass overflows.
 
     def check_loss(self, loss: float, epoch: int) -> None:
         if not math.isfinite(loss):
-            lr = self.cfg.learning_rate
-            raise DivergenceError(
-                f"the loss became {loss} at epoch {epoch} with learning rate {lr:g}; "
-                f"try a smaller learning rate (e.g. {lr / 10:g})",
-                epoch=epoch,
-            )
+            raise self.diverged(f"the loss became {loss}", epoch)
+
+    def check_params(self, epoch: int) -> None:
+        """Raise DivergenceError when a parameter is NaN or infinite (one pass over the
+        flat vector, once per epoch: a check per mini-batch step would cost a pass per
+        step)."""
+        xp, params = self.net.xp, self.net.params
+        if bool(xp.all(xp.isfinite(params))):
+            return
+        raise self.diverged(f"the parameters became {nonfinite(params)}", epoch)
+
+    def diverged(self, what: str, epoch: int) -> DivergenceError:
+        """The error of a run in which ``what`` ("the loss became nan") happened in
+        epoch ``epoch``, naming the learning rate (and the weight decay, when there is
+        one) and suggesting a tenth of it."""
+        lr, decay = self.cfg.learning_rate, self.cfg.weight_decay
+        rates = f"learning rate {lr:g}" + (f" and weight_decay {decay:g}" if decay else "")
+        hint = f"a smaller learning rate (e.g. {lr / 10:g})"
+        if decay:
+            hint += f" or weight_decay (e.g. {decay / 10:g})"
+        return DivergenceError(f"{what} at epoch {epoch} with {rates}; try {hint}", epoch=epoch)
 
     def evaluate(self, row: dict[str, Any], train_acc: float | None) -> None:
         """Accuracies (and validation loss) into ``row``; early-stopping bookkeeping."""
@@ -756,15 +794,32 @@ class Trainer:
                 f"it has trained {int(epoch)} epochs already, more than the "
                 f"{self.cfg.epochs} asked for"
             )
-        if seconds.shape != () or not (np.isfinite(seconds) and seconds >= 0):
+        if (
+            seconds.shape != ()
+            or seconds.dtype.kind not in "iuf"
+            or not (np.isfinite(seconds) and seconds >= 0)
+        ):
             raise ValueError(f"seconds must be a number >= 0, got {seconds.tolist()!r}")
-        if best.shape != (3,) or np.isnan(best).any():
-            raise ValueError(f"'best' must hold 3 numbers, got {best.tolist()!r}")
+        # the best validation loss is inf before the first evaluation; its epoch and the
+        # evaluations since are whole numbers >= 0
+        if (
+            best.shape != (3,)
+            or best.dtype.kind not in "iuf"
+            or np.isnan(best[0])
+            or not all(math.isfinite(v) and v >= 0 and v == int(v) for v in best[1:].tolist())
+        ):
+            shown = best.tolist() if best.size <= 3 else f"{best.dtype}{list(best.shape)}"
+            raise ValueError(f"'best' must hold a loss and two whole numbers >= 0, got {shown!r}")
         best_params = ck.get("best_params")
         if best_params is not None and (
             best_params.shape != params.shape or best_params.dtype != params.dtype
         ):
             raise ValueError("its best_params do not match its parameters")
+        # NaN or inf in the state would be the resumed run's first step's result
+        for name in sorted(k for k in ck if k == "best_params" or k.startswith("opt_")):
+            value = ck[name]
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(f"its {name!r} is not all finite")
         self.opt.load_state_dict(
             {k[4:]: v for k, v in ck.items() if k.startswith("opt_")}, net.params
         )
@@ -776,12 +831,21 @@ class Trainer:
     # -- results
 
     def finish(self) -> RunResult:
-        """Write model, predictions, history and metrics of a completed run."""
+        """Write model, predictions, history and metrics of a completed run.
+
+        Raises
+        ------
+        DivergenceError
+            The test set's outputs are not all finite (nothing is written then).
+        """
         data, net = self.data, self.net
         metrics: dict[str, Any] = {}
         final_loss = self.history[-1]["loss"] if self.history else None
         if self.writer.writes:
-            P = self.model.predict_proba(data.X_test)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported just below
+                P = self.model.predict_proba(data.X_test)
+            if not np.isfinite(P).all():  # finite parameters whose outputs overflow
+                raise self.diverged(f"the network's outputs became {nonfinite(P)}", self.epoch)
             metrics = classification_metrics(data.y_test, P.argmax(axis=1), data.class_names)
             metrics.update(self.summary_fields("completed", None, final_loss))
             self.writer.history(self.history)
@@ -831,6 +895,15 @@ class Trainer:
         if self.data.y_val is not None:
             fields["early_stopping"] = self.stopping.summary()
         return fields
+
+
+def nonfinite(a: Any) -> str:
+    """What is wrong with an array (of any namespace) known not to be all finite:
+    "nan" when it holds a NaN, else "inf" or "-inf"."""
+    a = backend.to_host(a)
+    if np.isnan(a).any():
+        return "nan"
+    return "inf" if np.isposinf(a).any() else "-inf"
 
 
 def progress_fields(row: dict[str, Any]) -> dict[str, str]:
@@ -984,7 +1057,10 @@ def _run(trainer: Trainer) -> RunResult:
         )
         exc.result = result  # for the command line to say where the checkpoint is
         raise
-    return trainer.finish()
+    try:
+        return trainer.finish()
+    except DivergenceError as exc:  # no model of NaNs is ever a run's result
+        return trainer.fail("diverged", str(exc))
 
 
 __all__ = [

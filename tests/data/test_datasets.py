@@ -2,15 +2,13 @@
 
 import gzip
 import hashlib
-import http.server
-import threading
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import mnist_dir
+from conftest import FileServer, mnist_dir
 from handprop import data
 from handprop.data import fetch, normalize, original_split, standard_split, write_idx
 from handprop.data.registry import DATASETS, FileSpec
@@ -97,27 +95,9 @@ def test_files_failing_their_checksum_are_refused(tiny, tmp_path):
         data.load_dataset("tiny", other, progress=False)
 
 
-class Server:
-    """A file server on 127.0.0.1 (an ephemeral port), stopped after the test."""
-
-    def __init__(self, root: Path):
-        handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(  # noqa: E731
-            *a, directory=str(root), **k
-        )
-        http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server(tiny):
-    s = Server(tiny[0])
+    s = FileServer(tiny[0])
     yield s
     s.close()
 

@@ -164,7 +164,7 @@ def test_a_directory_named_like_the_file(tmp_path, monkeypatch):
     d = write(tmp_path / "d", arrs)
     (d / "train-labels-idx1-ubyte.gz").unlink()
     (d / "train-labels-idx1-ubyte.gz").mkdir()
-    with pytest.raises(DataError, match="labels-idx1-ubyte.gz: is a directory, not a file"):
+    with pytest.raises(DataError, match="labels-idx1-ubyte.gz: is a folder, expected an IDX file"):
         data.load_dataset("tiny", d, download=False)
     result = cli("data", "verify", "tiny", "--data-dir", d)
     assert result.exit_code == 1 and "UNREADABLE" in result.stdout

@@ -125,18 +125,48 @@ def test_a_copy_failing_verification_is_one_line_and_nothing_is_copied(tiny):
     assert cached(target) == {}
 
 
-def test_a_file_in_the_cache_that_handprop_cannot_vouch_for_is_left_alone(tiny):
+def test_a_file_in_the_cache_failing_verification_is_replaced(tiny):
+    """The cache is handprop's own: a file there that fails verification is replaced by
+    a verified copy, renamed over it (issue 27; it used to be left, and refused)."""
     src, target = tiny
     target.mkdir(parents=True)
-    foreign = target / "train-labels-idx1-ubyte.gz"
-    foreign.write_bytes(b"someone else's")
+    bad = target / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(b"a truncated download")
+    elsewhere = target.parent / "kept"
+    os.link(bad, elsewhere)  # renamed over, never written into: this link keeps its bytes
+    result = cli("data", "fetch", "tiny", "--data-dir", src)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        f"tiny: copied 4 files from {src} into {target} (1 replacing a file that failed "
+        "verification), each verified (sha256 of the content)\n"
+    )
+    assert cached(target) == {p.name: p.read_bytes() for p in src.iterdir()}
+    assert elsewhere.read_bytes() == b"a truncated download"
+    assert cli("data", "verify", "tiny").stdout.count("OK ") == 4
+
+
+def test_a_link_or_folder_in_the_cache_failing_verification_is_left_alone(tiny, tmp_path):
+    src, target = tiny
+    target.mkdir(parents=True)
+    theirs = tmp_path / "theirs"
+    theirs.write_bytes(b"someone else's")
+    link = target / "train-labels-idx1-ubyte.gz"
+    link.symlink_to(theirs)
     result = cli("data", "fetch", "tiny", "--data-dir", src)
     assert result.exit_code == 1
     assert result.stderr.startswith(
-        f"handprop: error: {foreign}: already in the cache but not the published tiny file ("
+        f"handprop: error: {link}: already in the cache but not the published tiny file ("
     )
-    assert result.stderr.endswith("it is left as it is: move it away, then fetch again\n")
-    assert cached(target) == {foreign.name: b"someone else's"}  # nothing else copied either
+    assert result.stderr.endswith(
+        "it is not a regular file, so it is left as it is: move it away, then fetch again\n"
+    )
+    assert link.is_symlink() and theirs.read_bytes() == b"someone else's"
+    assert sorted(cached(target)) == [link.name]  # nothing else copied either
+    link.unlink()
+    link.mkdir()
+    result = cli("data", "fetch", "tiny", "--data-dir", src)
+    assert result.exit_code == 1 and "it is left as it is" in result.stderr
+    assert link.is_dir()
 
 
 def test_a_link_at_the_destination_is_never_replaced(tiny):

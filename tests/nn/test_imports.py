@@ -23,6 +23,14 @@ def test_nn_imports_only_numpy_and_stdlib():
     assert out[0] == "[]", f"handprop.nn pulled in: {out[0]}"
     loaded = eval(out[1])
     assert all(
-        m.startswith(("handprop.nn", "handprop.errors", "handprop.atomic", "handprop.memory"))
+        m.startswith(
+            (
+                "handprop.nn",
+                "handprop.errors",
+                "handprop.atomic",
+                "handprop.memory",
+                "handprop.files",
+            )
+        )
         for m in loaded
     ), loaded

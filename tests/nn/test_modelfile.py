@@ -188,6 +188,54 @@ def test_non_finite_parameters_are_refused(tmp_path, rng, bad):
         load(tmp_path / "all.npz")
 
 
+def test_non_finite_parameters_are_named_by_layer_and_slot(tmp_path, rng):
+    params, arch = good_arrays(rng)  # 4-3-2: dense W (4, 3), b (3,), sigmoid, dense W, b
+    params = params.copy()
+    params[[3, 13]] = np.nan, np.inf  # layer 0's W, layer 0's b
+    write_model(tmp_path / "m.npz", params, arch)
+    with pytest.raises(ModelFileError) as err:
+        load(tmp_path / "m.npz")
+    assert str(err.value) == (
+        f"{tmp_path / 'm.npz'}: 2 of 23 parameters are NaN or infinite (dense layer 0's W: 1, "
+        "dense layer 0's b: 1); the model is broken (did its training diverge?)"
+    )
+    write_model(tmp_path / "all.npz", np.full_like(params, np.nan), arch)
+    with pytest.raises(ModelFileError, match=r"dense layer 2's W: 6, and 1 more slot\)"):
+        load(tmp_path / "all.npz")
+
+
+def batchnorm_net():
+    return Network.from_layers(["dense 4", "batchnorm", "relu"], (3,), 2, rng=0)
+
+
+def test_a_negative_batchnorm_running_variance_is_refused_naming_the_slot(tmp_path, rng):
+    """A running variance < 0 made sqrt(running_var + eps) NaN: every probability NaN,
+    predicted and exported with exit status 0. Refused at load, naming layer and slot."""
+    net = batchnorm_net()
+    bn = net.layers[1]
+    assert bn.kind == "batchnorm"
+    bn.running_var[...] = [1.0, -0.25, 2.0, -3.0]
+    save(net, tmp_path / "model.npz")
+    with pytest.raises(ModelFileError) as err:
+        load(tmp_path / "model.npz")
+    assert str(err.value) == (
+        f"{tmp_path / 'model.npz'}: batchnorm layer 1's running_var (running variance) has 2 "
+        "negative values of 4 (the first -0.25, at [1]); a running variance is never < 0: "
+        "the model is broken"
+    )
+    bn.running_var[...] = 0.0  # a constant feature: var 0 is fine (eps keeps sqrt > 0)
+    save(net, tmp_path / "zero.npz")
+    assert np.isfinite(load(tmp_path / "zero.npz").predict_proba(rng.normal(size=(3, 3)))).all()
+
+
+def test_non_finite_batchnorm_statistics_are_named(tmp_path):
+    net = batchnorm_net()
+    net.layers[1].running_mean[2] = np.nan
+    save(net, tmp_path / "model.npz")
+    with pytest.raises(ModelFileError, match=r"\(batchnorm layer 1's running_mean: 1\)"):
+        load(tmp_path / "model.npz")
+
+
 def test_truncated_and_corrupt_files_are_refused(tmp_path, rng):
     params, arch = good_arrays(rng)
     data = write_model(tmp_path / "good.npz", params, arch).read_bytes()

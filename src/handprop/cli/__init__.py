@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import signal
 import sys
@@ -37,12 +38,34 @@ COMMAND_MODULES = (
     "export",
 )
 
+
+def positive_seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """A click callback: the option's value as a finite number of seconds > 0.
+
+    Read here rather than by click's FloatRange, which lets "nan" through (NaN fails
+    every comparison, so no bound refuses it) and "inf" too, and whose refusals are a
+    usage message: this is one ``handprop: error:`` line naming the option and value.
+    """
+    from handprop.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{param.opts[0]} must be a finite number of seconds > 0, got {value!r}")
+    return seconds
+
+
 #: ``--checkpoint-every SECONDS``, shared by ``train`` and ``experiments``
 checkpoint_every = click.option(
     "--checkpoint-every",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
+    metavar="SECONDS",
+    default="60",
     show_default=True,
+    callback=positive_seconds,
     help="Seconds between a run's checkpoints (written at epoch boundaries).",
 )
 
@@ -96,7 +119,7 @@ class _Group(click.Group):
             with _terminate_like_ctrl_c():
                 return super().invoke(ctx)
         except HandpropError as exc:
-            _fail(str(exc))
+            _fail(str(exc), every_rank=getattr(exc, "every_rank", False))
         except BrokenPipeError:
             # the reader went away (`handprop data info | head -2`): nothing to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -113,13 +136,26 @@ class _Group(click.Group):
             sys.exit(EXIT_INTERRUPTED)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, every_rank: bool = False) -> None:
+    """Print ``message`` (``handprop: error: ...``, a line each) and exit 1.
+
+    Under MPI the ranks end together, rank 0 printing, when they all know of the error
+    (``every_rank``: each raised it alike; or they agree on it at start-up, see
+    :mod:`handprop.distributed`); an error the other ranks cannot hear of ends the job
+    with ``MPI_Abort``.
+    """
     from handprop import distributed
 
     mpi = distributed.active()
     if mpi is not None and mpi.size > 1:
-        mpi.abort(message, EXIT_USER_ERROR)  # the other ranks would wait for this one
-    click.echo(f"handprop: error: {message}", err=True)
+        said = mpi.end_together(message)  # or MPI_Abort, when the others cannot hear
+        if said is None:  # another rank (rank 0) says it
+            sys.exit(EXIT_USER_ERROR)
+        message = said
+    elif every_rank and distributed.launched_rank() != 0:
+        sys.exit(EXIT_USER_ERROR)  # rank 0 says it
+    for line in message.splitlines() or [""]:
+        click.echo(f"handprop: error: {line}", err=True)
     sys.exit(EXIT_USER_ERROR)
 
 

@@ -50,10 +50,17 @@ def command(
     --device sets every row's device (a device column, or the base config's, sets it
     per row); a row already run on another device is not run again.
     """
+    from handprop.distributed import refuse_ranks
     from handprop.errors import ConfigError
     from handprop.experiments import load_base, read_grid, run_grid, summary_markdown
     from handprop.nn import backend
 
+    # each rank would run the whole grid into the same folders
+    refuse_ranks(
+        "handprop experiments",
+        "a grid fans its rows out with --jobs N, or on a Dask cluster with --scheduler; "
+        "mpiexec -n N goes with handprop train",
+    )
     if cluster is not None:
         if scheduler not in (None, "local"):
             raise ConfigError(f"--cluster local and --scheduler {scheduler}: give one of them")

@@ -22,7 +22,9 @@ def command(source: Path, host: str, port: int, quiet: bool) -> None:
     the network sees (prepared as its dataset's images were), a saliency map from
     the network's own backward pass and its first layer's activity; scripts use the
     JSON API (docs/api.md). Each request prints one line (time, method, path, status,
-    milliseconds) unless --quiet. Needs the serve extra: pip install -e ".[serve]".
+    milliseconds) unless --quiet. The page has no authentication: a --host other than
+    this machine's (127.0.0.1, ::1), such as 0.0.0.0, lets anyone who reaches it use
+    it, and serve warns so. Needs the serve extra: pip install -e ".[serve]".
     """
     from handprop.errors import ConfigError
 
@@ -35,16 +37,19 @@ def command(source: Path, host: str, port: int, quiet: bool) -> None:
             'pip install -e ".[serve]"'
         ) from None
     from handprop.serve import find_models
-    from handprop.serve.app import run
+    from handprop.serve.app import exposure, run
 
     models = find_models(source)
 
-    def ready(bound: int) -> None:
+    def ready(bound: int, address: str) -> None:
         shown = f"[{host}]" if ":" in host else host
         names = ", ".join(m.id for m in models[:5]) + (", ..." if len(models) > 5 else "")
         click.echo(
             f"handprop serve: {len(models)} model{'s' * (len(models) != 1)} ({names}) "
             f"at http://{shown}:{bound}/  (Ctrl-C stops)"
         )
+        warning = exposure(host, address)
+        if warning is not None:  # to stderr, after the ready line: that stays the first
+            click.echo(warning, err=True)
 
     run(models, host, port, ready, log=None if quiet else lambda line: click.echo(line))

@@ -2,12 +2,15 @@
 
 ``load_dataset(name)`` looks for the files in ``data_dir``, then ``$HANDPROP_DATA``,
 then the user cache, then system locations, and downloads them (verified) when none
-has them. See :mod:`handprop.data.registry` for the datasets known.
+has them. A copy in that order whose files fail verification is skipped, said so in
+one line on stderr, for the next place. See :mod:`handprop.data.registry` for the
+datasets known.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ from handprop.data.csvfile import read_csv
 from handprop.data.fetch import (
     cache_dir,
     check_file,
+    copies,
+    failure,
     find_file,
     locate,
     no_data_message,
@@ -74,23 +79,51 @@ def get_spec(name: str) -> DatasetSpec:
 def load_dataset(
     name: str, data_dir: str | Path | None = None, *, download: bool = True, progress: bool = True
 ) -> Dataset:
-    """Load a registered dataset; see the module docstring for where it is looked for."""
+    """Load a registered dataset; see the module docstring for where it is looked for.
+
+    A copy in ``data_dir`` that fails verification is refused; one found in the lookup
+    order (``HANDPROP_DATA``, the cache, system folders) is skipped for the next, with
+    a line on stderr ("handprop: skipped DIR: its FILE fails verification (why)"). When
+    every copy fails, the first one's fault is raised (and nothing is downloaded).
+    """
     spec = get_spec(name)
     if spec.builtin:
         return _load_digits(spec)
     skipped: list[tuple[Path, str]] = []  # folders holding another dataset's files
-    found = locate(spec, data_dir, skipped)
-    if found is None:
-        if data_dir is not None:
-            raise DataError(not_in_dir_message(spec, data_dir, skipped))
-        if not download:
-            raise DataError(no_data_message(spec, "downloading is off"))
-        fetch_files(spec, progress=progress)
-        found = locate(spec, None)
-        if found is None:  # pragma: no cover - download() verified every file
-            raise DataError(no_data_message(spec, "the download left no files"))
+    failed: list[tuple[str, DataError]] = []  # copies failing verification
+    for how, directory, paths in copies(spec, data_dir, skipped):
+        try:
+            arrays = _read_verified(spec, paths)
+        except DataError as exc:  # unreadable too; a ResourceError is the machine's
+            why = None if how == "--data-dir" else failure(spec, paths)
+            if why is None:
+                raise
+            failed.append((f"handprop: skipped {directory}: {why}\n", exc))
+            continue
+        for note, _ in failed:
+            sys.stderr.write(note)
+        return _dataset(spec, directory, paths, arrays)
+    if failed:  # no copy to use instead: the first one's fault, and what to do
+        exc = failed[0][1]
+        how = "" if _how_on(spec) in str(exc) else _how_on(spec)
+        raise type(exc)(f"{exc}{how}") from None
+    if data_dir is not None:
+        raise DataError(not_in_dir_message(spec, data_dir, skipped))
+    if not download:
+        raise DataError(no_data_message(spec, "downloading is off"))
+    fetch_files(spec, progress=progress)
+    found = locate(spec, None)
+    if found is None:  # pragma: no cover - download() verified every file
+        raise DataError(no_data_message(spec, "the download left no files"))
     _, directory, paths = found
-    train_x, train_y, test_x, test_y = _read_verified(spec, paths)
+    return _dataset(spec, directory, paths, _read_verified(spec, paths))
+
+
+def _dataset(
+    spec: DatasetSpec, directory: Path, paths: list[Path], arrays: list[np.ndarray]
+) -> Dataset:
+    train_x, train_y, test_x, test_y = arrays
+    name = spec.name
     return Dataset(
         name=name,
         images=np.concatenate([train_x, test_x]),

@@ -9,6 +9,7 @@ import numpy as np
 
 from handprop.data.idx import read_bytes
 from handprop.errors import DataError
+from handprop.files import MAX_CSV_BYTES
 from handprop.memory import check_fits
 
 #: the most classes a label may name when the caller does not say how many there are
@@ -29,7 +30,7 @@ def read_csv(
     pixel outside [0, pixel_max], a wrong number of columns) is refused with its line.
     """
     path = Path(path)
-    raw = read_bytes(path)
+    raw = read_bytes(path, what="CSV file", max_bytes=MAX_CSV_BYTES)
     check_fits(6 * len(raw), f"reading {path}")  # lists, strings and int64 cells of the text
     try:
         lines = raw.decode("utf-8-sig").splitlines()

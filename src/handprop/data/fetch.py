@@ -9,6 +9,7 @@ import stat
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from handprop.atomic import _umask
@@ -57,12 +58,13 @@ def find_file(directory: Path, f: FileSpec) -> Path | None:
     return found[0] if found else None
 
 
-def locate(
+def copies(
     spec: DatasetSpec,
     data_dir: str | Path | None,
     skipped: list[tuple[Path, str]] | None = None,
-) -> tuple[str, Path, list[Path]] | None:
-    """The first candidate directory holding every file, or None.
+) -> Iterator[tuple[str, Path, list[Path]]]:
+    """(how it was chosen, directory, its files) of every candidate directory holding
+    every file, in the lookup order; nothing is verified.
 
     A directory whose files are another registered dataset's (MNIST and Fashion-MNIST
     share their file names) is not this dataset's copy: it is passed over, and appended
@@ -79,9 +81,42 @@ def locate(
         if all(paths):
             other = owner(spec, paths)  # type: ignore[arg-type]
             if other is None:
-                return how, directory, paths  # type: ignore[return-value]
-            if skipped is not None and (directory, other) not in skipped:
+                yield how, directory, paths  # type: ignore[misc]
+            elif skipped is not None and (directory, other) not in skipped:
                 skipped.append((directory, other))
+
+
+def locate(
+    spec: DatasetSpec,
+    data_dir: str | Path | None,
+    skipped: list[tuple[Path, str]] | None = None,
+    failed: list[tuple[Path, str]] | None = None,
+) -> tuple[str, Path, list[Path]] | None:
+    """The first of :func:`copies`, or None.
+
+    With ``failed``, every file of a copy found in the lookup order (``HANDPROP_DATA``,
+    the cache, system folders) is verified first: a copy that fails is passed over, for
+    the next place in the order, and appended to ``failed`` as (directory, why:
+    :func:`failure`). A copy in ``--data-dir`` is the one asked for: never passed over.
+    """
+    for how, directory, paths in copies(spec, data_dir, skipped):
+        why = None if failed is None or how == "--data-dir" else failure(spec, paths)
+        if why is None:
+            return how, directory, paths
+        failed.append((directory, why))  # type: ignore[union-attr]
+    return None
+
+
+def failure(spec: DatasetSpec, paths: list[Path]) -> str | None:
+    """Why the copy ``paths`` of ``spec`` cannot be used, naming its first file that
+    fails verification ("its train-images-idx3-ubyte.gz fails verification (...)"), or
+    None when every file verifies."""
+    for f, path in zip(spec.files, paths, strict=True):
+        status, why = check_file(path, f)
+        if status == "UNREADABLE":
+            return f"its {path.name} cannot be read ({why})"
+        if status != "OK":
+            return f"its {path.name} fails verification ({why})"
     return None
 
 
@@ -159,19 +194,32 @@ def no_data_message(spec: DatasetSpec, reason: str) -> str:
     return f"{spec.name} not found and {reason}. Ways to provide it: " + "; ".join(ways)
 
 
-def download(spec: DatasetSpec, progress: bool = True) -> Path:
-    """Download every missing file into the cache, verified before it is kept."""
+def download(spec: DatasetSpec, progress: bool = True, replaced: list[Path] | None = None) -> Path:
+    """Download every file missing from the cache, or failing verification there, into
+    the cache; each is verified before it is kept. A cached file that fails is replaced
+    in place (:func:`replaceable`), and appended to ``replaced``."""
     target = make_cache_dir(spec)
     for f in spec.files:
         existing = find_file(target, f)
-        if existing is not None and check_file(existing, f)[0] == "OK":
-            continue
+        dest = target / (f.name + ".gz")
+        if existing is not None:
+            status, why = check_file(existing, f)
+            if status == "OK":
+                continue
+            replaceable(existing, spec, why)
+            dest = existing
+        elif os.path.lexists(dest):  # a dangling link: not handprop's to replace
+            raise _taken(dest, spec)
         errors = []
         for base in mirrors(spec):
             url = base.rstrip("/") + "/" + f.name + ".gz"
             try:
-                _download_verified(url, target / (f.name + ".gz"), f, progress)
+                _download_verified(url, dest, f, progress, spec, existing is not None)
+                if existing is not None and replaced is not None:
+                    replaced.append(existing)
                 break
+            except CacheWriteError:
+                raise  # the cache's fault, not the mirror's: no other mirror can help
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
             except DataError as exc:
@@ -181,6 +229,16 @@ def download(spec: DatasetSpec, progress: bool = True) -> Path:
                 no_data_message(spec, "the download failed (" + "; ".join(errors) + ")")
             )
     return target
+
+
+class CacheWriteError(DataError):
+    """A file cannot be written into the cache folder (read-only, full, gone)."""
+
+    @classmethod
+    def of(cls, dest: Path, exc: OSError) -> CacheWriteError:
+        return cls(
+            f"{dest.parent}: cannot write {dest.name} into the cache folder: {exc.strerror or exc}"
+        )
 
 
 def make_cache_dir(spec: DatasetSpec) -> Path:
@@ -194,11 +252,18 @@ def make_cache_dir(spec: DatasetSpec) -> Path:
     return target
 
 
-def _download_verified(url: str, dest: Path, f: FileSpec, progress: bool) -> None:
-    """Fetch ``url`` to a temporary file beside ``dest``; rename only once verified."""
+def _download_verified(
+    url: str, dest: Path, f: FileSpec, progress: bool, spec: DatasetSpec, replace: bool
+) -> None:
+    """Fetch ``url`` to a temporary file beside ``dest``; into place only once verified:
+    renamed over ``dest`` when ``replace`` (a cached file failing verification), else
+    linked (``dest`` must not exist)."""
     from tqdm import tqdm
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as exc:
+        raise CacheWriteError.of(dest, exc) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
@@ -219,24 +284,33 @@ def _download_verified(url: str, dest: Path, f: FileSpec, progress: bool) -> Non
                             f"{url}: sent more than {got - len(chunk)} bytes, "
                             f"too many for a {f.size}-byte file"
                         )
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:  # a full disk
+                        raise CacheWriteError.of(dest, exc) from None
                     bar.update(len(chunk))
         status, why = check_file(tmp, f)
         if status != "OK":
             raise DataError(f"{url}: downloaded file failed verification: {why}")
-        os.replace(tmp, dest)
+        try:
+            _into_place(tmp, dest, spec, replace)
+        except OSError as exc:
+            raise CacheWriteError.of(dest, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def copy_into_cache(spec: DatasetSpec, paths: list[Path]) -> tuple[Path, list[Path]]:
+def copy_into_cache(spec: DatasetSpec, paths: list[Path]) -> tuple[Path, list[Path], list[Path]]:
     """Copy a located copy of ``spec``'s files into the cache (``handprop data fetch
-    --data-dir``); returns the cache folder and the files written there.
+    --data-dir``, or a repair from the next verified copy).
 
     Every file is verified before anything is written; a file already in the cache
-    that verifies is kept (nothing copied for it); one that does not is never
-    overwritten: handprop did not write it. Each copy is written under a temporary
-    name, verified again and linked into place, so no half-written file is ever seen.
+    that verifies is kept (nothing copied for it); a regular file there that fails
+    verification is replaced in place (the cache is handprop's own; a link, a folder or
+    a FIFO is left as it is: :func:`replaceable`). Each copy is written under a
+    temporary name, verified again and renamed (or linked, where nothing was) into
+    place, so no half-written file is ever seen. Returns the cache folder, the files
+    written there, and those of them that replaced a file failing verification.
     """
     for f, p in zip(spec.files, paths, strict=True):
         status, why = check_file(p, f)
@@ -251,29 +325,57 @@ def copy_into_cache(spec: DatasetSpec, paths: list[Path]) -> tuple[Path, list[Pa
     for f, p in zip(spec.files, paths, strict=True):
         existing = find_file(target, f)
         if existing is None:
-            todo.append((f, p, target / p.name))
+            todo.append((f, p, target / p.name, False))
             continue
         if existing.resolve() == p.resolve():
             continue
         status, why = check_file(existing, f)
         if status != "OK":
-            raise DataError(
-                f"{existing}: already in the cache but not the published {spec.name} "
-                f"file ({why}); it is left as it is: move it away, then fetch again"
-            )
-    for f, p, dest in todo:
-        _copy_verified(p, dest, f, spec)
-    return target, [dest for _, _, dest in todo]
+            replaceable(existing, spec, why)
+            todo.append((f, p, existing, True))
+    for f, p, dest, replace in todo:
+        _copy_verified(p, dest, f, spec, replace)
+    return target, [t[2] for t in todo], [t[2] for t in todo if t[3]]
 
 
-def _copy_verified(src: Path, dest: Path, f: FileSpec, spec: DatasetSpec) -> None:
-    """``src`` to a temporary file beside ``dest``, synced and verified, then linked to
-    ``dest``, which must not exist (a link never replaces a file; a rename would)."""
+def replaceable(path: Path, spec: DatasetSpec, why: str) -> None:
+    """Refuse to replace ``path``, a file of the cache failing verification (``why``),
+    unless it is a regular file: a link (its target may be anyone's), a folder or a
+    FIFO there is left as it is."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise DataError(
+            f"{path}: already in the cache but not the published {spec.name} file ({why}); "
+            "it is not a regular file, so it is left as it is: move it away, then fetch again"
+        )
+
+
+def _taken(dest: Path, spec: DatasetSpec) -> DataError:
+    return DataError(
+        f"{dest}: already exists and is not a verified copy; it is left as it is: "
+        f"move it away, then fetch {spec.name} again"
+    )
+
+
+def _into_place(tmp: Path, dest: Path, spec: DatasetSpec, replace: bool) -> None:
+    """``tmp`` (verified) renamed over ``dest`` when ``replace`` (a regular file of the
+    cache failing verification, still one now), else linked to ``dest``, which must not
+    exist (a link never replaces a file; a rename would)."""
+    if replace:
+        if not stat.S_ISREG(os.lstat(dest).st_mode):  # changed since it was checked
+            raise _taken(dest, spec)
+        os.replace(tmp, dest)
+    else:
+        _link_no_clobber(tmp, dest, spec)
+
+
+def _copy_verified(
+    src: Path, dest: Path, f: FileSpec, spec: DatasetSpec, replace: bool = False
+) -> None:
+    """``src`` to a temporary file beside ``dest``, synced and verified, then into place
+    (:func:`_into_place`)."""
 
     def cannot(exc: OSError) -> DataError:
-        return DataError(
-            f"{dest.parent}: cannot write {dest.name} into the cache folder: {exc.strerror or exc}"
-        )
+        return CacheWriteError.of(dest, exc)
 
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -297,7 +399,7 @@ def _copy_verified(src: Path, dest: Path, f: FileSpec, spec: DatasetSpec) -> Non
         status, why = check_file(tmp, f)
         if status != "OK":  # src changed while it was copied
             raise DataError(f"{src}: its copy failed verification ({why}); nothing was kept")
-        _link_no_clobber(tmp, dest, spec)
+        _into_place(tmp, dest, spec, replace)
     except OSError as exc:
         raise cannot(exc) from None
     finally:
@@ -305,10 +407,7 @@ def _copy_verified(src: Path, dest: Path, f: FileSpec, spec: DatasetSpec) -> Non
 
 
 def _link_no_clobber(tmp: Path, dest: Path, spec: DatasetSpec) -> None:
-    exists = DataError(
-        f"{dest}: already exists and is not a verified copy; it is left as it is: "
-        f"move it away, then fetch {spec.name} again"
-    )
+    exists = _taken(dest, spec)
     try:
         os.link(tmp, dest)
         return

@@ -14,8 +14,6 @@ from __future__ import annotations
 import gzip
 import io
 import math
-import os
-import stat
 import struct
 import zlib
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ import numpy as np
 
 from handprop.atomic import atomic_write_bytes
 from handprop.errors import DataError, ResourceError
+from handprop.files import MAX_IDX_BYTES, regular_file
 from handprop.memory import available_bytes, check_fits, format_bytes
 
 #: IDX dtype code -> big-endian NumPy dtype
@@ -68,17 +67,18 @@ def reading(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def open_content(path: str | Path) -> Iterator[tuple[BinaryIO, int]]:
+def open_content(
+    path: str | Path, what: str = "IDX file", max_bytes: int = MAX_IDX_BYTES
+) -> Iterator[tuple[BinaryIO, int]]:
     """The file's content as a stream (decompressed if gzip, by its magic bytes) and the
-    most content bytes the file can hold (its size; for gzip, the deflate maximum)."""
+    most content bytes the file can hold (its size; for gzip, the deflate maximum).
+
+    A folder, a FIFO (it would block), a device (it would never end) or a file larger
+    than ``max_bytes`` is refused before it is opened (:func:`handprop.files.regular_file`).
+    """
     path = Path(path)
     with reading(path):
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device never end
-            raise UnreadableFileError(f"{path}: not a regular file")
-        size = st.st_size
+        size = regular_file(path, what, max_bytes, UnreadableFileError)
         with open(path, "rb") as fh:
             if fh.peek(2)[:2] == GZIP_MAGIC:
                 with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
@@ -113,12 +113,19 @@ def read_into(stream: BinaryIO, n: int) -> bytearray:
     return buf
 
 
-def read_bytes(path: str | Path, limit: int | None = None) -> bytes | bytearray:
+def read_bytes(
+    path: str | Path,
+    limit: int | None = None,
+    *,
+    what: str = "IDX file",
+    max_bytes: int = MAX_IDX_BYTES,
+) -> bytes | bytearray:
     """The file's content, decompressed if it is gzip; at most ``limit`` + 1 bytes of it
     (one more than ``limit`` tells the caller there is more). Without a limit, a gzip
-    stream is read no further than the memory available (a gzip bomb is refused)."""
+    stream is read no further than the memory available (a gzip bomb is refused).
+    ``what`` and ``max_bytes`` as for :func:`open_content`."""
     path = Path(path)
-    with open_content(path) as (stream, most):
+    with open_content(path, what, max_bytes) as (stream, most):
         n = most if limit is None else min(most, limit + 1)
         if limit is not None or not isinstance(stream, gzip.GzipFile):
             check_fits(n, f"reading {path}")  # the size is known: refuse it before reading

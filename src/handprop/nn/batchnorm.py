@@ -88,6 +88,9 @@ class BatchNorm(Layer):
     """
 
     kind = "batchnorm"
+    #: slots that are never < 0, checked when a model file is loaded (a negative
+    #: variance would make sqrt(running_var + eps) NaN, and every prediction with it)
+    nonnegative = (("running_var", "running variance"),)
 
     def __init__(self, c: int, momentum: float = MOMENTUM, eps: float = EPS) -> None:
         self.c = int(c)

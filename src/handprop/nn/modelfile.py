@@ -18,8 +18,10 @@ import numpy as np
 
 from handprop.atomic import atomic_write_bytes
 from handprop.errors import HandpropError, ModelFileError, ResourceError, ShapeError
+from handprop.files import MAX_MODEL_BYTES, regular_file
 from handprop.nn import backend
 from handprop.nn.network import MODEL_FORMAT, MODEL_VERSION, Network, chain_shapes
+from handprop.nn.params import ParamSlot
 from handprop.nn.spec import architecture_layers, check_architecture, is_int
 
 #: the largest architecture text a model file may hold (a real one is a few KB)
@@ -86,9 +88,11 @@ def load(path: str | Path) -> Network:
     Nothing in the file is trusted: its arrays are read with ``allow_pickle=False`` (a
     pickled object inside one could run code on load), their headers are checked
     before the data is read (a header may claim terabytes), the architecture and the
-    metadata are checked value by value, and the parameters must be finite. Every
-    fault is a :class:`ModelFileError` (or a :class:`ResourceError` for a model too
-    large for this machine) naming the file.
+    metadata are checked value by value, and the parameters must be finite (and a
+    batchnorm layer's running variance >= 0), a fault named by its layer and slot. A
+    FIFO, a device or a file over :data:`~handprop.files.MAX_MODEL_BYTES` is refused
+    before it is opened. Every fault is a :class:`ModelFileError` (or a
+    :class:`ResourceError` for a model too large for this machine) naming the file.
     """
     path = Path(path)
     try:
@@ -96,8 +100,7 @@ def load(path: str | Path) -> Network:
             raise ModelFileError(f"{path}: is a folder, not a model file")
         if not path.exists():
             raise ModelFileError(f"{path}: no such model file")
-        if not path.is_file():
-            raise ModelFileError(f"{path}: not a regular file, not a model file")
+        regular_file(path, "model file", MAX_MODEL_BYTES, ModelFileError)
         with path.open("rb") as f:
             if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a .npz is a zip archive
                 raise ModelFileError(f"{path}: not a readable .npz model file (not a zip archive)")
@@ -213,16 +216,50 @@ def _read_model(zf: zipfile.ZipFile, path: Path) -> Network:
             done += got
         if f.read(1):
             raise ModelFileError(f"{path}: the parameters hold more data than their header says")
-    bad = sum(
-        int(np.count_nonzero(~np.isfinite(net.params[i : i + 2**20])))
-        for i in range(0, net.n_params, 2**20)
-    )
-    if bad:
-        raise ModelFileError(
-            f"{path}: {bad:,} of {net.n_params:,} parameters are NaN or infinite; "
-            "the model is broken (did its training diverge?)"
-        )
+    check_params(net, str(path))
     return net
+
+
+def _slot_name(net: Network, slot: ParamSlot) -> str:
+    layer = net.layers[slot.layer]
+    return f"{layer.kind} layer {slot.layer}'s {slot.name}"
+
+
+def check_params(net: Network, name: str) -> None:
+    """Refuse parameters a network cannot predict with: NaN or infinite values (a
+    diverged training), or negative values in a slot that must be >= 0 (a batchnorm
+    layer's running variance: the square root of a negative variance makes every
+    probability NaN). ModelFileError starts with ``name`` and names the layer and slot.
+    """
+    bad: list[tuple[ParamSlot, int]] = []
+    for slot in net.layout.slots:
+        n = sum(
+            int(np.count_nonzero(~np.isfinite(net.params[i : min(i + 2**20, slot.stop)])))
+            for i in range(slot.offset, slot.stop, 2**20)
+        )
+        if n:
+            bad.append((slot, n))
+    if bad:
+        total = sum(n for _, n in bad)
+        where = ", ".join(f"{_slot_name(net, s)}: {n:,}" for s, n in bad[:3])
+        more = f", and {len(bad) - 3} more slot" + "s" * (len(bad) > 4) if len(bad) > 3 else ""
+        raise ModelFileError(
+            f"{name}: {total:,} of {net.n_params:,} parameters are NaN or infinite "
+            f"({where}{more}); the model is broken (did its training diverge?)"
+        )
+    for slot in net.layout.slots:
+        what = dict(getattr(net.layers[slot.layer], "nonnegative", ())).get(slot.name)
+        if what is None:
+            continue
+        values = net.params[slot.offset : slot.stop]
+        negative = np.flatnonzero(values < 0)
+        if len(negative):
+            i = int(negative[0])
+            raise ModelFileError(
+                f"{name}: {_slot_name(net, slot)} ({what}) has {len(negative):,} negative "
+                f"value{'s' * (len(negative) > 1)} of {slot.size:,} (the first {values[i]:g}, "
+                f"at [{i}]); a {what} is never < 0: the model is broken"
+            )
 
 
 def _npy_skip_header(f: Any) -> None:

@@ -4,12 +4,15 @@
 models · ``POST /api/predict`` one image (its bytes) or one prepared array (JSON). The
 API is documented in docs/api.md. Every refusal is a 4xx whose JSON body is
 ``{"error": "<one line>"}``, the line the page shows; nothing a client sends stops the
-server.
+server. A bug is a 500 with one line too, and its traceback is logged once.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
+import math
 import socket
 import threading
 import time
@@ -21,7 +24,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -37,6 +40,8 @@ MAX_UPLOAD_BYTES = 8 * 2**20
 PREPARING_AT_ONCE = 2
 IMAGE_TYPES = ("application/octet-stream",)
 JSON_TYPE = "application/json"
+#: where a bug's traceback goes (stderr, unless the caller configures logging)
+logger = logging.getLogger("handprop.serve")
 
 
 class Refused(HTTPException):
@@ -112,11 +117,11 @@ def create_app(
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     async def failed(request: Request, exc: Exception) -> JSONResponse:
-        # a bug, not the client's fault: one line for the page; uvicorn logs the traceback
+        # a bug, not the client's fault: one line for the page; _Served logs the traceback
         line = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         return JSONResponse({"error": f"internal error in handprop serve ({line})"}, 500)
 
-    return Starlette(
+    return _Served(
         routes=[
             Route("/", page, methods=["GET"]),
             Route("/favicon.ico", icon, methods=["GET"]),
@@ -126,6 +131,22 @@ def create_app(
         ],
         exception_handlers={HTTPException: refused, Exception: failed},
     )
+
+
+class _Served(Starlette):
+    """Starlette, whose bugs are logged once. Its ServerErrorMiddleware answers an
+    exception with the ``failed`` handler's 500 line, then raises it again for the
+    server to log: it is logged here, naming the request, and goes no further (uvicorn
+    would log it a second time, as "Exception in ASGI application")."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as exc:
+            if scope["type"] != "http":
+                raise
+            where = f"{scope['method']} {scope['path'][:100]}"
+            logger.error("handprop serve: internal error in %s (a bug):", where, exc_info=exc)
 
 
 def _http_detail(exc: HTTPException, request: Request) -> str:
@@ -147,11 +168,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise Refused(413, too_big)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, too_big)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, too_big)
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody reads the answer; the request's line says 400
+        raise Refused(400, "the client went away before sending the whole body") from None
     if size == 0:
         raise Refused(
             400, 'the request body is empty; send an image\'s bytes or JSON with "pixels"'
@@ -167,9 +191,24 @@ def _upload_name(name: str | None) -> str:
     return clean or "upload"
 
 
+def _json_number(text: str) -> float:
+    """A JSON number as a float; a 422 for one beyond a float's range (1e400, or a
+    400-digit integer), which Python would read as inf or as an int numpy cannot take."""
+    value = float(text)  # float() reads any length of digits; int() stops at 4,300
+    if math.isinf(value):
+        shown = text if len(text) <= 24 else f"{text[:12]}... ({len(text):,} characters)"
+        raise Refused(422, f"the JSON body holds a number too large for a float: {shown}")
+    return value
+
+
+def _json_int(text: str) -> int:
+    _json_number(text)
+    return int(text)  # at most 309 digits, a float's range
+
+
 def _parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_json_int, parse_float=_json_number)
     except json.JSONDecodeError as exc:
         raise Refused(
             400,
@@ -180,6 +219,9 @@ def _parse_json(body: bytes) -> Any:
         raise Refused(400, "the request body is not valid JSON: not UTF-8 text") from None
     except RecursionError:
         raise Refused(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # any other limit of Python's reader
+        line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise Refused(400, f"the request body is not valid JSON: {line}") from None
 
 
 def _json_model(data: Any) -> str | None:
@@ -201,10 +243,10 @@ def _shape_text(rows: Any) -> str:
         return names.get(type(rows).__name__, "a number")
     lengths = {len(r) for r in rows if isinstance(r, list)}
     if not lengths:
-        return f"a list of {len(rows)} numbers" if rows else "an empty list"
+        return f"a list of {len(rows):,} numbers" if rows else "an empty list"
     if len(lengths) == 1 and all(isinstance(r, list) for r in rows):
-        return f"{len(rows)} rows of {lengths.pop()}"
-    return f"{len(rows)} rows of {min(lengths)} to {max(lengths)} values"
+        return f"{len(rows):,} rows of {lengths.pop():,}"
+    return f"{len(rows):,} rows of {min(lengths):,} to {max(lengths):,} values"
 
 
 def _pixels(data: Any, model: ServedModel) -> np.ndarray:
@@ -265,6 +307,30 @@ class RequestLog:
             self.write(f"{time.strftime('%H:%M:%S')} {scope['method']} {path} {status} {ms:.0f} ms")
 
 
+def exposure(host: str, address: str) -> str | None:
+    """The warning for a server listening beyond this machine, on ``address`` (the IP
+    ``--host host`` was bound to): None for a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 scope: fe80::1%eth0
+    except ValueError:
+        return None  # not an IP address (no socket family handprop binds gives one)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return None
+    shown = host if host == address else f"{host} ({address})"
+    where = (
+        "on every network interface"
+        if ip.is_unspecified
+        else "on an address other machines can reach"
+    )
+    return (
+        f"handprop: warning: --host {shown} serves {where}: anyone who can reach it can use "
+        "the page and its API, which have no authentication (--host 127.0.0.1 keeps them "
+        "to this machine)"
+    )
+
+
 def run(
     models: list[ServedModel],
     host: str,
@@ -273,7 +339,9 @@ def run(
     log: Callable[[str], None] | None = None,
 ) -> None:
     """Serve ``models`` on host:port until Ctrl-C or SIGTERM; ``log``, if given, is
-    handed one line per request (:class:`RequestLog`).
+    handed one line per request (:class:`RequestLog`). ``ready``, if given, is called
+    once the socket listens, with the port and the address it is bound to (the
+    caller warns with :func:`exposure`).
 
     The socket is bound here, before uvicorn starts, so that a port in use or a host
     that is not this machine's is one ConfigError line, not a logged traceback.
@@ -298,9 +366,9 @@ def run(
             f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
             "choose another --port or --host"
         ) from None
-    bound_port = sock.getsockname()[1]
+    bound = sock.getsockname()
     if ready is not None:
-        ready(bound_port)
+        ready(bound[1], bound[0])
     app = create_app(models)
     config = uvicorn.Config(
         app if log is None else RequestLog(app, log),
