@@ -245,3 +245,23 @@ def test_a_row_run_before_split_seed_existed_is_still_its_run(tmp_path):
     # a row that gives split_seed 1 (or a grid without a base) continues it
     assert existing_row(original.replace(seed=1), tmp_path / "original") is None
     assert existing_row(row.replace(split_seed=1), tmp_path / "original") is None
+
+
+def test_a_row_whose_config_toml_another_writer_wrote_is_still_its_run(tmp_path):
+    """Grids compare parsed configs, never text: a folder written by an older handprop
+    (another layout of the same values) is the same run and is skipped when complete."""
+    from handprop.experiments import existing_row
+
+    rows = read_grid(write(tmp_path / "g.csv", "a,500,400,100,8,2.0,4,digits,4"))
+    out = tmp_path / "out"
+    assert [s.status for s in run_grid(rows, out, progress=False)] == ["completed"]
+    saved = parse_toml_config((out / "a" / "config.toml").read_text(), "config.toml")
+    lines = "".join(  # every field of the run, as the hand-written writer put it: one line
+        f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}\n"
+        for k, v in saved.to_dict().items()
+        if v is not None
+    )
+    (out / "a" / "config.toml").write_text("# handprop run config\n\n" + lines)
+    assert (out / "a" / "config.toml").read_text() != to_toml(rows[0].config)
+    summary = existing_row(rows[0].config, out / "a")
+    assert summary is not None and summary.status == "completed" and summary.skipped

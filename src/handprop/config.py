@@ -928,51 +928,19 @@ def load_config(path: str | Path) -> RunConfig:
 
 # --- writing TOML --------------------------------------------------------------------------
 
-_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n"}
-_TOML_ESCAPES |= {"\f": "\\f", "\r": "\\r"}
-
-
-def _toml_string(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _TOML_ESCAPES:
-            out.append(_TOML_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")  # other control characters are not allowed raw
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return _toml_string(value)
-    if _is_int(value):
-        return str(int(value))
-    if _is_real(value):
-        value = float(value)
-        if not math.isfinite(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        text = repr(value)  # shortest text that reads back to the same float
-        # TOML needs a fraction or an exponent to see a float
-        return text if any(c in text for c in ".en") else text + ".0"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
 
 def to_toml(cfg: RunConfig) -> str:
     """The config as TOML, every field written out; ``load_config`` reads it back equal.
 
-    Fields that are None (not set) are written as comments.
+    Fields that are None (not set) are listed as comments first.
     """
-    lines = ["# handprop run config", ""]
-    for name, spec in _SPECS.items():
-        value = getattr(cfg, name)
-        if value is None:
-            lines.append(f"# {name} = (not set)  # {spec.label}")
-        else:
-            lines.append(f"{name} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+    import tomli_w
+
+    unset = [f"# {name} = (not set)  # {spec.label}" for name, spec in _SPECS.items()
+             if getattr(cfg, name) is None]  # fmt: skip
+    values = {
+        name: list(value) if isinstance(value, tuple) else value
+        for name in _SPECS
+        if (value := getattr(cfg, name)) is not None
+    }
+    return "\n".join(["# handprop run config", *unset, ""]) + "\n" + tomli_w.dumps(values)

@@ -47,7 +47,6 @@ from handprop.config import (
     load_config,
     parse_toml_config,
     run_name_problem,
-    to_toml,
 )
 from handprop.errors import ConfigError, HandpropError, Interrupted
 from handprop.rundir import GRID_MARKER, FolderLock, GridLock, make_or_adopt, remove_if_unused
@@ -239,8 +238,6 @@ def _same_run(text: str, cfg: RunConfig, path: Path) -> bool:
     """Whether the config.toml ``text`` describes ``cfg``'s run, on any device (one
     written before configs had a device reads as "cpu"), split by the same seed (one
     written before split_seed existed splits by its seed)."""
-    if text == to_toml(cfg):
-        return True
     try:
         saved = parse_toml_config(text, str(path))
     except HandpropError:
