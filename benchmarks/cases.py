@@ -351,23 +351,17 @@ def case_profile(ctx: Context) -> CaseResult:
     parts = PartTimes()
     timed = parts.timed
 
-    def backward(layer: Any, G: np.ndarray, need: bool) -> Any:
-        try:
-            return layer.backward(G, need_input_grad=need)
-        except TypeError:  # a layer protocol without the flag
-            return layer.backward(G)
-
     def split_epoch() -> None:
-        A = X
+        A, ctx = X, net.training_context(len(X))
         for i, layer in enumerate(layers):
-            A = timed(f"forward  {i} {layer.kind}", lambda L=layer, A=A: L.forward(A, True))
+            A = timed(f"forward  {i} {layer.kind}", lambda L=layer, A=A: L.forward(A, ctx))
         loss_G = timed("loss     softmax CE", lambda: net.loss(A, y))
         G = loss_G[1]
         for i in range(len(layers) - 1, first - 1, -1):
             layer = layers[i]
             G = timed(
                 f"backward {i} {layer.kind}",
-                lambda L=layer, G=G, i=i: backward(L, G, i > first),
+                lambda L=layer, G=G, i=i: L.backward(G, ctx, need_input_grad=i > first),
             )
         timed("step     GD", lambda: opt.step(net.params, net.grads))
 
@@ -909,10 +903,11 @@ def cnn_rows(
 
 
 def pass_name(net: Any, i: int) -> str:
-    """ "3 conv2d" for layer i of ``net``; a max pool that applies the ReLU before it
-    (which the network's passes then skip) is "5 maxpool2d+relu"."""
-    layer = net.layers[i]
-    return f"{i} {layer.kind}" + ("+relu" if getattr(layer, "relu", False) else "")
+    """ "3 conv2d" for layer i of ``net``; a max pool that runs with the ReLU before it
+    (one step of the network's passes, which then skip the ReLU) is "5 maxpool2d+relu"."""
+    step = net.steps[net.passes.index(i)] if i in net.passes else None
+    fused = step is not None and step is not net.layers[i]
+    return f"{i} {net.layers[i].kind}" + ("+relu" if fused else "")
 
 
 def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
@@ -930,16 +925,14 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
     timed = parts.timed
 
     def step() -> None:
-        A = Xs
-        for i in net.passes:  # the network's own passes: a fused ReLU is not run
-            layer = net.layers[i]
-            A = timed(f"forward  {pass_name(net, i)}", lambda L=layer, A=A: L.forward(A, True))
+        A, ctx = Xs, net.training_context(len(Xs))  # this batch's dropout masks
+        for i, layer in zip(net.passes, net.steps, strict=True):  # the network's own steps
+            A = timed(f"forward  {pass_name(net, i)}", lambda L=layer, A=A: L.forward(A, ctx))
         _, G = timed("loss     softmax CE", lambda: net.loss(A, ys, count=BATCH))
-        for i in reversed(net.passes):
-            layer = net.layers[i]
+        for i, layer in reversed(list(zip(net.passes, net.steps, strict=True))):
             G = timed(
                 f"backward {pass_name(net, i)}",
-                lambda L=layer, G=G, i=i: L.backward(G, need_input_grad=i > 0),
+                lambda L=layer, G=G, i=i: L.backward(G, ctx, need_input_grad=i > 0),
             )
         timed("step     Adam", lambda: opt.step(net.params, net.grads))
 

@@ -754,22 +754,22 @@ def training_passes(
     X = backend.asarray(data.X_train[:n], net.xp)
     y = backend.asarray(data.y_train[:n].astype(np.int64), net.xp)
     passes: list[tuple[str, Callable[[], Any]]] = []
-    A, inputs = X, {}
-    for i in net.passes:  # the network's own passes: a ReLU before a max pool runs in it
-        layer, inputs[i] = net.layers[i], A
-        passes.append((f"{pass_name(net, i)} forward", lambda L=layer, a=A: L.forward(a, True)))
-        A = layer.forward(A, training=True)
+    A, inputs, ctx = X, {}, net.training_context(n)  # one batch's dropout masks
+    # the network's own steps: a ReLU before a max pool runs in the pool's step
+    for i, layer in zip(net.passes, net.steps, strict=True):
+        inputs[i] = A
+        passes.append((f"{pass_name(net, i)} forward", lambda L=layer, a=A: L.forward(a, ctx)))
+        A = layer.forward(A, ctx)
     passes.append(("loss", lambda: net.loss(A, y)))
     _, G = net.loss(A, y)
-    for i in reversed(net.passes):
-        layer = net.layers[i]
+    for i, layer in reversed(list(zip(net.passes, net.steps, strict=True))):
 
         def backward(L: Any = layer, g: Any = G, i: int = i) -> Any:
-            L.forward(inputs[i], training=True)  # its cache (buffers are reused)
-            return L.backward(g, need_input_grad=i > 0)
+            L.forward(inputs[i], ctx)  # its cache (the work arrays are reused)
+            return L.backward(g, ctx, need_input_grad=i > 0)
 
         passes.append((f"{pass_name(net, i)} forward+backward", backward))
-        G = layer.backward(G, need_input_grad=i > 0)
+        G = layer.backward(G, ctx, need_input_grad=i > 0)
     step = OPTIMIZERS[opt](lr=1e-3)
     passes.append((f"{opt} step", lambda: step.step(net.params, net.grads)))
     return passes

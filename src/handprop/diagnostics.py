@@ -78,18 +78,12 @@ class WatchedLayer:
 
 def describe_layer(layer: Any) -> str:
     """A short name of a layer with parameters: "dense 784-100", "conv 1-32 3x3"."""
-    if layer.kind == "dense":
-        return f"dense {layer.d_in}-{layer.d_out}"
-    if layer.kind == "conv2d":
-        return f"conv {layer.c_in}-{layer.c_out} {layer.k}x{layer.k}"
-    return layer.kind
+    return layer.short_name()
 
 
 def watched_layers(net: Any) -> list[WatchedLayer]:
     """Every layer with a weight ``W``, with the activation that follows it (before the
     next layer with parameters; dropout, pooling and flatten in between are skipped)."""
-    from handprop.nn.activations import ACTIVATIONS
-
     found: list[WatchedLayer] = []
     current: dict[str, Any] | None = None
     for i, layer in enumerate(net.layers):
@@ -103,7 +97,7 @@ def watched_layers(net: Any) -> list[WatchedLayer]:
                 "activation": "none",
                 "act_index": None,
             }
-        elif current is not None and current["act_index"] is None and layer.kind in ACTIVATIONS:
+        elif current is not None and current["act_index"] is None and layer.is_activation:
             current["activation"], current["act_index"] = layer.kind, i
     if current is not None:
         if current["act_index"] is None and net.loss_name == "cross_entropy":
@@ -113,22 +107,21 @@ def watched_layers(net: Any) -> list[WatchedLayer]:
 
 
 def activation_health(kind: str, A: np.ndarray) -> tuple[float | None, float | None]:
-    """(saturated, dead) fractions of one activation's outputs A (n, ...) on the probe.
+    """(saturated, dead) fractions of one activation's outputs A (n, ...) on the probe,
+    as the activation's class says (``Layer.slope``, ``Layer.has_dead_units``).
 
     sigmoid: A(1 - A) < 0.01; tanh: 1 - A^2 < 0.01 (saturated, of every output);
     relu: units (output positions) that are 0 on every row (dead).
     """
-    if A.shape[0] == 0:
+    from handprop.nn import LAYERS
+
+    cls = LAYERS.get(kind)  # None for "softmax" (fused into the loss) and "none"
+    if A.shape[0] == 0 or cls is None:
         return None, None
-    A64 = A.astype(np.float64, copy=False)
-    if kind == "sigmoid":
-        return float(np.mean(A64 * (1 - A64) < SATURATION_DERIVATIVE)), None
-    if kind == "tanh":
-        return float(np.mean(1 - A64 * A64 < SATURATION_DERIVATIVE)), None
-    if kind == "relu":
-        alive = (A > 0).any(axis=0)
-        return None, float(1 - alive.mean())
-    return None, None
+    slope = cls.slope(A.astype(np.float64, copy=False))
+    saturated = None if slope is None else float(np.mean(slope < SATURATION_DERIVATIVE))
+    dead = float(1 - (A > 0).any(axis=0).mean()) if cls.has_dead_units else None
+    return saturated, dead
 
 
 def _norm(x: np.ndarray) -> float:
@@ -174,11 +167,12 @@ class Diagnostics:
         wanted = {w.act_index for w in self.layers if w.act_index is not None}
         outputs: dict[int, np.ndarray] = {}
         A = self.net.here(X)  # on the network's device
+        ctx = self.net.context()  # an inference pass in the network's namespace
         with np.errstate(over="ignore", invalid="ignore"):
             for i, layer in enumerate(self.net.layers):
                 if not wanted - outputs.keys():
                     break
-                A = layer.forward(A, training=False)
+                A = layer.forward(A, ctx)
                 if i in wanted:
                     outputs[i] = to_host(A)
         return outputs

@@ -1,6 +1,7 @@
 """A saved network as an ONNX graph, built from handprop's own layer list.
 
-Each layer becomes the ONNX operator that computes the same function: Dense -> Gemm
+Each layer adds its own node(s) (its ``onnx`` method, given an :class:`OnnxGraph`; nn
+never imports onnx), the ONNX operator that computes the same function: Dense -> Gemm
 (``X @ W + b``, W kept as handprop stores it, (d_in, d_out)), Conv2D -> Conv (the same
 cross-correlation, weights (c_out, c_in, k, k)), MaxPool2D/AvgPool2D -> MaxPool/
 AveragePool, Flatten -> Flatten, BatchNorm -> BatchNormalization (inference: its
@@ -26,16 +27,8 @@ import numpy as np
 
 from handprop import __version__
 from handprop.errors import ConfigError, OutputError
-from handprop.nn import (
-    AvgPool2D,
-    BatchNorm,
-    Conv2D,
-    Dense,
-    Dropout,
-    Flatten,
-    MaxPool2D,
-    Network,
-)
+from handprop.nn import Layer, Network
+from handprop.nn.spec import listed
 
 #: ONNX opset and IR version written: opset 17 (2022) is read by every current runtime
 OPSET = 17
@@ -44,8 +37,6 @@ IR_VERSION = 8
 CHECK_TOLERANCE = 1e-5
 #: random inputs the export is checked on
 CHECK_SAMPLES = 64
-
-_ACTIVATION_OPS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 
 
 def _onnx():
@@ -58,6 +49,40 @@ def _onnx():
     return onnx
 
 
+class OnnxGraph:
+    """The nodes and initializers a network's layers add, each through its ``onnx``
+    method (:meth:`handprop.nn.Layer.onnx`), in the network's dtype."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        from onnx import helper, numpy_helper
+
+        self._helper, self._numpy_helper = helper, numpy_helper
+        self.dtype = dtype
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        #: the tensor the next node reads: the graph's input, then each node's output
+        self.current = "input"
+
+    def weight(self, array: np.ndarray, name: str) -> str:
+        """An initializer holding ``array`` in the graph's dtype; returns its name."""
+        tensor = np.ascontiguousarray(array, self.dtype)
+        self.inits.append(self._numpy_helper.from_array(tensor, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], label: str, **attrs: Any) -> str:
+        """A node named ``label`` whose output ``<label>_out`` the next node reads."""
+        out = f"{label}_out"
+        self.nodes.append(self._helper.make_node(op, inputs, [out], name=label, **attrs))
+        self.current = out
+        return out
+
+
+def has_onnx(cls: type[Layer]) -> bool:
+    """Whether a layer kind says how it is written in ONNX (its own ``onnx``, or
+    ``onnx_op`` for the default one)."""
+    return cls.onnx is not Layer.onnx or cls.onnx_op is not None
+
+
 def to_onnx(net: Network, name: str = "handprop") -> Any:
     """The network as an ``onnx.ModelProto``: input ``input`` (batch, *input_shape),
     output ``probabilities`` (batch, n_classes). ConfigError names a layer that has no
@@ -66,73 +91,34 @@ def to_onnx(net: Network, name: str = "handprop") -> Any:
     from onnx import TensorProto, helper, numpy_helper
 
     elem = TensorProto.FLOAT if net.dtype == np.float32 else TensorProto.DOUBLE
-    nodes, inits = [], []
-    current = "input"
-
-    def emit(op: str, inputs: list[str], label: str, **attrs: Any) -> None:
-        nonlocal current
-        out = f"{label}_out"
-        nodes.append(helper.make_node(op, inputs, [out], name=label, **attrs))
-        current = out
-
-    def weight(array: np.ndarray, label: str) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, net.dtype), label))
-        return label
-
+    g = OnnxGraph(net.dtype)
     for i, layer in enumerate(net.layers):
-        label = f"{i}_{layer.kind}"
-        if isinstance(layer, Dense):
-            W, b = weight(layer.W, f"{label}.W"), weight(layer.b, f"{label}.b")
-            emit("Gemm", [current, W, b], label)  # X @ W + b
-        elif isinstance(layer, Conv2D):
-            W, b = weight(layer.W, f"{label}.W"), weight(layer.b, f"{label}.b")
-            emit(
-                "Conv",
-                [current, W, b],
-                label,
-                kernel_shape=[layer.k, layer.k],
-                strides=[layer.stride, layer.stride],
-                pads=[layer.pad] * 4,
-            )
-        elif isinstance(layer, (MaxPool2D, AvgPool2D)):
-            op = "MaxPool" if isinstance(layer, MaxPool2D) else "AveragePool"
-            emit(op, [current], label, kernel_shape=[layer.k] * 2, strides=[layer.stride] * 2)
-        elif isinstance(layer, Flatten):
-            emit("Flatten", [current], label, axis=1)
-        elif isinstance(layer, BatchNorm):
-            # inference form: gamma (x - running_mean) / sqrt(running_var + eps) + beta
-            names = ("gamma", "beta", "running_mean", "running_var")
-            inputs = [weight(getattr(layer, n), f"{label}.{n}") for n in names]
-            emit("BatchNormalization", [current, *inputs], label, epsilon=layer.eps)
-        elif layer.kind in _ACTIVATION_OPS:
-            emit(_ACTIVATION_OPS[layer.kind], [current], label)
-        elif isinstance(layer, Dropout) or layer.kind == "identity":
-            continue  # the identity at inference
-        else:
+        if not has_onnx(type(layer)):
+            known = ", ".join(cls.kind for cls in listed() if has_onnx(cls))
             raise ConfigError(
-                f"layer {i} ({layer!r}) has no ONNX form in handprop export; "
-                f"known: dense, conv2d, maxpool2d, avgpool2d, flatten, batchnorm, dropout, "
-                f"{', '.join(_ACTIVATION_OPS)}, identity"
+                f"layer {i} ({layer!r}) has no ONNX form in handprop export; known: {known}"
             )
+        layer.onnx(g, f"{i}_{layer.kind}")
+    current = g.current
     if net.loss_name == "cross_entropy":
-        emit("Softmax", [current], "probabilities", axis=1)
+        g.node("Softmax", [current], "probabilities", axis=1)
     elif net.loss_name == "mse":
         # predict_proba: A / max(sum A, tiny), row by row
-        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axes_1"))
-        tiny = weight(np.array(np.finfo(net.dtype).tiny), "tiny")
-        nodes.append(helper.make_node("ReduceSum", [current, "axes_1"], ["row_sum"], keepdims=1))
-        nodes.append(helper.make_node("Max", ["row_sum", tiny], ["denominator"]))
-        emit("Div", [current, "denominator"], "probabilities")
+        g.inits.append(numpy_helper.from_array(np.array([1], np.int64), "axes_1"))
+        tiny = g.weight(np.array(np.finfo(net.dtype).tiny), "tiny")
+        g.nodes.append(helper.make_node("ReduceSum", [current, "axes_1"], ["row_sum"], keepdims=1))
+        g.nodes.append(helper.make_node("Max", ["row_sum", tiny], ["denominator"]))
+        g.node("Div", [current, "denominator"], "probabilities")
     else:
         raise ConfigError(f"loss {net.loss_name!r} has no ONNX output in handprop export")
-    nodes[-1].output[0] = "probabilities"  # the graph's output keeps its plain name
+    g.nodes[-1].output[0] = "probabilities"  # the graph's output keeps its plain name
 
     graph = helper.make_graph(
-        nodes,
+        g.nodes,
         name,
         [helper.make_tensor_value_info("input", elem, ["batch", *net.input_shape])],
         [helper.make_tensor_value_info("probabilities", elem, ["batch", net.n_classes])],
-        initializer=inits,
+        initializer=g.inits,
     )
     model = helper.make_model(
         graph,

@@ -419,26 +419,18 @@ def _error_caption(true: str, pred: str, confidence: float) -> str:
 
 
 def first_layer_images(net: Any) -> tuple[np.ndarray, str]:
-    """(m, h, w) weight images of the network's first layer, and what they are.
-
-    A Conv2D's filters (summed over input channels when there are several), or the
-    input weights of a Dense layer's first hidden units, reshaped to the image.
-    Raises DataError when the first layer has no image-shaped weights.
+    """(m, h, w) weight images of the network's first layer, and what they are, as the
+    layer gives them (``Layer.weight_images``): a Conv2D's filters (summed over input
+    channels when there are several), or the input weights of a Dense layer's first
+    hidden units, reshaped to the image. Raises DataError when the first layer has no
+    image-shaped weights.
     """
-    from handprop.nn import Conv2D, Dense
-
     layer = net.layers[0]
-    n_show = FIRST_LAYER_ROWS * FIRST_LAYER_COLS
-    if isinstance(layer, Conv2D):
-        W = layer.W.sum(axis=1)  # (c_out, k, k)
-        shown = f"all {len(W)}" if len(W) <= n_show else f"{n_show} of the {len(W)}"
-        return W[:n_show], f"{shown} {layer.k}x{layer.k} filters of the convolution"
     shape = tuple(net.meta.get("image_shape") or ())
-    if isinstance(layer, Dense) and shape and int(np.prod(shape)) == layer.d_in:
-        W = layer.W.T[:n_show].reshape(-1, *shape)  # unit j's weights on every pixel
-        what = f"the input weights of {len(W)} of {layer.d_out} hidden units"
-        return W, what
-    raise DataError(f"the first layer {layer!r} has no image-shaped weights to draw")
+    found = layer.weight_images(shape, FIRST_LAYER_ROWS * FIRST_LAYER_COLS)
+    if found is None:
+        raise DataError(f"the first layer {layer!r} has no image-shaped weights to draw")
+    return found
 
 
 def first_layer_figure(net: Any) -> Figure:

@@ -234,24 +234,15 @@ def recalibrate_batchnorm(net: nn.Network, X: np.ndarray, batch: int) -> None:
     clean images. Dropout is held off meanwhile, as at inference. Deterministic: the
     other parameters and X alone decide the result (a resumed run gets the same).
     """
-    norms = [layer for layer in net.layers if isinstance(layer, nn.BatchNorm)]
-    if not norms:
+    if not any(isinstance(layer, nn.BatchNorm) for layer in net.layers):
         return
-    drops = [(layer, layer.p) for layer in net.layers if isinstance(layer, nn.Dropout)]
-    momenta = [layer.momentum for layer in norms]
-    try:
-        for layer, _ in drops:
-            layer.p = 0.0
-        for k, start in enumerate(range(0, len(X), batch)):
-            for layer in norms:
-                layer.momentum = 1.0 / (k + 1)  # the first batch replaces, then averages
-            # X is on the host: each batch goes to the network's device (NumPy: as is)
-            net.forward(backend.asarray(X[start : start + batch], net.xp), training=True)
-    finally:
-        for layer, p in drops:
-            layer.p = p
-        for layer, momentum in zip(norms, momenta, strict=True):
-            layer.momentum = momentum
+    for k, start in enumerate(range(0, len(X), batch)):
+        # (issue 28: the pass says it, no layer is written) a training pass without
+        # dropout masks, so every unit is kept, in which the batch weighs 1 / (k + 1) in
+        # the running averages: the first batch replaces, then averages
+        ctx = net.context(training=True, momentum=1.0 / (k + 1))
+        # X is on the host: each batch goes to the network's device (NumPy: as is)
+        net.forward(backend.asarray(X[start : start + batch], net.xp), ctx=ctx)
 
 
 def build_optimizer(cfg: RunConfig, net: nn.Network) -> nn.Optimizer:
@@ -265,13 +256,10 @@ def build_optimizer(cfg: RunConfig, net: nn.Network) -> nn.Optimizer:
         kwargs.update(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
     elif cfg.optimizer == "rmsprop":
         kwargs.update(rho=cfg.rho, eps=cfg.eps)
-    return nn.OPTIMIZERS[cfg.optimizer](cfg.learning_rate, **kwargs)
-
-
-def build_schedule(cfg: RunConfig) -> nn.Schedule:
-    return nn.Schedule(
+    schedule = nn.Schedule(
         cfg.schedule, cfg.epochs, gamma=cfg.gamma, step_size=cfg.step_size, warmup=cfg.warmup
     )
+    return nn.OPTIMIZERS[cfg.optimizer](cfg.learning_rate, schedule=schedule, **kwargs)
 
 
 def split_description(cfg: RunConfig, data: Split) -> dict[str, Any]:
@@ -494,7 +482,6 @@ class Trainer:
         self.batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
         self.model.check_memory(self.batch, state_vectors=len(self.opt.state_names))
         self.X_fit, self.y_fit = self.place_training_data()
-        self.schedule = build_schedule(cfg)
         columns = (
             HISTORY_COLUMNS
             if self.data.y_val is None
@@ -603,7 +590,7 @@ class Trainer:
                     start = time.perf_counter()
                     rng = np.random.default_rng([cfg.seed, epoch])
                     self.net.set_rng(rng)
-                    self.opt.lr = cfg.learning_rate * self.schedule.factor(epoch)
+                    self.opt.set_epoch(epoch)
                     loss, train_acc = run_epoch(
                         self.model,
                         self.opt,

@@ -23,18 +23,19 @@ from handprop.nn import (
     save,
 )
 from handprop.nn.activations import ACTIVATIONS
+from handprop.nn.passes import Masks, Pass, Workspace
 
 
-def with_mask(layer, shape, rng):
-    layer.fixed_mask = rng.random(shape) >= layer.p
-    return layer
+def pinned_mask(kind, shape):
+    """The dropout layer's keep-mask, pinned for every pass (None for other kinds)."""
+    return np.random.default_rng(1).random(shape) >= 0.4 if kind == "dropout" else None
 
 
 # (layer factory, input shape): every kind of layer, conv in both of its layouts
 LAYERS = {
     "dense": (lambda rng: Dense(5, 3), (4, 5)),
     **{name: (lambda rng, cls=cls: cls(), (3, 2, 4)) for name, cls in ACTIVATIONS.items()},
-    "dropout": (lambda rng: with_mask(Dropout(0.4), (3, 6), rng), (3, 6)),
+    "dropout": (lambda rng: Dropout(0.4), (3, 6)),
     "flatten": (lambda rng: Flatten(), (2, 2, 3, 3)),
     "conv_per_image": (lambda rng: Conv2D(2, 3, 3, stride=1, pad=1), (2, 2, 5, 5)),
     "conv_batched": (lambda rng: Conv2D(4, 3, 3, stride=2, pad=1), (2, 4, 6, 6)),
@@ -53,7 +54,8 @@ def test_every_layer_passes_a_gradient_check_on_every_backend(kind, xp, rng):
     X = rng.normal(size=shape)
     if kind.startswith("maxpool"):  # ties have no derivative: distinct values
         X = rng.permutation(X.size).reshape(shape) / X.size
-    errors = gradcheck_layer(make(np.random.default_rng(1)), X, rng=2, xp=xp)
+    mask = pinned_mask(kind, shape)
+    errors = gradcheck_layer(make(np.random.default_rng(1)), X, rng=2, xp=xp, mask=mask)
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -69,13 +71,14 @@ def test_every_layer_computes_what_numpy_computes(kind, xp, rng):
             net.init("glorot_normal", 3)
             net.params[...] += np.linspace(-0.2, 0.2, net.n_params)
             net.to(space)
-        else:
-            layer.xp = space
-        A = layer.forward(backend.asarray(X, space), training=True)
+        mask = pinned_mask(kind, shape)
+        masks = None if mask is None else Masks({id(layer): mask}, shape[0])
+        ctx = Pass(training=True, xp=space, work=Workspace(), masks=masks)
+        A = layer.forward(backend.asarray(X, space), ctx)
         G = backend.asarray(np.cos(np.arange(np.prod(A.shape))).reshape(tuple(A.shape)), space)
-        dX = layer.backward(G)
+        dX = layer.backward(G, ctx)
         grads = backend.to_host(net.grads) if net is not None else np.zeros(0)
-        inference = layer.forward(backend.asarray(X, space))
+        inference = layer.forward(backend.asarray(X, space), Pass(xp=space))
         results.append([backend.to_host(a) for a in (A, dX, inference)] + [grads])
     for ours, theirs in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
@@ -113,7 +116,7 @@ CNN = (
         "maxpool 2",
         "conv 8 3 pad=1",
         "relu",
-        "maxpool 2",  # with the ReLU before it: the pool applies the ReLU (MaxPool2D.relu)
+        "maxpool 2",  # with the ReLU before it: one step, the ReLU on the pooled values
         "flatten",
         "dense 16",
         "sigmoid",

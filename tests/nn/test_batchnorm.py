@@ -15,6 +15,8 @@ from handprop.nn import (
     load,
     save,
 )
+from handprop.nn.batchnorm import BatchSums
+from handprop.nn.passes import Pass, Workspace
 from handprop.nn.spec import parse_layer_item
 
 DENSE = ["dense 7", "batchnorm", "tanh", "dense 5", "batchnorm", "sigmoid"]
@@ -63,8 +65,9 @@ def test_a_batch_split_over_threads_is_normalized_as_a_whole(split_all, threads,
     np.testing.assert_allclose(net.grads, whole.grads, rtol=1e-9, atol=1e-13)
     # the running averages were updated once, with the whole batch's statistics
     np.testing.assert_allclose(net.params, whole.params, rtol=1e-12, atol=1e-15)
-    assert all(layer.shared is None for shard in model.shards(threads) for layer in shard.layers
-               if isinstance(layer, BatchNorm))  # fmt: skip
+    # nothing of the split pass is left on the layers (its reduction lived in the pass)
+    assert not any(isinstance(value, BatchSums) for shard in model.shards(threads)
+                   for layer in shard.layers for value in vars(layer).values())  # fmt: skip
     assert gradcheck(model, X, y, floor=FLOOR) < 1e-6
 
 
@@ -78,7 +81,7 @@ def test_running_averages_follow_pytorch_and_serve_inference(rng):
     np.testing.assert_allclose(bn.running_mean, 0.1 * Z.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * Z.var(axis=0, ddof=1), rtol=1e-12)
     # training normalizes with the batch's own (biased) variance
-    out = bn.forward(Z, training=True)
+    out = bn.forward(Z, net.context(training=True))
     np.testing.assert_allclose(out, (Z - Z.mean(0)) / np.sqrt(Z.var(0) + 1e-5), atol=1e-12)
     # inference with the running averages, not the batch's
     expect = (Z - bn.running_mean) / np.sqrt(bn.running_var + 1e-5) * bn.gamma + bn.beta
@@ -88,7 +91,7 @@ def test_running_averages_follow_pytorch_and_serve_inference(rng):
 def test_a_conv_layer_is_normalized_per_channel(rng):
     bn = Network.from_layers(["batchnorm"], (2, 3, 4), 2, dtype=np.float64).layers[0]
     X = rng.normal(3.0, 2.0, size=(5, 2, 3, 4))
-    out = bn.forward(X, training=True)
+    out = bn.forward(X, Pass(training=True))
     np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-12)
     np.testing.assert_allclose(out.var(axis=(0, 2, 3)), 1, rtol=1e-4)  # eps 1e-5
 
@@ -123,7 +126,7 @@ def test_a_failing_shard_releases_the_others(split_all, rng, monkeypatch):
     model.train_pass(X, y)  # makes the shards
     shard = model.shards(2)[1]
 
-    def broken(X, training=False):
+    def broken(X, ctx=None):
         raise MemoryError("shard 1 is out of memory")
 
     monkeypatch.setattr(shard.layers[0], "forward", broken)
@@ -132,8 +135,8 @@ def test_a_failing_shard_releases_the_others(split_all, rng, monkeypatch):
 
 
 def test_save_and_load_keep_the_running_averages_bit_exactly(tmp_path, rng):
-    net = make(CONV, (2, 6, 6), rng=rng)
-    net.layers[1].momentum = 0.25  # a float setting survives the JSON
+    net = make([CONV[0], "batchnorm momentum=0.25", *CONV[2:]], (2, 6, 6), rng=rng)
+    assert net.layers[1].momentum == 0.25  # a float setting survives the JSON
     net.forward(rng.normal(size=(7, 2, 6, 6)), training=True)
     save(net, tmp_path / "m.npz")
     back = load(tmp_path / "m.npz")
@@ -169,7 +172,6 @@ def bn_on(xp, c, dtype, rng_seed=3, momentum=0.3):
         "running_var": rng.uniform(0.5, 2.0, size=c),
     }
     layer = BatchNorm(c, momentum=momentum)
-    layer.xp = xp
     layer.bind(
         {k: backend.asarray(v.astype(dtype), xp) for k, v in values.items()},
         {k: backend.asarray(np.zeros(c, dtype=dtype), xp) for k in values},
@@ -177,17 +179,17 @@ def bn_on(xp, c, dtype, rng_seed=3, momentum=0.3):
     return layer
 
 
-def bn_passes(layer, X, G, xp):
+def bn_passes(layer, X, G, xp, batch_sums=None):
     """Two training passes (the running averages move twice), backward after each, and
-    an inference pass; everything on the host."""
-    out = []
+    an inference pass; everything on the host. ``batch_sums``: the training passes'."""
+    out, ctx = [], Pass(training=True, xp=xp, work=Workspace(), batch_sums=batch_sums)
     for step in range(2):
-        A = layer.forward(backend.asarray(X + step, xp), training=True)
-        dX = layer.backward(backend.asarray(G, xp))
+        A = layer.forward(backend.asarray(X + step, xp), ctx)
+        dX = layer.backward(backend.asarray(G, xp), ctx)
         grads = [getattr(layer, "d" + name) for name in layer.param_shapes()]
         params = [getattr(layer, name) for name in layer.param_shapes()]
         out += [np.array(backend.to_host(a)) for a in (A, dX, *grads, *params)]  # copies
-    return [*out, backend.to_host(layer.forward(backend.asarray(X, xp)))]
+    return [*out, backend.to_host(layer.forward(backend.asarray(X, xp), Pass(xp=xp)))]
 
 
 @pytest.mark.parametrize("shape", [(9, 5), (4, 5, 3, 6)], ids=["dense", "conv"])
@@ -206,18 +208,14 @@ def test_batchnorm_gives_numpys_numbers_on_any_namespace(shape, dtype, xp, rng):
 def test_ranks_share_the_statistics_on_any_namespace(xp, rng, thread_ranks):
     """Two MPI ranks (threads here), each one BatchNorm on its rows, arrays of ``xp``:
     their sums go through the host to the world's Allreduce and back."""
-    from types import SimpleNamespace
-
-    from handprop.nn.batchnorm import shared_batch_stats
-
     X, G = rng.normal(size=(7, 3, 4, 4)), rng.normal(size=(7, 3, 4, 4))
     want = bn_passes(bn_on(np, 3, np.float64), X, G, np)
     world, halves, results = thread_ranks(2), [slice(0, 3), slice(3, 7)], {}
 
     def rank(r: int) -> None:
         layer = bn_on(xp, 3, np.float64)
-        with shared_batch_stats([SimpleNamespace(layers=[layer])], world.rank(r)):
-            results[r] = bn_passes(layer, X[halves[r]], G[halves[r]], xp)
+        sums = BatchSums(1, world.rank(r)).hook(0)  # one shard: the sums go over the ranks
+        results[r] = bn_passes(layer, X[halves[r]], G[halves[r]], xp, batch_sums=sums)
 
     world.run(rank)
     assert sorted(results) == [0, 1]

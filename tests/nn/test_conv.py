@@ -13,6 +13,13 @@ from handprop.nn import (
     gradcheck,
     gradcheck_layer,
 )
+from handprop.nn.conv import MaxPoolReLU
+from handprop.nn.passes import Pass, Workspace
+
+
+def training(xp=np):
+    """A training pass on ``xp`` with a workspace of its own."""
+    return Pass(training=True, xp=xp, work=Workspace())
 
 
 def conv_naive(X, W, b, stride, pad):
@@ -77,7 +84,7 @@ def test_conv_matches_the_nested_loop_reference(k, stride, pad, rng, layout):
     np.testing.assert_allclose(
         layer.forward(X), conv_naive(X, layer.W, layer.b, stride, pad), rtol=1e-10, atol=1e-12
     )
-    Z = layer.forward(X, training=True)
+    Z = layer.forward(X, training())
     np.testing.assert_allclose(Z, conv_naive(X, layer.W, layer.b, stride, pad), 1e-10, 1e-12)
 
 
@@ -88,9 +95,10 @@ def test_conv_backward_matches_the_nested_loop_reference(k, stride, pad, dtype, 
     W, b = rng.normal(size=(4, 3, k, k)).astype(dtype), rng.normal(size=4).astype(dtype)
     layer.bind({"W": W, "b": b}, {"W": np.zeros_like(W), "b": np.zeros_like(b)})
     X = rng.normal(size=(3, 3, 9, 8))
-    Z = layer.forward(X.astype(dtype), training=True)
+    ctx = training()
+    Z = layer.forward(X.astype(dtype), ctx)
     G = rng.normal(size=Z.shape)
-    dX = layer.backward(G.astype(dtype))
+    dX = layer.backward(G.astype(dtype), ctx)
     assert dX.dtype == layer.dW.dtype == dtype
     want = conv_backward_naive(X.astype(dtype).astype(float), W.astype(float), G, stride, pad)
     tol = 1e-4 if dtype == np.float32 else 1e-10
@@ -114,9 +122,9 @@ def test_pool_backward_matches_central_differences(cls, k, stride, size, rng):
 
 def test_max_pool_forward_and_deterministic_ties():
     X = np.array([[[[1.0, 1.0, 0.0, 2.0], [1.0, 0.0, 2.0, 2.0]]]])  # (1, 1, 2, 4)
-    pool = MaxPool2D(2)
-    np.testing.assert_array_equal(pool.forward(X, training=True), [[[[1.0, 2.0]]]])
-    dX = pool.backward(np.array([[[[5.0, 7.0]]]]))
+    pool, ctx = MaxPool2D(2), training()
+    np.testing.assert_array_equal(pool.forward(X, ctx), [[[[1.0, 2.0]]]])
+    dX = pool.backward(np.array([[[[5.0, 7.0]]]]), ctx)
     # each window gives its whole gradient to its FIRST maximum in row-major order
     np.testing.assert_array_equal(dX, [[[[5.0, 0, 0, 7.0], [0, 0, 0, 0]]]])
 
@@ -140,14 +148,14 @@ def max_pool_naive(X, G, k, stride):
                                              (3, None, 8), (2, 3, 8)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_max_pool_matches_the_loop_reference_with_many_ties(k, stride, size, dtype, rng):
-    pool = MaxPool2D(k, stride)
+    pool, ctx = MaxPool2D(k, stride), training()
     for _ in range(2):  # the second pass reuses the work arrays of the first
         X = rng.integers(0, 3, size=(2, 3, size, size)).astype(dtype)  # ties everywhere
-        A = pool.forward(X, training=True)
+        A = pool.forward(X, ctx)
         G = rng.normal(size=A.shape).astype(dtype)
         want_A, want_dX = max_pool_naive(X, G.astype(float), k, stride or k)
         np.testing.assert_array_equal(A, want_A)
-        np.testing.assert_allclose(pool.backward(G), want_dX, rtol=1e-6)
+        np.testing.assert_allclose(pool.backward(G, ctx), want_dX, rtol=1e-6)
         np.testing.assert_array_equal(pool.forward(X), want_A)  # inference
 
 
@@ -178,12 +186,13 @@ def test_a_whole_small_cnn_passes_gradcheck(rng, layout):
     assert gradcheck(net, X, y, n_coords=150, rng=rng) < 1e-6
 
 
-def test_a_relu_before_a_max_pool_runs_inside_the_pool_with_the_same_numbers(rng):
+def test_a_relu_before_a_max_pool_runs_with_the_pool_with_the_same_numbers(rng):
     items = ["conv 3 3 pad=1", "relu", "maxpool 2", "conv 4 3", "relu", "maxpool 2",
              "dense 5", "relu"]  # fmt: skip
     net = Network.from_layers(items, (1, 10, 10), 3, dtype=np.float64, rng=rng)
     pools = [layer for layer in net.layers if isinstance(layer, MaxPool2D)]
-    assert [pool.relu for pool in pools] == [True, True]
+    fused = [step for step in net.steps if isinstance(step, MaxPoolReLU)]
+    assert [step.pool for step in fused] == pools  # each pool runs with its ReLU
     assert net.passes == [0, 2, 3, 5, 6, 7, 8, 9]  # the ReLUs before a pool (1, 4) are skipped
     # small integers: exact sums, with ties and exact zeros in many windows
     net.params[...] = rng.integers(-2, 3, net.n_params)
@@ -193,14 +202,13 @@ def test_a_relu_before_a_max_pool_runs_inside_the_pool_with_the_same_numbers(rng
     out, grads, probs = out.copy(), net.grads.copy(), net.predict_proba(X)
     assert (grads != 0).any() and (out != 0).any()
 
-    for pool in pools:  # now every layer runs by itself, in the written order
-        pool.relu = False
-    A = X
+    # now every layer runs by itself, in the written order
+    A, ctx = X, net.context(training=True)
     for layer in net.layers:
-        A = layer.forward(A, training=True)
+        A = layer.forward(A, ctx)
     want_loss, G = net.loss(A, y)
     for i in range(len(net.layers) - 1, -1, -1):
-        G = net.layers[i].backward(G, need_input_grad=i > 0)
+        G = net.layers[i].backward(G, ctx, need_input_grad=i > 0)
     assert loss == want_loss
     np.testing.assert_array_equal(out, A)
     np.testing.assert_array_equal(grads, net.grads)
@@ -214,7 +222,7 @@ def test_a_cnn_with_a_relu_inside_its_max_pool_passes_gradcheck(rng):
     net = Network.from_layers(
         ["conv 3 3 pad=1", "relu", "maxpool 2", "dense 5"], (1, 6, 6), 3, dtype=np.float64, rng=rng
     )
-    assert net.layers[2].relu
+    assert isinstance(net.steps[1], MaxPoolReLU) and net.steps[1].pool is net.layers[2]
     X, y = rng.normal(size=(3, 1, 6, 6)), np.array([0, 1, 2])
     assert gradcheck(net, X, y, n_coords=120, rng=rng) < 1e-6
 
@@ -272,8 +280,7 @@ def test_inference_batches_bound_the_im2col_memory(rng, monkeypatch):
 
 
 def on(xp, layer, params):
-    """``layer`` computing on ``xp`` with its own parameter and gradient arrays."""
-    layer.xp = xp
+    """``layer`` with its own parameter and gradient arrays on ``xp``."""
     layer.bind(
         {name: backend.asarray(value, xp) for name, value in params.items()},
         {name: xp.zeros(tuple(value.shape), dtype=xp.float64) for name, value in params.items()},
@@ -284,13 +291,13 @@ def on(xp, layer, params):
 def passes(layer, X, G, xp):
     """Training forward, backward (twice: the second reuses the work arrays), and an
     inference forward of ``layer`` on ``xp``, with the parameter gradients, on the host."""
-    out = []
+    out, ctx = [], training(xp)
     for _ in range(2):
-        A = layer.forward(backend.asarray(X, xp), training=True)
-        dX = layer.backward(backend.asarray(G, xp))
+        A = layer.forward(backend.asarray(X, xp), ctx)
+        dX = layer.backward(backend.asarray(G, xp), ctx)
         grads = [getattr(layer, "d" + name) for name in layer.param_shapes()]
         out += [backend.to_host(a) for a in (A, dX, *grads)]
-    return [*out, backend.to_host(layer.forward(backend.asarray(X, xp)))]
+    return [*out, backend.to_host(layer.forward(backend.asarray(X, xp), Pass(xp=xp)))]
 
 
 @pytest.mark.parametrize("k, stride, pad", CASES)
@@ -353,4 +360,4 @@ def test_avg_pool_matches_the_windows_mean(k, stride, rng):
     want = windows.mean(axis=(-2, -1), dtype=X.dtype)
     pool = AvgPool2D(k, stride)
     np.testing.assert_allclose(pool.forward(X), want, rtol=1e-6)
-    np.testing.assert_allclose(pool.forward(X, training=True), want, rtol=1e-6)
+    np.testing.assert_allclose(pool.forward(X, training()), want, rtol=1e-6)

@@ -4,6 +4,18 @@ import numpy as np
 import pytest
 
 from handprop.nn import ACTIVATIONS, Dense, Flatten, Sigmoid, gradcheck_layer
+from handprop.nn.passes import Masks, Pass, Workspace
+
+
+def training(layer=None, mask=None, key=None, n=None, lo=0):
+    """A training pass with a workspace; a dropout ``layer``'s pinned ``mask``, or the
+    ``key`` of its mask in a batch of ``n`` rows of which these start at ``lo``."""
+    masks = None
+    if mask is not None:
+        masks = Masks({id(layer): mask}, len(mask))
+    elif key is not None:
+        masks = Masks({id(layer): key}, n, lo)
+    return Pass(training=True, work=Workspace(), masks=masks)
 
 
 @pytest.mark.parametrize("kind", sorted(ACTIVATIONS))
@@ -27,9 +39,10 @@ def test_flatten_round_trips_shape(rng):
     X = rng.normal(size=(3, 2, 4, 5))
     layer = Flatten()
     assert layer.output_shape((2, 4, 5)) == (40,)
-    Y = layer.forward(X, training=True)
+    ctx = training()
+    Y = layer.forward(X, ctx)
     assert Y.shape == (3, 40)
-    assert layer.backward(Y).shape == X.shape
+    assert layer.backward(Y, ctx).shape == X.shape
     assert gradcheck_layer(layer, X, rng)["X"] < 1e-6
 
 
@@ -42,10 +55,11 @@ def test_dense_worked_example():
     dW, db = np.zeros_like(W), np.zeros_like(b)
     layer.bind({"W": W, "b": b}, {"W": dW, "b": db})
     X = np.array([[1.0, 2.0]])
-    np.testing.assert_array_equal(layer.forward(X, training=True), [[5.5, 2, -1]])
+    ctx = training()
+    np.testing.assert_array_equal(layer.forward(X, ctx), [[5.5, 2, -1]])
     # G = [[1, 0, 1]]: dW = X^T G = [[1, 0, 1], [2, 0, 2]], db = [1, 0, 1],
     # dX = G W^T = [[1 - 1, 2 + 0]] = [[0, 2]]
-    dX = layer.backward(np.array([[1.0, 0, 1]]))
+    dX = layer.backward(np.array([[1.0, 0, 1]]), ctx)
     np.testing.assert_array_equal(dW, [[1, 0, 1], [2, 0, 2]])
     np.testing.assert_array_equal(db, [1, 0, 1])
     np.testing.assert_array_equal(dX, [[0, 2]])
@@ -70,8 +84,9 @@ def test_sigmoid_matches_the_textbook_formula(rng):
 def test_activations_keep_float32(kind, rng):
     layer = ACTIVATIONS[kind]()
     X = rng.normal(size=(4, 3)).astype(np.float32)
-    assert layer.forward(X, training=True).dtype == np.float32
-    assert layer.backward(np.ones_like(X)).dtype == np.float32
+    ctx = training()
+    assert layer.forward(X, ctx).dtype == np.float32
+    assert layer.backward(np.ones_like(X), ctx).dtype == np.float32
 
 
 def test_dropout_backward_with_a_fixed_mask_matches_central_differences(rng):
@@ -79,21 +94,21 @@ def test_dropout_backward_with_a_fixed_mask_matches_central_differences(rng):
 
     layer = Dropout(0.4)
     X = rng.normal(size=(6, 5))
-    layer.fixed_mask = rng.uniform(size=X.shape) >= 0.4
-    assert gradcheck_layer(layer, X, rng)["X"] < 1e-6
+    mask = rng.uniform(size=X.shape) >= 0.4
+    assert gradcheck_layer(layer, X, rng, mask=mask)["X"] < 1e-6
 
 
 def test_dropout_is_inverted_and_off_at_inference(rng):
     from handprop.nn import Dropout
 
     layer = Dropout(0.5)
-    layer.rng = np.random.default_rng(0)
     X = np.ones((400, 50), dtype=np.float32)
-    A = layer.forward(X, training=True)
+    key = int(np.random.default_rng(0).integers(2**63))
+    A = layer.forward(X, training(layer, key=key, n=400))
     assert A.dtype == np.float32
     assert set(np.unique(A)) == {0.0, 2.0}  # kept units scaled by 1 / (1 - p)
     assert A.mean() == pytest.approx(1.0, abs=0.02)  # the expectation is unchanged
-    np.testing.assert_array_equal(layer.forward(X, training=False), X)
+    np.testing.assert_array_equal(layer.forward(X), X)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
@@ -124,20 +139,22 @@ def test_any_rows_of_a_keep_mask_are_those_rows_of_the_whole(block, monkeypatch)
 
 
 def test_a_dropout_layer_draws_one_key_per_batch_and_its_rows_of_that_mask():
-    from handprop.nn import Dropout
+    from handprop.nn import Dropout, Network
     from handprop.nn.layers import keep_mask
 
-    layer = Dropout(0.3)
-    layer.rng = np.random.default_rng(11)
+    net = Network([Dropout(0.3)], (4,), dtype=np.float64)
+    layer = net.layers[0]
+    net.set_rng(np.random.default_rng(11))
     keys = np.random.default_rng(11).integers(2**63, size=2)
     X = np.ones((9, 4))
-    for key in keys:  # one batch after another: a key each, from the layer's generator
+    for key in keys:  # one batch after another: a key each, from the network's generator
         np.testing.assert_array_equal(
-            layer.forward(X, training=True) != 0, keep_mask(key, 0.3, X.shape, 0, 9)
+            net.forward(X, training=True) != 0, keep_mask(key, 0.3, X.shape, 0, 9)
         )
-    layer.rows = (int(keys[0]), 20, 6)  # rows [6, 15) of a batch of 20 under the first key
+    # rows [6, 15) of a batch of 20 under the first key
+    ctx = training(layer, key=int(keys[0]), n=20, lo=6)
     np.testing.assert_array_equal(
-        layer.forward(X, training=True) != 0, keep_mask(keys[0], 0.3, (20, 4), 6, 15)
+        layer.forward(X, ctx) != 0, keep_mask(keys[0], 0.3, (20, 4), 6, 15)
     )
 
 
@@ -151,9 +168,9 @@ def test_dropout_training_pass_against_the_mask_by_hand(dtype, rng):
     for _ in range(2):
         X, G = rng.normal(size=(6, 5)).astype(dtype), rng.normal(size=(6, 5)).astype(dtype)
         mask = rng.random((6, 5)) >= 0.25
-        layer.fixed_mask = mask
-        A = layer.forward(X, training=True)
-        dX = layer.backward(G)
+        ctx = training(layer, mask=mask)
+        A = layer.forward(X, ctx)
+        dX = layer.backward(G, ctx)
         assert A.dtype == dX.dtype == dtype
         scale = dtype(1 / 0.75)
         np.testing.assert_allclose(A, X * mask * scale, rtol=1e-6)

@@ -40,8 +40,8 @@ def test_gradcheck_catches_a_wrong_backward(rng):
     dense = net.layers[0]
     original = dense.backward
 
-    def wrong_backward(G, need_input_grad=True):
-        dX = original(G, need_input_grad)
+    def wrong_backward(G, ctx, need_input_grad=True):
+        dX = original(G, ctx, need_input_grad)
         dense.db *= 2  # a deliberately wrong bias gradient
         return dX
 
@@ -95,6 +95,9 @@ def test_one_training_step_in_float32_keeps_every_array_float32(rng):
         for value in vars(layer).values():
             if isinstance(value, np.ndarray) and value.dtype != bool:
                 assert value.dtype == np.float32, layer
+    for value in net.work.arrays():  # the work arrays of the training pass
+        if value.dtype != bool:
+            assert value.dtype == np.float32
     assert net.predict_proba(X).dtype == np.float32
 
 
@@ -191,10 +194,11 @@ def test_network_with_dropout_passes_gradcheck_with_fixed_masks(rng):
     from handprop.nn import Dropout
 
     net = Network.from_spec("5-6-4-3", activation="tanh", dropout=0.3, dtype=np.float64, rng=rng)
-    drops = [layer for layer in net.layers if isinstance(layer, Dropout)]
+    drops = [i for i, layer in enumerate(net.layers) if isinstance(layer, Dropout)]
     assert len(drops) == 2
-    drops[0].fixed_mask = rng.uniform(size=(7, 6)) >= 0.3
-    drops[1].fixed_mask = rng.uniform(size=(7, 4)) >= 0.3
+    net.pin_masks(
+        {drops[0]: rng.uniform(size=(7, 6)) >= 0.3, drops[1]: rng.uniform(size=(7, 4)) >= 0.3}
+    )
     assert gradcheck(net, rng.normal(size=(7, 5)), rng.integers(0, 3, size=7)) < 1e-6
 
 

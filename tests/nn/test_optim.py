@@ -184,3 +184,17 @@ def test_adam_split_over_threads_gives_the_same_numbers(dtype):
     assert results[0].dtype == dtype
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
+
+
+def test_the_optimizer_owns_the_learning_rate_and_its_schedule():
+    from handprop.nn import OPTIMIZERS, Schedule
+
+    schedule = Schedule("cosine", epochs=5, warmup=1)
+    opt = OPTIMIZERS["adam"](0.01, schedule=schedule)
+    for epoch in range(1, 6):
+        opt.set_epoch(epoch)
+        assert opt.lr == 0.01 * schedule.factor(epoch)
+    assert opt.lr == 0.0 and opt.base_lr == 0.01  # the cosine's last epoch
+    plain = OPTIMIZERS["sgd"](0.5)
+    plain.set_epoch(7)
+    assert plain.lr == 0.5

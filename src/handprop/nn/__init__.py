@@ -13,13 +13,14 @@ from handprop.nn.batchnorm import BatchNorm
 from handprop.nn.conv import AvgPool2D, Conv2D, MaxPool2D, col2im, im2col
 from handprop.nn.gradcheck import gradcheck, gradcheck_layer, numeric_gradient, relative_error
 from handprop.nn.init import INITIALIZERS
-from handprop.nn.layers import Dense, Dropout, Flatten, Layer
+from handprop.nn.layers import Dense, Dropout, Flatten, ItemSpec, Layer, Setting
 from handprop.nn.losses import LOSSES, Loss, MeanSquaredError, SoftmaxCrossEntropy, softmax
 from handprop.nn.modelfile import load, save
 from handprop.nn.network import Network
 from handprop.nn.optim import GD, OPTIMIZERS, SGD, Adam, Momentum, Nesterov, Optimizer, RMSprop
 from handprop.nn.parallel import DataParallel
 from handprop.nn.params import ParamLayout, ParamSlot
+from handprop.nn.passes import Pass
 from handprop.nn.schedules import SCHEDULES, Schedule
 from handprop.nn.spec import LAYERS
 from handprop.nn.threads import get_threads, set_threads
@@ -42,6 +43,7 @@ __all__ = [
     "Dropout",
     "Flatten",
     "Identity",
+    "ItemSpec",
     "Layer",
     "Loss",
     "MaxPool2D",
@@ -52,9 +54,11 @@ __all__ = [
     "Optimizer",
     "ParamLayout",
     "ParamSlot",
+    "Pass",
     "RMSprop",
     "ReLU",
     "Schedule",
+    "Setting",
     "Sigmoid",
     "SoftmaxCrossEntropy",
     "Tanh",

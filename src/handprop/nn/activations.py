@@ -6,9 +6,11 @@ when training: sigmoid and tanh their output A, ReLU its input sign.
 
 from __future__ import annotations
 
+from typing import Any
+
 from handprop.nn import backend as ops
 from handprop.nn.layers import Array, Layer
-from handprop.nn.threads import rowwise
+from handprop.nn.passes import INFERENCE, Pass
 
 
 class Sigmoid(Layer):
@@ -21,49 +23,52 @@ class Sigmoid(Layer):
     """
 
     kind = "sigmoid"
+    is_activation = True
+    onnx_op = "Sigmoid"
 
-    def forward(self, X: Array, training: bool = False) -> Array:
-        A = self.buffer("A", X.shape, X.dtype) if training else self.xp.empty_like(X)
-        rowwise(_sigmoid, X, A)
-        if training:
+    @staticmethod
+    def slope(A: Array) -> Array:
+        return A * (1 - A)
+
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        A = ops.multiply(X, 0.5, out=ctx.buffer(self, "A", X.shape, X.dtype))
+        ops.tanh(A, out=A)
+        A *= 0.5
+        A += 0.5  # A = (1 + tanh(X / 2)) / 2
+        if ctx.training:
             self._A = A
         return A
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G * A * (1 - A)."""
-        dX = self.buffer("dX", G.shape, G.dtype)
-        rowwise(_sigmoid_backward, G, self._A, dX)
+        A = self._A
+        dX = ops.subtract(1.0, A, out=ctx.buffer(self, "dX", G.shape, G.dtype))  # 1 - A
+        dX *= A  # A (1 - A)
+        dX *= G  # G A (1 - A)
         return dX
-
-
-def _sigmoid(X: Array, A: Array) -> None:
-    ops.multiply(X, 0.5, out=A)
-    ops.tanh(A, out=A)
-    A *= 0.5
-    A += 0.5
-
-
-def _sigmoid_backward(G: Array, A: Array, dX: Array) -> None:
-    ops.subtract(1.0, A, out=dX)
-    dX *= A
-    dX *= G
 
 
 class Tanh(Layer):
     """A = tanh(Z),  dA/dZ = 1 - A^2."""
 
     kind = "tanh"
+    is_activation = True
+    onnx_op = "Tanh"
 
-    def forward(self, X: Array, training: bool = False) -> Array:
-        A = ops.tanh(X, out=self.buffer("A", X.shape, X.dtype) if training else None)
-        if training:
+    @staticmethod
+    def slope(A: Array) -> Array:
+        return 1 - A * A
+
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        A = ops.tanh(X, out=ctx.buffer(self, "A", X.shape, X.dtype))
+        if ctx.training:
             self._A = A
         return A
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G * (1 - A^2)."""
         A = self._A
-        dX = ops.multiply(A, A, out=self.buffer("dX", A.shape, A.dtype))
+        dX = ops.multiply(A, A, out=ctx.buffer(self, "dX", A.shape, A.dtype))
         ops.subtract(1.0, dX, out=dX)
         dX *= G
         return dX
@@ -73,30 +78,38 @@ class ReLU(Layer):
     """A = max(Z, 0),  dA/dZ = 1 where Z > 0, else 0 (0 at the kink, as is usual)."""
 
     kind = "relu"
+    is_activation = True
+    has_dead_units = True
+    onnx_op = "Relu"
 
-    def forward(self, X: Array, training: bool = False) -> Array:
-        if not training:
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        if not ctx.training:
             return ops.maximum(X, 0.0)
-        self._positive = ops.greater(X, 0.0, out=self.buffer("mask", X.shape, self.xp.bool))
-        return ops.maximum(X, 0.0, out=self.buffer("A", X.shape, X.dtype))
+        self._positive = ops.greater(X, 0.0, out=ctx.buffer(self, "mask", X.shape, ctx.xp.bool))
+        return ops.maximum(X, 0.0, out=ctx.buffer(self, "A", X.shape, X.dtype))
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G where Z > 0, else 0."""
-        return ops.multiply(G, self._positive, out=self.buffer("dX", G.shape, G.dtype))
+        return ops.multiply(G, self._positive, out=ctx.buffer(self, "dX", G.shape, G.dtype))
 
 
 class Identity(Layer):
     """A = Z,  dA/dZ = 1."""
 
     kind = "identity"
+    is_activation = True
 
-    def forward(self, X: Array, training: bool = False) -> Array:
+    def onnx(self, graph: Any, label: str) -> None:
+        """No node."""
+
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
         return X
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G."""
         return G
 
 
-#: activation name -> layer class; config strings and model files resolve through it
+#: the activations a config's ``activation`` names (``Network.from_spec``); layer items
+#: and model files resolve through LAYERS, which holds every layer kind
 ACTIVATIONS: dict[str, type[Layer]] = {cls.kind: cls for cls in (Sigmoid, Tanh, ReLU, Identity)}

@@ -19,14 +19,15 @@ parameters, and shared, like every weight, by the thread shards of
 The statistics of a split batch
 -------------------------------
 A training batch split over thread shards (and MPI ranks) must be normalized with the
-statistics of the *whole* batch, or the result would depend on the split. While
-:func:`shared_batch_stats` is active, each shard's layer sums its rows and one
-reduction (a barrier among the shards, then an Allreduce over the ranks) gives every
-shard the totals: sum x (and the count) for the mean, sum (x - mean)^2 for the variance,
-and in the backward pass sum G and sum G x_hat. Each shard writes only its own part of
-dgamma and dbeta into its gradient vector, which DataParallel sums as it sums every other
-gradient. Shard 0 alone updates the running averages (the shards share the vector; MPI
-ranks each update their own copy with the same global statistics).
+statistics of the *whole* batch, or the result would depend on the split. Each shard's
+pass then carries a ``batch_sums`` hook (:meth:`BatchSums.hook`): each shard's layer
+sums its rows and one reduction (a barrier among the shards, then an Allreduce over
+the ranks) gives every shard the totals: sum x (and the count) for the mean,
+sum (x - mean)^2 for the variance, and in the backward pass sum G and sum G x_hat. Each
+shard writes only its own part of dgamma and dbeta into its gradient vector, which
+DataParallel sums as it sums every other gradient. Shard 0 alone updates the running
+averages (its pass says ``update_running``; the shards share the vector; MPI ranks each
+update their own copy with the same global statistics).
 
 The passes are written against the array API standard (``xp``, the namespace of the
 network's arrays); a batch split over threads is a NumPy thing, and the reduction that
@@ -35,17 +36,18 @@ shares statistics sums on the host (a GPU network trains as one shard).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from handprop.errors import ConfigError, ShapeError
 from handprop.nn import backend as ops
-from handprop.nn.layers import Array, Layer
+from handprop.nn.layers import Array, ItemSpec, Layer, Setting
+from handprop.nn.passes import INFERENCE, Pass
 
 #: PyTorch's defaults: running = (1 - momentum) running + momentum batch, eps in sqrt
 MOMENTUM = 0.1
@@ -88,6 +90,10 @@ class BatchNorm(Layer):
     """
 
     kind = "batchnorm"
+    #: "batchnorm" or "batchnorm momentum=0.01 eps=1e-3": per feature or per channel
+    spec = ItemSpec(
+        "batchnorm", (Setting("momentum", float), Setting("eps", float)), input_size="c"
+    )
     #: slots that are never < 0, checked when a model file is loaded (a negative
     #: variance would make sqrt(running_var + eps) NaN, and every prediction with it)
     nonnegative = (("running_var", "running variance"),)
@@ -102,8 +108,6 @@ class BatchNorm(Layer):
             raise ConfigError(f"batchnorm momentum must be in (0, 1], got {momentum!r}")
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise ConfigError(f"batchnorm eps must be a finite number > 0, got {eps!r}")
-        #: (reducer, shard index) while a split batch is trained (shared_batch_stats)
-        self.shared: tuple[_Totals, int] | None = None
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         c = (self.c,)
@@ -130,45 +134,55 @@ class BatchNorm(Layer):
     def get_config(self) -> dict[str, Any]:
         return {"c": self.c, "momentum": self.momentum, "eps": self.eps}
 
+    def onnx(self, graph: Any, label: str) -> None:
+        """The inference form: gamma (x - running_mean) / sqrt(running_var + eps) + beta."""
+        names = ("gamma", "beta", "running_mean", "running_var")
+        inputs = [graph.weight(getattr(self, n), f"{label}.{n}") for n in names]
+        graph.node("BatchNormalization", [graph.current, *inputs], label, epsilon=self.eps)
+
     # -- passes ------------------------------------------------------------------------
 
-    def _each(self, v: Array, X: Array) -> Array:
-        """The (c,) vector ``v`` shaped to broadcast against X: as it is against (n, c),
-        (c, 1, 1) against (n, c, h, w)."""
-        return v if X.ndim == 2 else self.xp.reshape(v, (self.c, 1, 1))
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        xp = ctx.xp
 
-    def forward(self, X: Array, training: bool = False) -> Array:
-        xp, each = self.xp, self._each
-        if not training:
+        def each(v: Array) -> Array:  # a (c,) vector against X: (c, 1, 1) for images
+            return v if X.ndim == 2 else xp.reshape(v, (self.c, 1, 1))
+
+        if not ctx.training:
             scale = self.gamma / xp.sqrt(self.running_var + self.eps)  # (c,)
             shift = self.beta - self.running_mean * scale
-            Z = X * each(scale, X)
-            Z += each(shift, X)
+            Z = X * each(scale)
+            Z += each(shift)
             return Z
         local = X.shape[0] * math.prod(X.shape[2:])  # values per feature in these rows
-        sums, m = self._total_and_count(_sum(X), local)
+        sums, m = _total_and_count(ctx, _sum(X), local)
         mean = xp.astype(sums / max(m, 1), X.dtype)
         # x - mu is kept for backward (x_hat = (x - mu) / sigma is never stored)
-        xc = ops.subtract(X, each(mean, X), out=self.buffer("xc", X.shape, X.dtype))
-        var = self._total(_dot(xc, xc)) / max(m, 1)  # biased: the batch's own variance
+        xc = ops.subtract(X, each(mean), out=ctx.buffer(self, "xc", X.shape, X.dtype))
+        var = ctx.total(_dot(xc, xc)) / max(m, 1)  # biased: the batch's own variance
         inv = xp.astype(1.0 / xp.sqrt(var + self.eps), X.dtype)  # 1 / sigma
         scale = self.gamma * inv  # gamma / sigma
         self._xc, self._inv, self._scale, self._m = xc, inv, scale, m
-        if self.shared is None or self.shared[1] == 0:  # one writer for the shared vector
-            mom = xp.asarray(self.momentum, dtype=X.dtype)
+        if ctx.update_running:  # one writer for a vector the shards share
+            momentum = self.momentum if ctx.momentum is None else ctx.momentum
+            mom = xp.asarray(momentum, dtype=X.dtype)
             keep = 1.0 - mom  # 1 - momentum, rounded in X's dtype
             unbiased = var * (m / (m - 1) if m > 1 else 1.0)
             self.running_mean *= keep
             self.running_mean += mom * mean
             self.running_var *= keep
-            self.running_var += xp.astype(self.momentum * unbiased, X.dtype)
-        Z = ops.multiply(xc, each(scale, X), out=self.buffer("Z", X.shape, X.dtype))
-        Z += each(self.beta, X)  # gamma x_hat + beta
+            self.running_var += xp.astype(momentum * unbiased, X.dtype)
+        Z = ops.multiply(xc, each(scale), out=ctx.buffer(self, "Z", X.shape, X.dtype))
+        Z += each(self.beta)  # gamma x_hat + beta
         return Z
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array | None:
         """dx = (gamma / (m sigma)) (m G - sum G - x_hat sum(G x_hat)) (see the class)."""
-        xp, each = self.xp, self._each
+        xp = ctx.xp
+
+        def each(v: Array) -> Array:  # a (c,) vector against G: (c, 1, 1) for images
+            return v if G.ndim == 2 else xp.reshape(v, (self.c, 1, 1))
+
         xc, inv, scale, m = self._xc, self._inv, self._scale, self._m
         sum_g = _sum(G)  # this shard's dbeta
         sum_gx = _dot(G, xc) * inv  # this shard's dgamma = sum G x_hat
@@ -176,35 +190,29 @@ class BatchNorm(Layer):
         self.dgamma[...] = xp.astype(sum_gx, G.dtype)
         self.drunning_mean[...] = 0  # not trained: an optimizer never moves them
         self.drunning_var[...] = 0
-        if self.shared is not None:  # the whole batch's sums, for dx
-            both = self._total(xp.concat([sum_g, sum_gx]))
+        if ctx.batch_sums is not None:  # the whole batch's sums, for dx
+            both = ctx.total(xp.concat([sum_g, sum_gx]))
             sum_g, sum_gx = both[: self.c], both[self.c :]
         if not need_input_grad:
             return None
         # dx = (gamma / sigma) (G - sum G / m) - (x - mu) gamma sum(G x_hat) / (m sigma^2)
         k = xp.astype(scale * inv * sum_gx / m, G.dtype)
-        xc *= each(k, G)  # x - mu is not needed after this pass
-        dX = ops.multiply(G, each(scale, G), out=self.buffer("dX", G.shape, G.dtype))
+        xc *= each(k)  # x - mu is not needed after this pass
+        dX = ops.multiply(G, each(scale), out=ctx.buffer(self, "dX", G.shape, G.dtype))
         dX -= xc
-        dX -= each(xp.astype(scale * sum_g / m, G.dtype), G)
+        dX -= each(xp.astype(scale * sum_g / m, G.dtype))
         return dX
 
-    def _total(self, part: Array) -> Array:
-        """``part`` summed over the shards and ranks sharing the batch (itself alone)."""
-        if self.shared is None:
-            return part
-        totals, k = self.shared
-        return totals(k, part)
 
-    def _total_and_count(self, sums: Array, count: int) -> tuple[Array, float]:
-        """:meth:`_total` of the per-feature ``sums`` (c,) and of the ``count`` of values
-        each summed; alone, the count is known without a reduction (nor, on a GPU, a
-        wait for the device)."""
-        if self.shared is None:
-            return sums, count
-        xp = self.xp
-        totals = self._total(xp.concat([sums, xp.asarray([count], dtype=xp.float64)]))
-        return totals[:-1], float(totals[-1])
+def _total_and_count(ctx: Pass, sums: Array, count: int) -> tuple[Array, float]:
+    """The whole batch's per-feature ``sums`` (c,) and ``count`` of values each summed,
+    from this worker's (:meth:`Pass.total`); alone, the count is known without a
+    reduction (nor, on a GPU, a wait for the device)."""
+    if ctx.batch_sums is None:
+        return sums, count
+    xp = ctx.xp
+    totals = ctx.total(xp.concat([sums, xp.asarray([count], dtype=xp.float64)]))
+    return totals[:-1], float(totals[-1])
 
 
 def _sum(A: Array) -> Array:
@@ -227,13 +235,15 @@ def _dot(A: Array, B: Array) -> Array:
     return xp.sum(per_row, axis=0, dtype=xp.float64)
 
 
-class _Totals:
-    """Sums of the shards' (and ranks') partial statistics, one reduction at a time.
+class BatchSums:
+    """Sums of the shards' (and ranks') partial statistics, one reduction at a time:
+    the ``batch_sums`` of the passes of one split batch (shard k's: :meth:`hook`).
 
     Every shard calls it with its index and its part, in the same order (the layers'
     order in forward, then backward); the last to arrive adds the parts in index order
     (the same numbers whatever the arrival order), Allreduces them over the ranks, and
-    releases every shard with the totals.
+    releases every shard with the totals. One shard alone (an MPI rank's unsplit rows)
+    sums over the ranks at once.
     """
 
     def __init__(self, parties: int, world: Any) -> None:
@@ -265,6 +275,10 @@ class _Totals:
                 raise
         return self.total  # type: ignore[return-value]  # set by _sum before release
 
+    def hook(self, k: int) -> Callable[[Array], Array]:
+        """Shard ``k``'s ``batch_sums``: its part in, the whole batch's total out."""
+        return functools.partial(self, k)
+
     def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` whose failure releases the shards waiting for it (they raise its error
         instead of waiting forever)."""
@@ -283,28 +297,4 @@ class _Totals:
         return run
 
 
-@contextlib.contextmanager
-def shared_batch_stats(
-    nets: Sequence[Any], world: Any
-) -> Iterator[Callable[[Callable[..., Any]], Callable[..., Any]]]:
-    """While active, the batchnorm layers of ``nets`` (the shards of one split batch,
-    or one network on its rows of an MPI world's batch) normalize with the statistics
-    of the whole batch. Yields a wrapper for each shard's work function (see
-    :meth:`_Totals.guard`); a no-op when there is nothing to share."""
-    layers = [[lay for lay in net.layers if isinstance(lay, BatchNorm)] for net in nets]
-    if not layers[0] or (len(nets) == 1 and world.size == 1):
-        yield lambda fn: fn
-        return
-    totals = _Totals(len(nets), world)
-    for k, own in enumerate(layers):
-        for layer in own:
-            layer.shared = (totals, k)
-    try:
-        yield totals.guard
-    finally:
-        for own in layers:
-            for layer in own:
-                layer.shared = None
-
-
-__all__ = ["EPS", "MOMENTUM", "BatchNorm", "shared_batch_stats"]
+__all__ = ["EPS", "MOMENTUM", "BatchNorm", "BatchSums"]

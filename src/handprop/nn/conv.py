@@ -25,7 +25,8 @@ import numpy as np
 
 from handprop.errors import ShapeError
 from handprop.nn import backend as ops
-from handprop.nn.layers import Array, Layer
+from handprop.nn.layers import Array, ItemSpec, Layer, Setting
+from handprop.nn.passes import INFERENCE, Pass
 
 
 def out_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -202,6 +203,18 @@ class Conv2D(Layer):
     """
 
     kind = "conv2d"
+    spec = ItemSpec(
+        "conv",
+        (
+            Setting("c_out", required=True),
+            Setting("k", required=True),
+            Setting("stride"),
+            Setting("pad"),
+        ),
+        input_size="c_in",
+        image_input=True,
+    )
+    first_layer_view = "maps"
 
     def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, pad: int = 0) -> None:
         self.c_in, self.c_out, self.k = int(c_in), int(c_out), int(k)
@@ -250,22 +263,22 @@ class Conv2D(Layer):
         of a small patch run near full speed anyway."""
         return self.c_in * self.k * self.k >= BATCHED_MIN_PATCH
 
-    def forward(self, X: Array, training: bool = False) -> Array:
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
         if not self.batched():
-            return self._forward_per_image(X, training)
-        xp = self.xp
+            return self._forward_per_image(X, ctx)
+        xp = ctx.xp
         n = X.shape[0]
         _, ho, wo = self.output_shape(X.shape[1:])
         patch, m = self.c_in * self.k * self.k, n * ho * wo
-        buf = self.buffer("cols", (patch, m), X.dtype) if training else None
-        work = self._work(X.shape, X.dtype) if training else None
+        buf = ctx.buffer(self, "cols", (patch, m), X.dtype) if ctx.training else None
+        work = self._work(ctx, X.shape, X.dtype) if ctx.training else None
         cols, ho, wo = im2col_cn(X, self.k, self.stride, self.pad, out=buf, work=work)
         W_mat = xp.reshape(self.W, (self.c_out, patch))
-        Zc = self.buffer("Zc", (self.c_out, m), X.dtype) if training else None
+        Zc = ctx.buffer(self, "Zc", (self.c_out, m), X.dtype) if ctx.training else None
         Zc = ops.matmul(W_mat, cols, out=Zc)  # (c_out, n ho wo)
-        if training:
+        if ctx.training:
             self._cols, self._shape = cols, X.shape
-            Z = self.buffer("Z", (n, self.c_out, ho, wo), X.dtype)
+            Z = ctx.buffer(self, "Z", (n, self.c_out, ho, wo), X.dtype)
         else:
             del cols  # inference: free the columns before the output exists
             Z = xp.empty((n, self.c_out, ho, wo), dtype=X.dtype)
@@ -273,77 +286,81 @@ class Conv2D(Layer):
         bias = xp.reshape(self.b, (1, self.c_out, 1, 1))
         return ops.add(_channel_first(Zc), bias, out=Z)
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array | None:
         """G (n, c_out, ho, wo) -> dX (n, c_in, h, w).
 
         With G_c (c_out, n ho wo) the channel-first G:  dW_mat = G_c cols^T,
         db = row sums of G_c,  dcols = W_mat^T G_c,  dX = col2im(dcols).
         """
         if not self.batched():
-            return self._backward_per_image(G, need_input_grad)
-        xp = self.xp
+            return self._backward_per_image(G, ctx, need_input_grad)
+        xp = ctx.xp
         n, _, ho, wo = G.shape
         patch, m = self._cols.shape
-        Gc = self.buffer("Gc", (self.c_out, n, ho, wo), G.dtype)
+        Gc = ctx.buffer(self, "Gc", (self.c_out, n, ho, wo), G.dtype)
         ops.copyto(Gc, _channel_first(G))
         Gc = xp.reshape(Gc, (self.c_out, m))
         # dW_mat^T = cols G_c^T, then a small transposing copy: OpenBLAS runs this
         # orientation faster than G_c cols^T (3.5 against 4.0 ms for the reference
         # CNN's second convolution on 64 images, one thread, under both kernels)
-        dWt = ops.matmul(self._cols, Gc.T, out=self.buffer("dWt", (patch, self.c_out), G.dtype))
+        dWt = ops.matmul(
+            self._cols, Gc.T, out=ctx.buffer(self, "dWt", (patch, self.c_out), G.dtype)
+        )
         ops.copyto(_view(self.dW, (self.c_out, patch)), dWt.T)
         ops.sum(Gc, axis=1, out=self.db)
         if not need_input_grad:
             return None
         W_mat = xp.reshape(self.W, (self.c_out, patch))
-        dcols = ops.matmul(W_mat.T, Gc, out=self.buffer("dcols", (patch, m), G.dtype))
+        dcols = ops.matmul(W_mat.T, Gc, out=ctx.buffer(self, "dcols", (patch, m), G.dtype))
         n, c, h, w = self._shape
-        acc = self.buffer("acc", (c, n, h + 2 * self.pad, w + 2 * self.pad), G.dtype)
-        dX = self.buffer("dX", self._shape, G.dtype)
-        work = self._work(self._shape, G.dtype)
+        acc = ctx.buffer(self, "acc", (c, n, h + 2 * self.pad, w + 2 * self.pad), G.dtype)
+        dX = ctx.buffer(self, "dX", self._shape, G.dtype)
+        work = self._work(ctx, self._shape, G.dtype)
         return col2im_cn(
             dcols, self._shape, self.k, self.stride, self.pad, acc=acc, out=dX, work=work
         )
 
-    def _work(self, shape: tuple[int, ...], dtype: Any) -> Array:
+    def _work(self, ctx: Pass, shape: tuple[int, ...], dtype: Any) -> Array:
         """The (c_in, n, h + 2 pad, w_out) work array of im2col_cn and col2im_cn."""
         n, c, h, w = shape
         wo = out_size(w, self.k, self.stride, self.pad)
-        return self.buffer("work", (c, n, h + 2 * self.pad, wo), dtype)
+        return ctx.buffer(self, "work", (c, n, h + 2 * self.pad, wo), dtype)
 
-    def _forward_per_image(self, X: Array, training: bool) -> Array:
+    def _forward_per_image(self, X: Array, ctx: Pass) -> Array:
         """Z[i] = W_mat @ cols[i], one product per image, already (c_out, ho wo)."""
-        xp = self.xp
+        xp = ctx.xp
         n = X.shape[0]
         _, ho, wo = self.output_shape(X.shape[1:])
         patch = self.c_in * self.k * self.k
-        buf = self.buffer("cols_i", (n, patch, ho * wo), X.dtype) if training else None
+        buf = ctx.buffer(self, "cols_i", (n, patch, ho * wo), X.dtype) if ctx.training else None
         cols, ho, wo = im2col(X, self.k, self.stride, self.pad, out=buf)
         W_mat = xp.reshape(self.W, (self.c_out, patch))
-        out = self.buffer("Z", (n, self.c_out, ho * wo), X.dtype) if training else None
+        out = ctx.buffer(self, "Z", (n, self.c_out, ho * wo), X.dtype) if ctx.training else None
         Z = ops.matmul(W_mat, cols, out=out)
         Z += self.b[:, None]
-        if training:
+        if ctx.training:
             self._cols, self._shape = cols, X.shape
         return xp.reshape(Z, (n, self.c_out, ho, wo))
 
-    def _backward_per_image(self, G: Array, need_input_grad: bool) -> Array | None:
+    def _backward_per_image(self, G: Array, ctx: Pass, need_input_grad: bool) -> Array | None:
         """dW_mat = sum_i G_i cols_i^T,  dcols_i = W_mat^T G_i,  dX = col2im(dcols)."""
-        xp = self.xp
+        xp = ctx.xp
         n = G.shape[0]
         G_mat = xp.reshape(G, (n, self.c_out, -1))  # (n, c_out, ho wo)
         patch = self._cols.shape[1]
         per_image = ops.matmul(
             G_mat,
             xp.permute_dims(self._cols, (0, 2, 1)),
-            out=self.buffer("dW_i", (n, self.c_out, patch), G.dtype),
+            out=ctx.buffer(self, "dW_i", (n, self.c_out, patch), G.dtype),
         )
         ops.sum(xp.reshape(per_image, (n, *self.dW.shape)), axis=0, out=self.dW)
         ops.sum(G_mat, axis=(0, 2), out=self.db)
         if not need_input_grad:
             return None
         W_mat = xp.reshape(self.W, (self.c_out, patch))
-        dcols = ops.matmul(W_mat.T, G_mat, out=self.buffer("dcols_i", self._cols.shape, G.dtype))
+        dcols = ops.matmul(
+            W_mat.T, G_mat, out=ctx.buffer(self, "dcols_i", self._cols.shape, G.dtype)
+        )
         return col2im(dcols, self._shape, self.k, self.stride, self.pad)
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
@@ -361,6 +378,24 @@ class Conv2D(Layer):
             "stride": self.stride,
             "pad": self.pad,
         }
+
+    def short_name(self) -> str:
+        return f"conv {self.c_in}-{self.c_out} {self.k}x{self.k}"
+
+    def weight_images(
+        self, image_shape: tuple[int, ...], n: int | None = None
+    ) -> tuple[Array, str] | None:
+        """The filters (c_out, k, k), summed over the input channels when there are
+        several; any input's."""
+        W = self.W.sum(axis=1)[:n]
+        shown = f"all {len(W)}" if len(W) == self.c_out else f"{len(W)} of the {self.c_out}"
+        return W, f"{shown} {self.k}x{self.k} filters of the convolution"
+
+    def onnx(self, graph: Any, label: str) -> None:
+        # the same cross-correlation, W as stored: (c_out, c_in, k, k)
+        W, b = graph.weight(self.W, f"{label}.W"), graph.weight(self.b, f"{label}.b")
+        k, s, pads = [self.k] * 2, [self.stride] * 2, [self.pad] * 4
+        graph.node("Conv", [graph.current, W, b], label, kernel_shape=k, strides=s, pads=pads)
 
 
 class _Pool2D(Layer):
@@ -406,6 +441,14 @@ class _Pool2D(Layer):
     def get_config(self) -> dict[str, Any]:
         return {"k": self.k, "stride": self.stride}
 
+    def onnx(self, graph: Any, label: str) -> None:
+        k, s = [self.k] * 2, [self.stride] * 2
+        graph.node(self.onnx_op, [graph.current], label, kernel_shape=k, strides=s)
+
+
+#: a pool's item: "maxpool 2", "avgpool 3 stride=2" (the stride is k unless given)
+POOL_SETTINGS = (Setting("k", required=True), Setting("stride", default_from="k"))
+
 
 class MaxPool2D(_Pool2D):
     """A = max over each k x k window.  dA/dX = 1 at the window's maximum, else 0.
@@ -416,41 +459,36 @@ class MaxPool2D(_Pool2D):
     (n, c, h_out, w_out) view); training also keeps which offset won each window (one
     byte per output value).
 
-    ``relu``: also apply max(., 0) to the output. A :class:`Network` sets it when a
-    ReLU comes just before the pool and then skips that ReLU: the maximum of a window
-    commutes with max(., 0), so the ReLU runs on the pooled values, k^2 times fewer for
-    disjoint windows. The outputs are the same, and so are the gradients: where the
-    window's maximum is positive, the ReLU passes G to the same first maximum; where it
-    is not, both orders pass back 0 to every position of the window.
+    A ReLU just before a max pool gives the same values and gradients after it, on
+    k^2 times fewer values: a :class:`~handprop.nn.Network` runs the two as one
+    :class:`MaxPoolReLU` step.
     """
 
     kind = "maxpool2d"
-    relu = False
+    spec = ItemSpec("maxpool", POOL_SETTINGS)
+    onnx_op = "MaxPool"
 
-    def forward(self, X: Array, training: bool = False) -> Array:
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
         _, ho, wo = self.output_shape(X.shape[1:])
-        if not training:
+        if not ctx.training:
             slices = self.offsets(X, ho, wo)
             A = ops.copy(next(slices)[1])  # offset 0 holds the maximum until beaten
             for _, V in slices:
                 ops.maximum(A, V, out=A)
-            return ops.maximum(A, 0.0, out=A) if self.relu else A
-        xp = self.xp
+            return A
+        xp = ctx.xp
         shape = (X.shape[0], X.shape[1], ho, wo)
-        A = self.buffer("A", shape, X.dtype)
-        arg = self.buffer("arg", shape, xp.uint8)
-        beats = self.buffer("beats", shape, xp.bool)
-        claim = self.buffer("claim", shape, xp.uint8)
-        plane = self.buffer("plane", shape, X.dtype)
-        self._forward_block(X, A, arg, beats, claim, plane)
+        A = ctx.buffer(self, "A", shape, X.dtype)
+        arg = ctx.buffer(self, "arg", shape, xp.uint8)
+        beats = ctx.buffer(self, "beats", shape, xp.bool)
+        claim = ctx.buffer(self, "claim", shape, xp.uint8)
+        plane = ctx.buffer(self, "plane", shape, X.dtype)
+        self._forward_block(xp, X, A, arg, beats, claim, plane)
         self._arg, self._shape = arg, X.shape
-        if self.relu:
-            self._positive = ops.greater(A, 0.0, out=self.buffer("positive", shape, xp.bool))
-            ops.maximum(A, 0.0, out=A)
         return A
 
     def _forward_block(
-        self, X: Array, A: Array, arg: Array, beats: Array, claim: Array, plane: Array
+        self, xp: Any, X: Array, A: Array, arg: Array, beats: Array, claim: Array, plane: Array
     ) -> None:
         slices = self.offsets(X, A.shape[2], A.shape[3])
         ops.copyto(A, next(slices)[1])
@@ -466,30 +504,52 @@ class MaxPool2D(_Pool2D):
             # arg = max(arg, o * beats), two cheap passes instead of a masked write
             # (np.copyto with where= measured 3x slower here)
             ops.greater(plane, A, out=beats)
-            ops.multiply(beats, self.xp.asarray(o, dtype=self.xp.uint8), out=claim)
+            ops.multiply(beats, xp.asarray(o, dtype=xp.uint8), out=claim)
             ops.maximum(arg, claim, out=arg)
             ops.maximum(A, plane, out=A)
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
-        """dX[window max] = G (times max > 0 with ``relu``); every other position of the
-        window gets 0."""
-        if self.relu:
-            G = ops.multiply(G, self._positive, out=self.buffer("G_relu", G.shape, G.dtype))
-        dX = self.buffer("dX", self._shape, G.dtype)
-        at = self.buffer("at", G.shape, self.xp.bool)
-        self._backward_block(dX, G, self._arg, at)
-        return dX
-
-    def _backward_block(self, dX: Array, G: Array, arg: Array, at: Array) -> None:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
+        """dX[window max] = G; every other position of the window gets 0."""
+        dX = ctx.buffer(self, "dX", self._shape, G.dtype)
+        at = ctx.buffer(self, "at", G.shape, ctx.xp.bool)
         _, _, ho, wo = G.shape
         disjoint = self._clear(dX, ho, wo)
-        part = None if disjoint else self.buffer("part", G.shape, G.dtype)
+        part = None if disjoint else ctx.buffer(self, "part", G.shape, G.dtype)
+        arg = self._arg
         for o, V in self.offsets(dX, ho, wo):  # V is a view into dX
             ops.equal(arg, o, out=at)
             if part is None:  # each V is written once
                 ops.multiply(G, at, out=V)
             else:  # overlapping windows add up
                 V += ops.multiply(G, at, out=part)
+        return dX
+
+
+class MaxPoolReLU:
+    """A max pool and the ReLU written just before it, run as one step of a network's
+    passes: A = max(pool(X), 0),  dX = pool's backward of G where A > 0, else 0.
+
+    The maximum of a window commutes with max(., 0), so the values are those of
+    ReLU-then-pool, and so are the gradients: where the window's maximum is positive,
+    the ReLU passes G to the same first maximum; where it is not, both orders pass back
+    0 to every position of the window. The ReLU then touches k^2 times fewer values
+    (the reference CNN's two ReLUs took 1.8 ms of a 25 ms step on 64 images), in place
+    on the pool's output, which the pool's backward does not read.
+    """
+
+    def __init__(self, pool: MaxPool2D) -> None:
+        self.pool = pool
+
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        A = self.pool.forward(X, ctx)
+        if ctx.training:
+            self._positive = ops.greater(A, 0.0, out=ctx.buffer(self, "A>0", A.shape, ctx.xp.bool))
+        return ops.maximum(A, 0.0, out=A)
+
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
+        """dX = the pool's dX of G where A > 0, else 0."""
+        G = ops.multiply(G, self._positive, out=ctx.buffer(self, "G", G.shape, G.dtype))
+        return self.pool.backward(G, ctx, need_input_grad)
 
 
 class AvgPool2D(_Pool2D):
@@ -501,18 +561,17 @@ class AvgPool2D(_Pool2D):
     window's values) and divided by k^2."""
 
     kind = "avgpool2d"
+    spec = ItemSpec("avgpool", POOL_SETTINGS)
+    onnx_op = "AveragePool"
 
-    def forward(self, X: Array, training: bool = False) -> Array:
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
         _, ho, wo = self.output_shape(X.shape[1:])
         k, s = self.k, self.stride
         shape = (X.shape[0], X.shape[1], ho, wo)
-        if training:
+        if ctx.training:
             self._shape = X.shape
-            A = self.buffer("A", shape, X.dtype)
-            row = self.buffer("row", shape, X.dtype) if k > 1 else None
-        else:
-            A = self.xp.empty(shape, dtype=X.dtype)
-            row = self.xp.empty(shape, dtype=X.dtype) if k > 1 else None
+        A = ctx.buffer(self, "A", shape, X.dtype)
+        row = ctx.buffer(self, "row", shape, X.dtype) if k > 1 else None
         for i in range(k):
             total = A if i == 0 else row  # row 0 sums straight into A
             ops.copyto(total, offset(X, i, 0, ho, wo, s))
@@ -523,11 +582,11 @@ class AvgPool2D(_Pool2D):
         A /= float(k * k)
         return A
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX[window] += G / k^2."""
         k = self.k
-        share = ops.multiply(G, 1.0 / (k * k), out=self.buffer("share", G.shape, G.dtype))
-        dX = self.buffer("dX", self._shape, G.dtype)
+        share = ops.multiply(G, 1.0 / (k * k), out=ctx.buffer(self, "share", G.shape, G.dtype))
+        dX = ctx.buffer(self, "dX", self._shape, G.dtype)
         _, _, ho, wo = G.shape
         disjoint = self._clear(dX, ho, wo)
         for _, V in self.offsets(dX, ho, wo):  # V is a view into dX

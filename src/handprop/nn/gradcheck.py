@@ -14,6 +14,7 @@ from handprop.nn.backend import asarray, copyto, namespace, to_host
 from handprop.nn.layers import Array, Layer
 from handprop.nn.network import Network
 from handprop.nn.params import ParamLayout
+from handprop.nn.passes import Masks, Pass, Workspace
 
 #: below this magnitude in both, a difference is compared absolutely, not relatively
 FLOOR = 1e-8
@@ -67,7 +68,8 @@ def gradcheck(
     Perturbs every entry of the flat parameter vector, or ``n_coords`` entries drawn
     from ``rng`` for big networks. Use float64: in float32 the rounding noise of the
     differences is about 1e-3 and the check means little. Forward passes run in
-    training mode, so layers with a fixed random mask (dropout) are checked as trained.
+    training mode, so a network with dropout must pin its masks
+    (:meth:`Network.pin_masks`): every evaluation then sees the same ones.
     ``floor``: below it in both, differences are compared absolutely (a bias right before
     a batchnorm layer has a gradient of exactly 0, and its differences ~1e-13 of noise).
     """
@@ -91,6 +93,7 @@ def gradcheck_layer(
     eps: float = 1e-3,
     init: str = "glorot_normal",
     xp: Any = np,
+    mask: Array | None = None,
 ) -> dict[str, float]:
     """Check one layer on its own against a random upstream gradient G.
 
@@ -99,6 +102,7 @@ def gradcheck_layer(
     matching ``d<name>``. Returns the relative error for "X" and every parameter name.
     ``xp``: the array namespace the layer computes in (the differences are taken on
     host copies of X and the parameters, which are moved there for every evaluation).
+    ``mask``: a dropout layer's keep-mask, the same for every evaluation.
     """
     rng = np.random.default_rng(rng)
     X = np.array(X, dtype=np.float64)
@@ -110,13 +114,14 @@ def gradcheck_layer(
         params += rng.normal(0, 0.1, size=layout.size)  # nonzero biases too
     here = asarray(params, xp) if xp is not np else params
     grads = xp.zeros_like(here)
-    layer.xp = xp
     layer.bind(layout.views(here, 0), layout.views(grads, 0))
+    masks = None if mask is None else Masks({id(layer): mask}, X.shape[0])
+    ctx = Pass(training=True, xp=xp, work=Workspace(), masks=masks)
 
     def forward() -> Array:
         if here is not params:
             copyto(here, asarray(params, xp))
-        return layer.forward(asarray(X, xp), training=True)
+        return layer.forward(asarray(X, xp), ctx)
 
     G = rng.normal(size=tuple(forward().shape))
     G_here = asarray(G, xp)
@@ -125,7 +130,8 @@ def gradcheck_layer(
         return float(xp.sum(forward() * G_here))
 
     forward()
-    errors = {"X": relative_error(to_host(layer.backward(G_here)), numeric_gradient(f, X, eps))}
+    dX = to_host(layer.backward(G_here, ctx))
+    errors = {"X": relative_error(dX, numeric_gradient(f, X, eps))}
     analytic = to_host(grads).copy()
     numeric = numeric_gradient(f, params, eps)
     for slot in layout.slots:

@@ -2,16 +2,64 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from handprop.errors import ConfigError, ShapeError
 from handprop.nn import backend as ops
+from handprop.nn.passes import INFERENCE, Pass
 
 #: an array of the network's namespace (NumPy, CuPy, ...)
 Array = Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One value of a layer-spec item: ``conv 32 3 stride=2`` sets c_out, k and stride.
+
+    name : str            the constructor's argument, and its key in a model file
+    type : int or float   what the item's text is read as, what a model file may hold
+    required : bool       an item must give it (``conv 32`` lacks k). Written back
+                          positionally; an optional setting as name=value, and only
+                          when it differs from its default
+    default_from : str    the setting whose value is this one's default (a pool's
+                          stride is its k), where the constructor's default is None
+    """
+
+    name: str
+    type: type = int
+    required: bool = False
+    default_from: str | None = None
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """How a layer-spec item names a layer kind, and how the shapes complete it.
+
+    word : str                   the item's first word ("conv" for conv2d)
+    settings : tuple of Setting  the values after it: positional, in this order, or
+                                 name=value
+    input_size : str or None     the constructor argument that the input's first
+                                 dimension fills (dense's d_in, conv's c_in): an item
+                                 never repeats a size the shapes already give
+    flat_input : bool            a Flatten goes in before it on image inputs (dense)
+    image_input : bool           it needs image inputs (c, h, w) (conv)
+    """
+
+    word: str
+    settings: tuple[Setting, ...] = ()
+    input_size: str | None = None
+    flat_input: bool = False
+    image_input: bool = False
+
+
+#: layer kind -> class: every Layer subclass that names its own ``kind`` (in the order
+#: they are defined); config items, model files and export resolve through it
+LAYERS: dict[str, type[Layer]] = {}
 
 
 class Layer:
@@ -22,12 +70,33 @@ class Layer:
     into them with :meth:`bind` (``self.W``, ``self.dW``, ...). ``backward`` writes the
     parameter gradients into those views (overwriting, never accumulating) and returns
     the gradient with respect to the layer's input. It never updates the parameters.
+
+    What a pass needs beyond X, G and the parameters (training or not, the array
+    namespace, the work arrays to write into, dropout masks, batch-wide sums) arrives
+    in ``ctx`` (:class:`~handprop.nn.passes.Pass`); a layer keeps on itself only what
+    its forward leaves for its backward, and nothing else writes its attributes.
     """
 
     #: name in the layer registry and in model files
     kind: str = ""
-    #: the array namespace of the network's arrays (set by the network when it binds)
-    xp: Any = np
+
+    # -- what a layer kind says of itself (read by spec, export, diagnostics, figures,
+    # the page); a class that names its own ``kind`` joins LAYERS (__init_subclass__)
+
+    #: its layer-spec item ("conv 32 3 stride=2"); a kind without one is its word alone
+    spec: ClassVar[ItemSpec] = ItemSpec("")
+    #: an elementwise activation: diagnostics and the page report it as the activation
+    #: of the layer with parameters before it
+    is_activation: ClassVar[bool] = False
+    #: a unit that is 0 on every row of a batch passes back no gradient (ReLU); the
+    #: diagnostics count such units as dead
+    has_dead_units: ClassVar[bool] = False
+    #: what the page shows of it as the network's first layer with parameters: "units"
+    #: (the most active outputs, each with its input weights as an image) or "maps" (its
+    #: output feature maps); None: nothing
+    first_layer_view: ClassVar[str | None] = None
+    #: the ONNX operator the default :meth:`onnx` applies to the input, no attributes
+    onnx_op: ClassVar[str | None] = None
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of this layer's parameters, in layout order."""
@@ -53,28 +122,15 @@ class Layer:
         elementwise layer); it decides when a batch is worth splitting over threads."""
         return prod(self.output_shape(input_shape))
 
-    def forward(self, X: Array, training: bool = False) -> Array:
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        """The output for X; a training ``ctx`` also keeps what backward needs."""
         raise NotImplementedError
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array | None:
         """Parameter gradients into ``d<name>``; returns dL/dX, or None when the
-        caller says it is not needed (the first layer: nothing consumes dL/dX there)."""
+        caller says it is not needed (the first layer: nothing consumes dL/dX there).
+        ``ctx``: the pass of the forward call it follows."""
         raise NotImplementedError
-
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: Any) -> Array:
-        """A work array kept on the layer and reused while its shape stays the same.
-
-        Training calls forward and backward on same-shaped batches again and again;
-        reusing their outputs' memory saves the allocation and the page faults of a
-        fresh multi-megabyte array per pass. Only training passes use buffers, so an
-        inference result handed to a user is never overwritten later.
-        """
-        key = "_buf_" + name
-        buf = self.__dict__.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self.xp.empty(shape, dtype=dtype)
-            setattr(self, key, buf)
-        return buf
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
         """Fill this layer's parameters in place (no-op for parameter-free layers)."""
@@ -82,6 +138,56 @@ class Layer:
     def get_config(self) -> dict[str, Any]:
         """JSON-able constructor arguments; ``{"type": kind, **config}`` rebuilds it."""
         return {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A class that names its own ``kind`` joins :data:`LAYERS` (one without its own
+        ``spec`` is its kind's word alone): a new layer kind is one class."""
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if not kind:
+            return
+        if "spec" not in cls.__dict__:
+            cls.spec = ItemSpec(kind)
+        args = inspect.signature(cls).parameters
+        spec = cls.spec
+        for name in [s.name for s in spec.settings] + [spec.input_size or ""]:
+            if name and name not in args:
+                raise TypeError(f"{cls.__name__}.spec names {name!r}, not an argument of it")
+        for other in LAYERS.values():
+            same = (other.__module__, other.__qualname__) == (cls.__module__, cls.__qualname__)
+            if not same and (other.kind == kind or other.spec.word == spec.word):
+                raise TypeError(
+                    f"{cls.__name__}: layer kind {kind!r} (word {spec.word!r}) is taken by "
+                    f"{other.__module__}.{other.__qualname__}"
+                )
+        LAYERS[kind] = cls  # a class defined again (a reloaded module) replaces itself
+
+    @staticmethod
+    def slope(A: Array) -> Array | None:
+        """dA/dZ from the output A, for an activation whose slope fades at the ends
+        (sigmoid: A (1 - A)); the diagnostics count outputs where it is below 0.01 as
+        saturated. None: it does not saturate."""
+        return None
+
+    def short_name(self) -> str:
+        """The layer with its sizes, for diagnostics rows and figure legends."""
+        return self.kind
+
+    def weight_images(
+        self, image_shape: tuple[int, ...], n: int | None = None
+    ) -> tuple[Array, str] | None:
+        """The first ``n`` (default all) of its weights as images, (m, h, w), and what
+        they are in words, for the first-layer figure and the page; None when they are
+        not images of inputs of ``image_shape`` (h, w)."""
+        return None
+
+    def onnx(self, graph: Any, label: str) -> None:
+        """Add its inference form to an ONNX graph (:class:`handprop.export.OnnxGraph`):
+        ``graph.current`` names its input, ``graph.weight(array, name)`` adds an
+        initializer and returns its name, ``graph.node(op, inputs, label, **attributes)``
+        adds a node whose output becomes ``graph.current``; no node: the identity. The
+        default applies ``onnx_op``. The builder imports onnx, never nn."""
+        graph.node(self.onnx_op, [graph.current], label)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -92,6 +198,8 @@ class Dense(Layer):
     """Affine map Z = X @ W + b.   X: (n, d_in)  W: (d_in, d_out)  b: (d_out,)"""
 
     kind = "dense"
+    spec = ItemSpec("dense", (Setting("d_out", required=True),), input_size="d_in", flat_input=True)
+    first_layer_view = "units"
 
     def __init__(self, d_in: int, d_out: int) -> None:
         self.d_in = int(d_in)
@@ -108,22 +216,22 @@ class Dense(Layer):
     def macs(self, input_shape: tuple[int, ...]) -> int:
         return self.d_in * self.d_out
 
-    def forward(self, X: Array, training: bool = False) -> Array:
-        if training:
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        if ctx.training:
             self._X = X  # all that backward needs
-            Z = ops.matmul(X, self.W, out=self.buffer("Z", (X.shape[0], self.d_out), X.dtype))
+            Z = ops.matmul(X, self.W, out=ctx.buffer(self, "Z", (X.shape[0], self.d_out), X.dtype))
         else:
             Z = X @ self.W  # (n, d_out)
         Z += self.b
         return Z
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array | None:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array | None:
         """G = dL/dZ (n, d_out) -> dL/dX (n, d_in)."""
         ops.matmul(self._X.T, G, out=self.dW)  # dW = X^T G      (d_in, d_out)
         ops.sum(G, axis=0, out=self.db)  # db = sum_rows G (d_out,)
         if not need_input_grad:
             return None  # skips a GEMM as large as the forward one
-        dX = self.buffer("dX", self._X.shape, G.dtype)
+        dX = ctx.buffer(self, "dX", self._X.shape, G.dtype)
         return ops.matmul(G, self.W.T, out=dX)  # dX = G W^T      (n, d_in)
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
@@ -135,23 +243,42 @@ class Dense(Layer):
     def get_config(self) -> dict[str, Any]:
         return {"d_in": self.d_in, "d_out": self.d_out}
 
+    def short_name(self) -> str:
+        return f"dense {self.d_in}-{self.d_out}"
+
+    def weight_images(
+        self, image_shape: tuple[int, ...], n: int | None = None
+    ) -> tuple[Array, str] | None:
+        """Unit j's weights on every pixel, for a layer on flattened images."""
+        if not image_shape or prod(image_shape) != self.d_in:
+            return None
+        W = self.W.T[:n].reshape(-1, *image_shape)  # (m, h, w)
+        return W, f"the input weights of {len(W)} of {self.d_out} hidden units"
+
+    def onnx(self, graph: Any, label: str) -> None:
+        W, b = graph.weight(self.W, f"{label}.W"), graph.weight(self.b, f"{label}.b")
+        graph.node("Gemm", [graph.current, W, b], label)  # X @ W + b, W as stored
+
 
 class Flatten(Layer):
     """Reshape (n, ...) -> (n, prod(...)); backward restores the input shape."""
 
     kind = "flatten"
 
+    def onnx(self, graph: Any, label: str) -> None:
+        graph.node("Flatten", [graph.current], label, axis=1)
+
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (prod(input_shape),)  # Python ints: exact however large
 
-    def forward(self, X: Array, training: bool = False) -> Array:
-        if training:
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        if ctx.training:
             self._shape = X.shape
-        return self.xp.reshape(X, (X.shape[0], -1))
+        return ctx.xp.reshape(X, (X.shape[0], -1))
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G reshaped to the input's shape."""
-        return self.xp.reshape(G, self._shape)
+        return ctx.xp.reshape(G, self._shape)
 
 
 #: the number of values a dropout mask's random draw takes (16-bit integers)
@@ -192,54 +319,55 @@ class Dropout(Layer):
     at inference, A = X. dA/dX = M / (1 - p).
 
     Scaling by 1/(1 - p) while training keeps the expected activation unchanged, so
-    inference needs no rescaling. Each batch's mask is :func:`keep_mask` of one key drawn
-    from ``self.rng``, which the training loop sets (seeded per epoch, so a resumed run
-    draws the same masks). A worker that holds rows [lo, lo + m) of a batch of n rows is
-    handed ``rows = (key, n, lo)`` and draws only its rows of that batch's mask, so a run
-    is the same on any number of threads or ranks. ``fixed_mask`` pins one mask (for
-    gradient checks). Masks are drawn on the host and moved to the network's device, so
-    every backend draws the same masks.
+    inference needs no rescaling. Each batch's mask is :func:`keep_mask` of one key,
+    which the network draws per batch from its generator (seeded per epoch by the
+    training loop, so a resumed run draws the same masks) and hands over in the pass's
+    ``ctx.masks``: a worker that holds rows [lo, lo + m) of a batch of n rows draws only
+    its rows of that batch's mask, so a run is the same on any number of threads or
+    ranks. A gradient check pins a mask instead. Masks are drawn on the host and moved
+    to the pass's namespace, so every backend draws the same masks. A training pass
+    without masks (batchnorm recalibration, the page's saliency) keeps every unit.
     """
 
     kind = "dropout"
+    spec = ItemSpec("dropout", (Setting("p", float, required=True),))
+
+    def onnx(self, graph: Any, label: str) -> None:
+        """No node: the identity at inference."""
 
     def __init__(self, p: float = 0.5) -> None:
         p = float(p)
         if not 0 <= p < 1:
             raise ConfigError(f"dropout probability must be in [0, 1), got {p!r}")
         self.p = p
-        self.rng: np.random.Generator = np.random.default_rng(0)
-        self.fixed_mask: Array | None = None
-        #: (the batch's key, its number of rows, the first of this worker's rows)
-        self.rows: tuple[int, int, int] | None = None
 
-    def next_key(self) -> int:
-        """The key of the next batch's mask: one draw from ``self.rng``."""
-        return int(self.rng.integers(2**63))
-
-    def forward(self, X: Array, training: bool = False) -> Array:
-        if not training or self.p == 0:
+    def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        if not ctx.training or ctx.masks is None or self.p == 0:
             self._M = None
             return X
-        mask = self.fixed_mask
-        if mask is None:
-            key, n, lo = self.rows or (self.next_key(), X.shape[0], 0)
-            mask = keep_mask(key, self.p, (n, *X.shape[1:]), lo, lo + X.shape[0])
+        xp, masks = ctx.xp, ctx.masks
+        # this worker's rows [lo, lo + m) of the batch's mask: drawn from its key, or
+        # those rows of a pinned mask
+        key, lo, hi = masks.key(self), masks.lo, masks.lo + X.shape[0]
+        if isinstance(key, int):
+            mask = keep_mask(key, self.p, (masks.n, *X.shape[1:]), lo, hi)
+        else:
+            mask = key[lo:hi]
         # M = mask / (1 - p) and A = X * M, each one pass into a work array kept for the
         # next batch of the same shape (no fresh arrays, no page faults per step)
-        M = self.buffer("M", X.shape, X.dtype)
+        M = ctx.buffer(self, "M", X.shape, X.dtype)
         # the scale as an array of X's dtype: a Python float times a boolean mask would
         # compute in float64 (2.6x slower) before the cast into M
-        scale = self.xp.asarray(1.0 / (1.0 - self.p), dtype=X.dtype)
-        ops.multiply(ops.asarray(mask, self.xp), scale, out=M)
+        scale = xp.asarray(1.0 / (1.0 - self.p), dtype=X.dtype)
+        ops.multiply(ops.asarray(mask, xp), scale, out=M)
         self._M = M
-        return ops.multiply(X, M, out=self.buffer("A", X.shape, X.dtype))
+        return ops.multiply(X, M, out=ctx.buffer(self, "A", X.shape, X.dtype))
 
-    def backward(self, G: Array, need_input_grad: bool = True) -> Array:
+    def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G * M / (1 - p)."""
         if self._M is None:
             return G
-        return ops.multiply(G, self._M, out=self.buffer("dX", G.shape, G.dtype))
+        return ops.multiply(G, self._M, out=ctx.buffer(self, "dX", G.shape, G.dtype))
 
     def get_config(self) -> dict[str, Any]:
         return {"p": self.p}

@@ -1,8 +1,10 @@
 """Network: a list of layers, one flat parameter vector, one flat gradient vector.
 
 The reference path: ``forward``, ``backward`` and ``train_pass`` are plain loops over
-the layers, readable in one sitting. The one layer they step over is a ReLU just before
-a max pool, which the pool applies to its output instead (:attr:`MaxPool2D.relu`).
+the layers, readable in one sitting; each layer gets what the pass needs as an argument
+(a :class:`~handprop.nn.passes.Pass`: training or not, the network's workspace, the
+batch's dropout masks). The one layer they do not run alone is a ReLU just before a
+max pool, which runs on the pool's output instead (:class:`MaxPoolReLU`).
 The layer-spec parser lives in :mod:`handprop.nn.spec`, model files in
 :mod:`handprop.nn.modelfile`, and the split of a batch over threads or MPI ranks in
 :mod:`handprop.nn.parallel`.
@@ -21,11 +23,12 @@ from handprop.errors import ShapeError
 from handprop.memory import check_fits
 from handprop.nn import backend
 from handprop.nn.activations import ACTIVATIONS, ReLU
-from handprop.nn.conv import MaxPool2D
+from handprop.nn.conv import MaxPool2D, MaxPoolReLU
 from handprop.nn.init import INITIALIZERS
 from handprop.nn.layers import Array, Dense, Dropout, Layer
 from handprop.nn.losses import LOSSES, Loss
 from handprop.nn.params import ParamLayout
+from handprop.nn.passes import Masks, Pass, Workspace
 from handprop.nn.spec import (
     architecture_layers,
     build_layers,
@@ -89,9 +92,14 @@ class Network:
     layout : ParamLayout
     macs : int                              multiply-adds of one sample's forward pass
     passes : list of int                    the layers the passes run, in order (all
-                                            but a ReLU that a max pool applies)
+                                            but a ReLU just before a max pool)
+    steps : list                            what runs for each of them: the layer, or
+                                            for such a pool a :class:`MaxPoolReLU`
     xp : module                             the array namespace of params and grads
                                             (NumPy until :meth:`to` moves them)
+    work : Workspace                        the work arrays of its training passes
+    rng : Generator                         where the dropout layers' mask keys come
+                                            from, one per layer and batch (:meth:`set_rng`)
 
     The passes are plain loops over the layers; :class:`~handprop.nn.DataParallel`
     splits a batch over threads or MPI ranks around them. A network is built and
@@ -121,10 +129,18 @@ class Network:
         self.output_shape = chain_shapes(self.layers, self.input_shape)
 
         self.layout = ParamLayout([layer.param_shapes() for layer in self.layers])
-        self._first_param_layer = next(
-            (i for i, layer in enumerate(self.layers) if layer.param_shapes()), 0
+        self.passes, self.steps = self._plan()
+        # where a backward that needs no dL/dX stops: the pass of the first layer with
+        # parameters
+        self._stop = next(
+            (at for at, i in enumerate(self.passes) if self.layers[i].param_shapes()), 0
         )
-        self.passes = self._plan()
+        self.rng = np.random.default_rng(0)
+        #: layer index -> a dropout mask of the whole batch, pinned (gradient checks)
+        self.pinned: dict[int, Array] = {}
+        self._dropouts = [
+            i for i, layer in enumerate(self.layers) if isinstance(layer, Dropout) and layer.p > 0
+        ]
         # refuse, with the estimate, what cannot fit, before numpy tries to allocate it;
         # a shard shares the parameters, and the network that owns them checks its passes
         self._owner = params is None
@@ -149,24 +165,29 @@ class Network:
         # (batch, training) of the last pass whose memory was checked
         self._checked: tuple[int, bool] | None = None
 
-    def _plan(self) -> list[int]:
-        """The indices of the layers that the passes run, in order: every layer but a
-        ReLU just before a max pool. Such a pool applies the ReLU to its pooled output
-        (:attr:`MaxPool2D.relu`), with the same values and gradients, on k^2 times fewer
-        values (the reference CNN's two ReLUs took 1.8 ms of a 25 ms step on 64 images)."""
-        skipped = set()
-        for i, (layer, after) in enumerate(itertools.pairwise(self.layers)):
-            if isinstance(layer, ReLU) and isinstance(after, MaxPool2D):
-                after.relu = True
-                skipped.add(i)
-        return [i for i in range(len(self.layers)) if i not in skipped]
+    def _plan(self) -> tuple[list[int], list[Any]]:
+        """The indices of the layers that the passes run, in order, and what runs for
+        each: every layer but a ReLU just before a max pool, which runs with the pool as
+        one :class:`MaxPoolReLU` step (the same values and gradients, on k^2 times fewer
+        values)."""
+        fused = {
+            i + 1
+            for i, (layer, after) in enumerate(itertools.pairwise(self.layers))
+            if isinstance(layer, ReLU) and isinstance(after, MaxPool2D)
+        }
+        passes = [i for i in range(len(self.layers)) if i + 1 not in fused]
+        steps = [MaxPoolReLU(self.layers[i]) if i in fused else self.layers[i] for i in passes]
+        return passes, steps
 
     def _bind(self, params: Array, grads: Array) -> None:
-        """Make ``params`` and ``grads`` the flat vectors and every layer's views into them."""
+        """Make ``params`` and ``grads`` the flat vectors and every layer's views into them;
+        the passes compute in their namespace, into a workspace of its arrays."""
         self.params, self.grads = params, grads
         self.xp = backend.namespace(params)
+        self.work = Workspace()
+        self._inference = Pass(xp=self.xp)
+        self._last = self.context(training=True)  # the training pass a backward follows
         for i, layer in enumerate(self.layers):
-            layer.xp = self.xp
             layer.bind(self.layout.views(self.params, i), self.layout.views(self.grads, i))
 
     def to(self, device: Any) -> Network:
@@ -275,10 +296,43 @@ class Network:
         self.to(device)
 
     def set_rng(self, rng: np.random.Generator) -> None:
-        """The generator the random layers (dropout) draw their masks from."""
-        for layer in self.layers:
-            if isinstance(layer, Dropout):
-                layer.rng = rng
+        """The generator the keys of the dropout layers' masks are drawn from."""
+        self.rng = rng
+
+    def pin_masks(self, masks: dict[int, Array]) -> None:
+        """Pin dropout masks: layer index -> the keep-mask (n, ...) of every batch of n
+        rows to come, instead of masks drawn per batch (a gradient check's evaluations
+        must all see the same masks). ``{}`` unpins."""
+        self.pinned = dict(masks)
+
+    # -- pass contexts -----------------------------------------------------------------
+
+    def context(self, training: bool = False, **options: Any) -> Pass:
+        """A pass over this network: its array namespace, and in training its workspace;
+        ``options`` are the other fields of :class:`Pass` (``masks``, ``batch_sums``,
+        ``momentum``...). Without ``masks`` dropout keeps every unit."""
+        if not training and not options:
+            return self._inference
+        return Pass(training, self.xp, self.work if training else None, **options)
+
+    def dropout_keys(self) -> dict[int, int | Array]:
+        """One batch's dropout masks: for each dropout layer (by index), the key of its
+        mask drawn from :attr:`rng`, in layer order, or its pinned mask."""
+        return {
+            i: self.pinned[i] if i in self.pinned else int(self.rng.integers(2**63))
+            for i in self._dropouts
+        }
+
+    def masks(self, keys: dict[int, int | Array], n: int, lo: int = 0) -> Masks | None:
+        """Rows [lo, ...) of a batch of ``n`` rows' dropout masks (:meth:`dropout_keys`)
+        for this network's layers; None when it has no dropout layers."""
+        if not keys:
+            return None
+        return Masks({id(self.layers[i]): key for i, key in keys.items()}, n, lo)
+
+    def training_context(self, n: int, **options: Any) -> Pass:
+        """A training pass over a batch of ``n`` rows, this network alone: fresh masks."""
+        return self.context(True, masks=self.masks(self.dropout_keys(), n), **options)
 
     @property
     def n_params(self) -> int:
@@ -320,10 +374,13 @@ class Network:
             f"{what} {self.describe()} on batches of {batch:,} samples",
         )
 
-    def _check_pass(self, batch: int, training: bool) -> None:
-        """:meth:`check_memory` once per new batch size, before the first pass of it."""
-        self.check_memory(batch, training)
-        self._checked = (batch, training)
+    def check_pass(self, batch: int, training: bool) -> None:
+        """:meth:`check_memory` once per new batch size, before the first pass of it: the
+        entry points that run a batch as one pass call it (not a shard, whose network
+        shares the parameters: the network that owns them checks)."""
+        if self._owner and self._checked != (batch, training):
+            self.check_memory(batch, training)
+            self._checked = (batch, training)
 
     def describe(self) -> str:
         """ "the network 784-100-10" (dense layers) or "the network on (1, 28, 28)
@@ -381,45 +438,52 @@ class Network:
             )
         return y
 
-    def forward(self, X: Array, training: bool = False) -> Array:
+    def forward(self, X: Array, training: bool = False, ctx: Pass | None = None) -> Array:
         """Output (n, k) for input (n, *input_shape): logits for cross-entropy.
 
         ``training`` makes each layer keep what its backward pass needs (and dropout
-        drop units); inference keeps nothing.
+        drop units, with masks drawn for this batch); inference keeps nothing. ``ctx``:
+        the pass to run instead (:meth:`context`), e.g. a shard's rows of a batch.
         """
-        if self._owner and self._checked != (X.shape[0], training):
-            self._check_pass(X.shape[0], training)
+        if ctx is None:
+            ctx = self.training_context(X.shape[0]) if training else self._inference
+        if ctx.training:
+            self._last = ctx
         A = self.here(X)
-        for i in self.passes:
-            A = self.layers[i].forward(A, training)
+        for step in self.steps:
+            A = step.forward(A, ctx)
         return A
 
-    def backward(self, G: Array, input_grad: bool = False) -> Array | None:
+    def backward(self, G: Array, input_grad: bool = False, ctx: Pass | None = None) -> Array | None:
         """Backpropagate G = dL/d(output) through the layers, last to first; fills
-        ``self.grads``.
+        ``self.grads``. ``ctx``: the training pass it follows (default: the last one).
 
         Returns dL/dX when ``input_grad`` is true. Otherwise the pass stops at the
         first layer with parameters and skips its input gradient: training never needs
         dL/dX, and for 784-100-10 it is a third of the epoch's matrix products.
         """
-        stop = 0 if input_grad else self._first_param_layer
-        for i in reversed(self.passes):
-            if i < stop:
-                break
-            G = self.layers[i].backward(G, need_input_grad=input_grad or i > stop)
+        ctx = self._last if ctx is None else ctx
+        stop = 0 if input_grad else self._stop
+        for at in range(len(self.steps) - 1, stop - 1, -1):
+            G = self.steps[at].backward(G, ctx, input_grad or at > stop)
         return G if input_grad else None
 
-    def train_pass(self, X: Array, y: Array, count: int | None = None) -> tuple[float, Array]:
+    def train_pass(
+        self, X: Array, y: Array, count: int | None = None, ctx: Pass | None = None
+    ) -> tuple[float, Array]:
         """Forward (training), loss and backward over (X, y): fills ``grads``, returns
         the loss and the network's output.
 
         ``count``: divide the loss by this many samples instead of ``len(X)`` (a
         data-parallel shard's rows are part of a larger batch, and its loss and
-        gradient are its share of that batch's).
+        gradient are its share of that batch's). ``ctx``: the training pass to run
+        (default: :meth:`training_context`).
         """
-        out = self.forward(X, training=True)
+        self.check_pass(X.shape[0], training=True)
+        ctx = self.training_context(X.shape[0]) if ctx is None else ctx
+        out = self.forward(X, ctx=ctx)
         loss, G = self.loss(out, self.here(y), count=count)
-        self.backward(G)
+        self.backward(G, ctx=ctx)
         return loss, out
 
     def loss_and_grad(self, X: Array, y: Array) -> float:
@@ -432,6 +496,7 @@ class Network:
 
     def loss_value(self, X: Array, y: Array, training: bool = False) -> float:
         """The loss over (X, y) without a backward pass."""
+        self.check_pass(X.shape[0], training)
         return self.loss.value(self.forward(X, training=training), self.here(y))
 
     def inference_batch(self) -> int:
@@ -454,8 +519,10 @@ class Network:
         memory (``batch_size`` samples at a time; by default :meth:`inference_batch`).
         ``forward``: the inference pass to use (a DataParallel's; default: this one's)."""
         X = self.check_input(X)
-        forward = forward or self.forward
         batch_size = batch_size or self.inference_batch()
+        if forward is None:  # this network's passes (a DataParallel's check their batches)
+            forward = self.forward
+            self.check_pass(min(batch_size, X.shape[0]), training=False)
         out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
         for start in range(0, X.shape[0], batch_size):
             stop = start + batch_size

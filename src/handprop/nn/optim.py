@@ -38,16 +38,27 @@ def _unit(name: str, value: float) -> float:
 
 
 class Optimizer:
-    """Base: learning rate, step count, weight decay, and flat state vectors."""
+    """Base: learning rate and its schedule, step count, weight decay, and flat state
+    vectors.
+
+    The optimizer owns the learning rate: ``lr`` is the base rate, and
+    :meth:`set_epoch` sets the rate of an epoch, the base times the ``schedule``'s
+    factor (a :class:`~handprop.nn.Schedule`; none: the base throughout).
+    """
 
     kind: str = ""
     #: names of the flat state vectors, allocated like ``params`` on the first step
     state_names: tuple[str, ...] = ()
 
     def __init__(
-        self, lr: float, weight_decay: float = 0.0, decay_mask: Array | None = None
+        self,
+        lr: float,
+        weight_decay: float = 0.0,
+        decay_mask: Array | None = None,
+        schedule: Any = None,
     ) -> None:
-        self.lr = _positive("learning rate", lr)
+        self.base_lr = self.lr = _positive("learning rate", lr)
+        self.schedule = schedule
         self.weight_decay = float(weight_decay)
         if not np.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight decay must be >= 0, got {weight_decay!r}")
@@ -57,6 +68,11 @@ class Optimizer:
         self._decay: Array | None = None  # weight_decay where decayed, else 0
         self._buf: Array | None = None  # the gradient with weight decay
         self._tmp: Array | None = None  # a second work vector, for Adam and RMSprop
+
+    def set_epoch(self, epoch: int) -> None:
+        """The learning rate of ``epoch`` (counted from 1): lr(epoch) = base * factor."""
+        factor = 1.0 if self.schedule is None else self.schedule.factor(epoch)
+        self.lr = self.base_lr * factor
 
     def _prepare(self, params: Array) -> None:
         if self._buf is not None:

@@ -5,13 +5,15 @@ One batch, many workers, the same numbers as one worker:
 1. **rows**: the batch's rows [0, n) are cut into near-equal blocks: one per MPI rank
    (``world``), then this rank's block into one per thread (when the block has work
    enough to gain, see ``MIN_SHARD_MACS``);
-2. **random streams**: each dropout layer draws one key per batch from its generator,
-   the same on every worker, and each worker draws its own rows of the batch's mask
-   from that key (:func:`~handprop.nn.layers.keep_mask`), so a run does not depend on
-   the number of threads or ranks;
+2. **random streams**: the network draws one key per dropout layer and batch from its
+   generator, the same on every worker, and each worker's pass carries its rows of the
+   batch (:class:`~handprop.nn.passes.Masks`), of which each dropout layer draws its
+   rows of the mask (:func:`~handprop.nn.layers.keep_mask`), so a run does not depend
+   on the number of threads or ranks;
 3. each worker runs forward, loss and backward over its rows, dividing the loss by the
    whole batch's n, into a flat gradient vector of its own (a thread's shard is a copy
-   of the layers that shares the parameter vector);
+   of the layers that shares the parameter vector), with batchnorm's statistics summed
+   over the whole batch (:class:`~handprop.nn.batchnorm.BatchSums`);
 4. **reduce**: the flat gradient vectors are summed, in process over the threads
    (``np.add``), then over the ranks by one in-place Allreduce of ``grads``; the loss
    rides in a second, one-number reduce.
@@ -32,15 +34,13 @@ import numpy as np
 
 from handprop.errors import Interrupted
 from handprop.nn import backend
-from handprop.nn.batchnorm import shared_batch_stats
+from handprop.nn.batchnorm import BatchNorm, BatchSums
 from handprop.nn.conv import Conv2D
-from handprop.nn.layers import Array, Dropout
+from handprop.nn.layers import Array
 from handprop.nn.network import Network
 from handprop.nn.threads import bounds, get_threads, side_by_side, single_blas
 
 T = TypeVar("T")
-#: each dropout layer's mask for one batch: (its key, False), or (a pinned mask, True)
-Masks = list[tuple["int | Array", bool]]
 
 #: a batch is split over threads when each shard's forward pass has at least this many
 #: multiply-adds (below it the hand-off between threads costs more than it saves) ...
@@ -116,13 +116,8 @@ class DataParallel:
         self.world: World = world or OneProcess()
         self._shards: list[Network] = []  # one per thread, made when first needed
         self._two = np.zeros(2, dtype=np.float64)  # the loss and the stop flag, reduced
-        # (layer index, layer) of each dropout layer
-        self._dropouts: list[tuple[int, Dropout]] = [
-            (i, layer)
-            for i, layer in enumerate(net.layers)
-            if isinstance(layer, Dropout) and layer.p > 0
-        ]
         self._convolutional = any(isinstance(layer, Conv2D) for layer in net.layers)
+        self._batchnorm = any(isinstance(layer, BatchNorm) for layer in net.layers)
 
     # -- what optimizers and gradient checks see: the network's ------------------------
 
@@ -212,18 +207,19 @@ class DataParallel:
         """
         n = X.shape[0]
         lo, hi = self.rows(n)
-        masks = self._draw_masks()
+        keys = self.net.dropout_keys()  # the batch's masks, the same on every worker
         split = self.split(hi - lo, training=True)
-        try:
-            if split is None:
-                self._hand_rows(self.net, masks, n, lo, hi)
-                # batchnorm: the statistics of the whole batch, over the ranks
-                with self._blas_for(hi - lo), shared_batch_stats([self.net], self.world):
-                    loss, out = self.net.train_pass(X[lo:hi, ...], y[lo:hi], count=n)
-            else:
-                loss, out = self._train_on_shards(X[lo:hi, ...], y[lo:hi], n, lo, split, masks)
-        finally:
-            self._take_back(masks)
+        if split is None:
+            sums = self._batch_sums(1)  # batchnorm: the whole batch's, over the ranks
+            ctx = self.net.context(
+                True,
+                masks=self.net.masks(keys, n, lo),
+                batch_sums=None if sums is None else sums.hook(0),
+            )
+            with self._blas_for(hi - lo):
+                loss, out = self.net.train_pass(X[lo:hi, ...], y[lo:hi], count=n, ctx=ctx)
+        else:
+            loss, out = self._train_on_shards(X[lo:hi, ...], y[lo:hi], n, lo, split, keys)
         return self._sum_over_ranks(loss), out
 
     def loss_and_grad(self, X: Array, y: Array) -> float:
@@ -244,49 +240,39 @@ class DataParallel:
         n: int,
         lo: int,
         split: list[tuple[int, int]],
-        masks: Masks,
+        keys: dict[int, int | Array],
     ) -> tuple[float, Array]:
-        """Each thread's shard through forward, loss and backward in one hand-off; the
-        shards' gradient vectors summed into ``grads``."""
+        """Each thread's shard through forward, loss and backward in one hand-off, on its
+        rows of the batch's masks and, for batchnorm, the whole batch's statistics (shard
+        0 alone moves the running averages the shards share); the shards' gradient
+        vectors summed into ``grads``."""
         out = np.empty((X.shape[0], *self.net.output_shape), dtype=self.net.dtype)
+        shards = self.shards(len(split))
+        sums = self._batch_sums(len(shards))
 
-        def run(shard: Network, a: int, b: int) -> float:
-            self._hand_rows(shard, masks, n, lo + a, lo + b)
-            loss, out[a:b] = shard.train_pass(X[a:b], y[a:b], count=n)
+        def run(k: int, a: int, b: int) -> float:
+            shard = shards[k]
+            ctx = shard.context(
+                True,
+                masks=shard.masks(keys, n, lo + a),
+                batch_sums=None if sums is None else sums.hook(k),
+                update_running=k == 0,
+            )
+            loss, out[a:b] = shard.train_pass(X[a:b], y[a:b], count=n, ctx=ctx)
             return loss
 
-        shards = self.shards(len(split))
-        with shared_batch_stats(shards, self.world) as guard:  # batchnorm: whole-batch stats
-            losses = self._on_threads(guard(run), shards, split)
+        losses = self._on_threads(run if sums is None else sums.guard(run), split)
         np.add(shards[0].grads, shards[1].grads, out=self.net.grads)
         for shard in shards[2:]:
             self.net.grads += shard.grads
         return float(sum(losses)), out
 
-    def _draw_masks(self) -> Masks:
-        """Each dropout layer's mask for the batch, and whether the caller pinned it: the
-        key of its stream, drawn from the layer's generator exactly as the network alone
-        would draw it (every worker then draws its own rows), or the pinned mask."""
-        return [
-            (layer.next_key(), False) if layer.fixed_mask is None else (layer.fixed_mask, True)
-            for _, layer in self._dropouts
-        ]
-
-    def _hand_rows(self, net: Network, masks: Masks, n: int, lo: int, hi: int) -> None:
-        """Give ``net``'s dropout layers rows [lo, hi) of the batch's ``n`` rows of masks:
-        a pinned mask's rows, or the key and the rows to draw."""
-        for (i, _), (mask, pinned) in zip(self._dropouts, masks, strict=True):
-            if pinned:
-                net.layers[i].fixed_mask = mask[lo:hi]
-            else:
-                net.layers[i].rows = (mask, n, lo)
-
-    def _take_back(self, masks: Masks) -> None:
-        """Give the network's own dropout layers back what they had: the pinned mask, or
-        none, and no rows."""
-        for (i, _), (mask, pinned) in zip(self._dropouts, masks, strict=True):
-            layer = self.net.layers[i]
-            layer.fixed_mask, layer.rows = (mask if pinned else None), None
+    def _batch_sums(self, parties: int) -> BatchSums | None:
+        """The reduction that gives ``parties`` shards' batchnorm layers the whole
+        batch's statistics, over the ranks; None when there is nothing to share."""
+        if not self._batchnorm or (parties == 1 and self.world.size == 1):
+            return None
+        return BatchSums(parties, self.world)
 
     # -- inference and evaluation ----------------------------------------------------
 
@@ -294,21 +280,23 @@ class DataParallel:
         """The network's output for X (this process's threads share the rows)."""
         split = self.split(X.shape[0], training)
         if split is None or training:
+            self.net.check_pass(X.shape[0], training)
             with self._blas_for(X.shape[0]):
                 return self.net.forward(X, training)
         out = np.empty((X.shape[0], *self.net.output_shape), dtype=self.net.dtype)
 
-        def run(shard: Network, a: int, b: int) -> None:
-            out[a:b] = shard.forward(X[a:b])
+        shards = self.shards(len(split))
 
-        self._on_threads(run, self.shards(len(split)), split)
+        def run(k: int, a: int, b: int) -> None:
+            out[a:b] = shards[k].forward(X[a:b])
+
+        self._on_threads(run, split)
         return out
 
     def loss_value(self, X: Array, y: Array, training: bool = False) -> float:
         """The loss over the whole batch (X, y), every rank on its rows."""
         if training:  # a gradient check: the pinned masks, the same rows as train_pass
-            out = self.net.forward(X, training=True)
-            return self.net.loss.value(out, y)
+            return self.net.loss_value(X, y, training=True)
         lo, hi = self.rows(X.shape[0])
         out = self.forward(X[lo:hi, ...])
         loss = self.net.loss.value(out, y[lo:hi]) * (hi - lo) / max(X.shape[0], 1)
@@ -334,14 +322,11 @@ class DataParallel:
 
     # -- the two reduces -------------------------------------------------------------
 
-    def _on_threads(
-        self, fn: Callable[..., T], shards: list[Network], split: list[tuple[int, int]]
-    ) -> list[T]:
-        """``fn(shard, lo, hi)`` for each shard and its rows, side by side, BLAS on one
+    def _on_threads(self, fn: Callable[..., T], split: list[tuple[int, int]]) -> list[T]:
+        """``fn(k, lo, hi)`` for each shard k and its rows, side by side, BLAS on one
         thread per call."""
-        calls = [(shard, a, b) for shard, (a, b) in zip(shards, split, strict=True)]
         with single_blas():
-            return side_by_side(fn, calls)
+            return side_by_side(fn, [(k, a, b) for k, (a, b) in enumerate(split)])
 
     def _sum_over_ranks(self, loss: float, grads: bool = True) -> float:
         """Allreduce ``grads`` (in place) and the loss over the ranks; after a training

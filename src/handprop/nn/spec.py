@@ -1,9 +1,11 @@
 """Layer specs: the text items of a config ("conv 32 3 pad=1", "dense 128", "relu")
-and the layer dicts of a model file, turned into layer objects.
+and the layer dicts of a model file, turned into layer objects, and back.
 
-One registry, :data:`LAYERS`, resolves both (never ``getattr`` on a module); a model
-file is untrusted input, so :func:`check_architecture` checks every value's type
-before a layer is built from it.
+One registry, :data:`LAYERS`, resolves both (never ``getattr`` on a module). It is built
+from the classes: each layer kind declares its item (:class:`ItemSpec`: its word, its
+settings with their types, which size the input gives), and one parser, one formatter
+and one model-file check here read those declarations. A model file is untrusted input,
+so :func:`check_architecture` checks every value's type before a layer is built from it.
 """
 
 from __future__ import annotations
@@ -15,26 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from handprop.errors import HandpropError, ShapeError
-from handprop.nn.activations import ACTIVATIONS
-from handprop.nn.batchnorm import BatchNorm
-from handprop.nn.conv import AvgPool2D, Conv2D, MaxPool2D
-from handprop.nn.layers import Dense, Dropout, Flatten, Layer
+from handprop.nn import activations, batchnorm, conv  # noqa: F401 (their kinds join LAYERS)
+from handprop.nn.layers import LAYERS, Dense, Flatten, Layer
 from handprop.nn.losses import LOSSES
 
-#: layer kind -> class; model files resolve through it (never through getattr)
-LAYERS: dict[str, type[Layer]] = {
-    "dense": Dense,
-    "flatten": Flatten,
-    "dropout": Dropout,
-    "conv2d": Conv2D,
-    "maxpool2d": MaxPool2D,
-    "avgpool2d": AvgPool2D,
-    "batchnorm": BatchNorm,
-    **ACTIVATIONS,
-}
 
-#: layer settings that are real numbers (every other setting is an integer)
-FLOAT_SETTINGS = frozenset({"p", "momentum", "eps"})
+def listed() -> list[type[Layer]]:
+    """The registry's classes as "known:" lists name them: activations last."""
+    return sorted(LAYERS.values(), key=lambda cls: cls.is_activation)
 
 
 def parse_spec(spec: str | Sequence[int]) -> list[int]:
@@ -54,19 +44,6 @@ def parse_spec(spec: str | Sequence[int]) -> list[int]:
     return sizes
 
 
-#: layer-spec words -> (layer kind, positional argument names, their types)
-LAYER_WORDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "conv": ("conv2d", ("c_out", "k", "stride", "pad")),
-    "maxpool": ("maxpool2d", ("k", "stride")),
-    "avgpool": ("avgpool2d", ("k", "stride")),
-    "dense": ("dense", ("d_out",)),
-    "dropout": ("dropout", ("p",)),
-    "batchnorm": ("batchnorm", ("momentum", "eps")),
-    "flatten": ("flatten", ()),
-    **{name: (name, ()) for name in ACTIVATIONS},
-}
-
-
 def parse_layer_item(item: str) -> tuple[str, dict[str, float]]:
     """One layer-spec item, e.g. "conv 32 3 pad=1", "maxpool 2", "relu", "dropout 0.5",
     "batchnorm" (or "batchnorm momentum=0.1 eps=1e-5").
@@ -75,13 +52,16 @@ def parse_layer_item(item: str) -> tuple[str, dict[str, float]]:
     follow from the shapes, so a spec never repeats them).
     """
     words = item.replace(":", " ").split()
-    if not words or words[0].lower() not in LAYER_WORDS:
+    by_word = {cls.spec.word: cls for cls in listed()}
+    if not words or words[0].lower() not in by_word:
         raise ShapeError(
-            f"unknown layer {item!r}; known: {', '.join(LAYER_WORDS)} "
+            f"unknown layer {item!r}; known: {', '.join(by_word)} "
             "(e.g. 'conv 32 3 pad=1', 'maxpool 2', 'dense 128', 'dropout 0.5', 'batchnorm', "
             "'relu')"
         )
-    kind, names = LAYER_WORDS[words[0].lower()]
+    cls = by_word[words[0].lower()]
+    settings = {s.name: s for s in cls.spec.settings}
+    names = tuple(settings)
     args: dict[str, float] = {}
     positional = [w for w in words[1:] if "=" not in w]
     if len(positional) > len(names):
@@ -92,14 +72,13 @@ def parse_layer_item(item: str) -> tuple[str, dict[str, float]]:
         if name not in names:
             raise ShapeError(f"layer {item!r}: unknown setting {name!r}; known: {', '.join(names)}")
         try:
-            args[name] = float(text) if name in FLOAT_SETTINGS else int(text)
+            args[name] = settings[name].type(text)
         except ValueError:
             raise ShapeError(f"layer {item!r}: {name} must be a number, got {text!r}") from None
-    required = {"conv2d": 2, "maxpool2d": 1, "avgpool2d": 1, "dense": 1, "dropout": 1}
-    missing = [n for n in names[: required.get(kind, 0)] if n not in args]
+    missing = [n for n, s in settings.items() if s.required and n not in args]
     if missing:
         raise ShapeError(f"layer {item!r} needs {', '.join(missing)}")
-    return kind, args
+    return cls.kind, args
 
 
 def build_layers(
@@ -112,20 +91,16 @@ def build_layers(
     shape = tuple(int(s) for s in input_shape)
     for item in items:
         kind, args = parse_layer_item(item)
-        if kind == "dense" and len(shape) > 1:
+        spec = LAYERS[kind].spec
+        if spec.flat_input and len(shape) > 1:
             layers.append(Flatten())
             shape = layers[-1].output_shape(shape)
-        if kind == "conv2d" and len(shape) != 3:
+        if spec.image_input and len(shape) != 3:
             raise ShapeError(f"layer {item!r} needs image inputs (c, h, w), got {shape}")
+        if spec.input_size:  # dense's d_in, conv's c_in, batchnorm's features or channels
+            args = {spec.input_size: shape[0], **args}
         try:
-            if kind == "conv2d":
-                layer: Layer = Conv2D(shape[0], **args)
-            elif kind == "dense":
-                layer = Dense(shape[0], **args)
-            elif kind == "batchnorm":  # per feature (n, d) or per channel (n, c, h, w)
-                layer = BatchNorm(shape[0], **args)
-            else:
-                layer = LAYERS[kind](**args)
+            layer = LAYERS[kind](**args)
             shape = layer.output_shape(shape)
         except HandpropError as exc:  # "dense needs sizes >= 1, ...": say which item
             raise ShapeError(f"layer {item!r}: {exc}") from None
@@ -136,30 +111,26 @@ def build_layers(
     layers.append(Dense(shape[0], n_classes))
     out_act = LOSSES[loss].output_activation if loss in LOSSES else None
     if out_act is not None:
-        layers.append(ACTIVATIONS[out_act]())
+        layers.append(LAYERS[out_act]())
     return layers
 
 
 def layer_words(layer: Layer) -> str:
-    """A layer as a layer-spec item ("dense 100", "conv 32 3 pad=1"), for messages."""
-    if isinstance(layer, Dense):
-        return f"dense {layer.d_out}"
-    if isinstance(layer, Conv2D):
-        extra = (f" stride={layer.stride}" if layer.stride != 1 else "") + (
-            f" pad={layer.pad}" if layer.pad else ""
-        )
-        return f"conv {layer.c_out} {layer.k}{extra}"
-    if isinstance(layer, (MaxPool2D, AvgPool2D)):
-        name = layer.kind.removesuffix("2d")
-        return f"{name} {layer.k}" + (f" stride={layer.stride}" if layer.stride != layer.k else "")
-    if isinstance(layer, Dropout):
-        return f"dropout {layer.p:g}"
-    if isinstance(layer, BatchNorm):
-        extra = (f" momentum={layer.momentum:g}" if layer.momentum != 0.1 else "") + (
-            f" eps={layer.eps:g}" if layer.eps != 1e-5 else ""
-        )
-        return "batchnorm" + extra
-    return layer.kind
+    """A layer as a layer-spec item ("dense 100", "conv 32 3 pad=1"), for messages: its
+    required settings positionally, the others as name=value where not the default."""
+    spec, config = type(layer).spec, layer.get_config()
+    defaults = inspect.signature(type(layer)).parameters
+    words = [spec.word]
+    for s in spec.settings:
+        value = config[s.name]
+        text = f"{value:g}" if s.type is float else str(value)
+        if s.required:
+            words.append(text)
+            continue
+        default = config[s.default_from] if s.default_from else defaults[s.name].default
+        if value != default:
+            words.append(f"{s.name}={text}")
+    return " ".join(words)
 
 
 #: the most layers a model file may describe (the deepest handprop net has a few dozen)
@@ -200,15 +171,17 @@ def check_architecture(arch: Any) -> None:
         if not isinstance(spec, dict) or not isinstance(kind, str):
             raise ShapeError(f"layer {i} must be an object with a 'type', got {spec!r:.80}")
         if kind not in LAYERS:
-            raise ShapeError(f"layer {i} has unknown type {kind!r:.80}; known: {', '.join(LAYERS)}")
+            known = ", ".join(cls.kind for cls in listed())
+            raise ShapeError(f"layer {i} has unknown type {kind!r:.80}; known: {known}")
         params = inspect.signature(LAYERS[kind]).parameters
+        reals = {s.name for s in LAYERS[kind].spec.settings if s.type is float}
         for name, value in spec.items():
             if name == "type":
                 continue
             if name not in params:
                 raise ShapeError(f"layer {i} ({kind}) has unknown setting {name!r:.80}")
             number = is_int(value) or (
-                name in FLOAT_SETTINGS and isinstance(value, float) and math.isfinite(value)
+                name in reals and isinstance(value, float) and math.isfinite(value)
             )
             if not number:
                 raise ShapeError(f"layer {i} ({kind}): {name} must be a number, got {value!r:.80}")

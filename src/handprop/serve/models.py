@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from handprop.errors import ConfigError, HandpropError
-from handprop.nn import ACTIVATIONS, Conv2D, Dense, Dropout, Network
+from handprop.nn import Network
 from handprop.predict import IMAGE_PREPS, MODEL_FILE, image_prep, load_model
 
 #: the most pixels an image sent to the server may have (Pillow's own limit is 89 M)
@@ -33,6 +33,10 @@ MAX_MODELS = 200
 TOP_UNITS = 8
 #: feature maps shown for a convolutional first layer
 MAX_MAPS = 32
+#: the first layer's view (``Layer.first_layer_view``) -> the API's "kind" of it
+#: (docs/api.md), and the picker's kind of the model
+VIEW_KINDS = {"units": "dense", "maps": "conv"}
+MODEL_KINDS = {"units": "mlp", "maps": "cnn"}
 
 
 @dataclass
@@ -74,7 +78,7 @@ class ServedModel:
             "image_shape": list(self.image_shape),
             "image_prep": self.image_prep,
             "preparation": IMAGE_PREPS[self.image_prep],
-            "kind": "cnn" if isinstance(first, Conv2D) else "mlp",
+            "kind": MODEL_KINDS.get(first.first_layer_view, "mlp"),
             "description": self.net.describe(),
             "n_params": self.net.n_params,
         }
@@ -99,11 +103,14 @@ class ServedModel:
             top = int(P.argmax())
             # saliency: d score_top / dX through the network's own backward pass. The
             # score is the network's output for the top class (the logit, for
-            # softmax + cross-entropy); G = e_top is dScore/dOutput.
-            out = net.forward(X, training=True)
+            # softmax + cross-entropy); G = e_top is dScore/dOutput. A training pass,
+            # so that the layers keep what backward needs, without dropout masks: every
+            # unit is kept, as at inference.
+            ctx = net.context(training=True)
+            out = net.forward(X, ctx=ctx)
             G = np.zeros_like(out)
             G[0, top] = 1
-            dX = np.array(net.backward(G, input_grad=True), dtype=np.float64)
+            dX = np.array(net.backward(G, input_grad=True, ctx=ctx), dtype=np.float64)
             first = _first_layer(net, X)
         g = dX.reshape(H, W)
         scale = float(np.abs(g).max())
@@ -128,38 +135,38 @@ def _first_layer(net: Network, X: np.ndarray) -> dict[str, Any] | None:
     """The first layer with parameters, after its activation: top units or feature maps."""
     i = _first_param_layer(net)
     layer = net.layers[i]
-    last = i + 1 if i + 1 < len(net.layers) and net.layers[i + 1].kind in ACTIVATIONS else i
+    last = i + 1 if i + 1 < len(net.layers) and net.layers[i + 1].is_activation else i
     A = X
     for step in net.layers[: last + 1]:
         A = step.forward(A)  # inference: nothing is kept on the layers
     A = np.asarray(A[0], dtype=np.float64)
     activation = net.layers[last].kind if last != i else "identity"
-    if isinstance(layer, Dense):
+    view = layer.first_layer_view
+    if view == "units":  # the most active outputs, each with its input weights
         order = np.argsort(-A, kind="stable")[:TOP_UNITS]
-        H_W = math.prod(X.shape[1:])
+        images = (layer.weight_images(X.shape[1:]) or (None, ""))[0]  # None: not images
         units = []
         for u in order:
-            w = np.asarray(layer.W[:, u], dtype=np.float64)
-            top = float(np.abs(w).max())
+            w = np.zeros(0) if images is None else np.asarray(images[u], np.float64).ravel()
+            top = float(np.abs(w).max(initial=0))
             units.append(
                 {
                     "unit": int(u),
                     "value": round(float(A[u]), 5),
                     # weights as integers in [-127, 127], scaled by the unit's largest
-                    "weights": np.round(w / top * 127).astype(int).tolist()
-                    if top > 0 and layer.d_in == H_W
-                    else None,
+                    "weights": np.round(w / top * 127).astype(int).tolist() if top > 0 else None,
                 }
             )
-        return {"kind": "dense", "activation": activation, "n_units": layer.d_out, "units": units}
-    if isinstance(layer, Conv2D):
+        kind = VIEW_KINDS[view]
+        return {"kind": kind, "activation": activation, "n_units": len(A), "units": units}
+    if view == "maps":  # the output feature maps
         maps = A[:MAX_MAPS]
         top = float(np.abs(maps).max())
         q = np.round(maps / top * 255) if top > 0 else np.zeros_like(maps)
         return {
-            "kind": "conv",
+            "kind": VIEW_KINDS[view],
             "activation": activation,
-            "n_maps": layer.c_out,
+            "n_maps": len(A),
             "shape": list(maps.shape[1:]),
             "scale": top,
             # each map row-major, as integers in [-255, 255] on one shared scale
@@ -195,11 +202,6 @@ def image_shape_of(net: Network, path: Path) -> tuple[int, int]:
 def load_served(path: Path, model_id: str, run: Path | None) -> ServedModel:
     """One model, loaded and checked; its run folder (if any) gives dataset and accuracy."""
     net = load_model(path)
-    for layer in net.layers:
-        if isinstance(layer, Dropout):
-            # the served network never trains: dropout is the identity at inference,
-            # and the saliency pass (a training-mode forward) must not drop units
-            layer.p = 0.0
     image_shape = image_shape_of(net, path)
     names = net.meta.get("class_names") or [str(i) for i in range(net.n_classes)]
     dataset, accuracy = net.meta.get("dataset"), None
