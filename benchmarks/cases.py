@@ -189,7 +189,8 @@ def no_torch_row(ctx: Context, case: str, metric: str, hp: float) -> Row:
 def case_epoch(ctx: Context) -> CaseResult:
     """Full-batch epoch of 784-100-10 sigmoid + softmax CE on 18000 samples:
     handprop vs the GEMM floor vs PyTorch by hand."""
-    from handprop.nn import GD, DataParallel, Network
+    from handprop.nn import GD, Network
+    from handprop.scale import DataParallel
 
     res = CaseResult("epoch")
     X, y, source = train_data(ctx, EPOCH_N)
@@ -270,7 +271,8 @@ def case_epoch(ctx: Context) -> CaseResult:
 def epoch_variants(ctx: Context, X: np.ndarray, y: np.ndarray, reps: int) -> list[Row]:
     """The epoch with dropout 0.5 on the hidden layer, and in float64, each against the
     GEMM floor of its own dtype (the faster of BLAS threads and row blocks)."""
-    from handprop.nn import GD, DataParallel, Network
+    from handprop.nn import GD, Network
+    from handprop.scale import DataParallel
 
     rows = []
     for label, dtype, p in (("dropout 0.5", np.float32, 0.5), ("float64", np.float64, 0.0)):
@@ -589,7 +591,8 @@ def _sklearn_baseline(
 
 def case_minibatch(ctx: Context) -> CaseResult:
     """One shuffled epoch, batch 128, 784-100-10 ReLU, Adam: samples/s vs PyTorch."""
-    from handprop.nn import Adam, DataParallel, Network
+    from handprop.nn import Adam, Network
+    from handprop.scale import DataParallel
 
     res = CaseResult("minibatch")
     X, y, source = train_data(ctx, 10000 if ctx.quick else None)
@@ -666,7 +669,8 @@ def case_minibatch(ctx: Context) -> CaseResult:
 
 def case_inference(ctx: Context) -> CaseResult:
     """The 10000 test images through 784-100-10 sigmoid: images/s vs PyTorch."""
-    from handprop.nn import DataParallel, Network
+    from handprop.nn import Network
+    from handprop.scale import DataParallel
 
     res = CaseResult("inference")
     mnist, why = ctx.mnist()
@@ -814,7 +818,8 @@ def cnn_contenders(
 ) -> tuple[dict[str, Callable[[], object]], Any]:
     """handprop's and PyTorch's (at ctx.threads threads and at 1) training loops over
     (X, y) in batches of 128 with Adam, in ``dtype``; and handprop's network."""
-    from handprop.nn import Adam, DataParallel, Network
+    from handprop.nn import Adam, Network
+    from handprop.scale import DataParallel
 
     net = Network.from_layers(
         CNN_LAYERS, (1, 28, 28), N_CLASSES, init="he_normal", rng=0, dtype=dtype

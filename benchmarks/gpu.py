@@ -317,7 +317,8 @@ def accuracy(predicted: np.ndarray, y: np.ndarray) -> float:
 def part_seed(rep: Report, dev: Device, args: argparse.Namespace) -> None:
     """experiments/baseline.cfg's 1000 epochs on the device: handprop vs PyTorch by hand;
     handprop on the CPU once; test accuracy of each."""
-    from handprop.nn import GD, DataParallel, backend
+    from handprop.nn import GD, backend
+    from handprop.scale import DataParallel
 
     cfg, data, net = load_run(BASELINE_CFG, args.mnist)
     epochs = QUICK_SEED_EPOCHS if args.quick else cfg.epochs
@@ -423,7 +424,8 @@ def seed_on_cpu(
 ) -> None:
     """The same run with handprop on the CPU (NumPy, its threads), once: all ``epochs``
     when a short probe says they fit ``budget`` seconds, else as many as fit."""
-    from handprop.nn import GD, DataParallel, get_threads
+    from handprop.nn import GD, get_threads
+    from handprop.scale import DataParallel
     from handprop.train import build_network
 
     net = build_network(cfg, data)  # the same initial weights again
@@ -489,7 +491,8 @@ def seed_on_cpu(
 def part_cnn(rep: Report, dev: Device, args: argparse.Namespace) -> None:
     """experiments/cnn.toml's network, shuffled epochs of batch 128 with Adam, handprop and
     PyTorch interleaved epoch by epoch; then both networks' test accuracy."""
-    from handprop.nn import Adam, DataParallel, backend
+    from handprop.nn import Adam, backend
+    from handprop.scale import DataParallel
     from handprop.train import run_epoch
 
     cfg, data, net = load_run(CNN_CFG, args.mnist)

@@ -36,10 +36,11 @@ def main() -> None:
 
     from benchmarks.data import default_data_dir, load_mnist
     from benchmarks.mpi_allreduce import cnn_layers
-    from handprop import distributed
-    from handprop.nn import GD, Adam, DataParallel, Network
+    from handprop.scale import mpi
+    from handprop.nn import GD, Adam, Network
+    from handprop.scale import DataParallel
 
-    world = distributed.world()
+    world = mpi.world()
     threadpool_limits(1, user_api="blas")
     mnist, why = load_mnist(default_data_dir())
     source = "MNIST" if mnist is not None else f"synthetic ({why})"

@@ -127,7 +127,7 @@ def thread_ranks():
 def split_all(monkeypatch):
     """Split every batch of at least two rows per thread: ``split_all(threads)`` sets the
     thread count; the defaults come back after the test."""
-    import handprop.nn.parallel as parallel_module
+    import handprop.scale.parallel as parallel_module
     from handprop.nn.threads import set_threads
 
     monkeypatch.setattr(parallel_module, "MIN_SHARD_MACS", 0)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from handprop.augment import shift_rotate, warp
+from handprop.data.augment import shift_rotate, warp
 from handprop.errors import ConfigError
 
 
@@ -42,7 +42,7 @@ def test_random_draws_are_seeded_and_bounded():
 
 
 def test_elastic_distortions_are_seeded_and_keep_shape_and_dtype(rng):
-    from handprop.augment import elastic
+    from handprop.data.augment import elastic
 
     X = rng.random((6, 1, 28, 28)).astype(np.float32)
     a = elastic(X, np.random.default_rng(7), alpha=34, sigma=4)
@@ -55,7 +55,7 @@ def test_elastic_distortions_are_seeded_and_keep_shape_and_dtype(rng):
 
 
 def test_elastic_alpha_zero_is_the_identity(rng):
-    from handprop.augment import augment, elastic
+    from handprop.data.augment import augment, elastic
 
     X = rng.random((3, 2, 9, 7))
     np.testing.assert_array_equal(elastic(X, np.random.default_rng(1), alpha=0), X)
@@ -71,7 +71,7 @@ def test_elastic_alpha_zero_is_the_identity(rng):
 def test_the_displacement_field_is_a_smoothed_uniform_field():
     from scipy.ndimage import gaussian_filter
 
-    from handprop.augment import elastic_field, gaussian_matrix
+    from handprop.data.augment import elastic_field, gaussian_matrix
 
     v = np.random.default_rng(0).normal(size=28)
     for sigma in (1.5, 4.0, 10.0):  # the matrix smooths as scipy.ndimage does (reflect)
@@ -86,7 +86,7 @@ def test_the_displacement_field_is_a_smoothed_uniform_field():
 
 
 def test_a_uniform_displacement_moves_the_image_bilinearly(rng):
-    from handprop.augment import bilinear
+    from handprop.data.augment import bilinear
 
     X = rng.random((2, 1, 6, 6))
     yy, xx = np.mgrid[0:6, 0:6].astype(float)
@@ -120,7 +120,7 @@ def test_a_uniform_displacement_moves_the_image_bilinearly(rng):
     ],
 )
 def test_settings_beyond_the_image_are_refused_naming_the_field(settings, message):
-    from handprop.augment import check_augment
+    from handprop.data.augment import check_augment
 
     with pytest.raises(ConfigError) as info:
         check_augment((8, 8), **settings, dataset="digits")
@@ -128,7 +128,7 @@ def test_settings_beyond_the_image_are_refused_naming_the_field(settings, messag
 
 
 def test_settings_within_the_image_pass():
-    from handprop.augment import check_augment
+    from handprop.data.augment import check_augment
 
     check_augment((8, 8), 7, 180.0, 34.0, 8.0)
     check_augment((28, 28), 2, 10.0, 34.0, 4.0)
@@ -136,7 +136,7 @@ def test_settings_within_the_image_pass():
 
 
 def test_the_smoothing_kernel_is_bounded_by_the_image():
-    from handprop.augment import gaussian_matrix
+    from handprop.data.augment import gaussian_matrix
 
     K = gaussian_matrix(8, 8.0)  # the widest sigma: a (8, 65) work array, no more
     assert K.shape == (8, 8) and np.allclose(K.sum(axis=1), 1)

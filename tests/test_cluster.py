@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("distributed", reason='needs Dask distributed: pip install -e ".[cluster]"')
 
-from handprop.experiments import read_grid, run_one
+from handprop.grids.grid import read_grid, run_one
 
 HEADER = "run_name,d,dtrain,dtest,m,alpha,epochs,dataset,eval_every,data_dir"
 GRID = [
@@ -245,7 +245,7 @@ def test_an_unreachable_scheduler_is_one_line_quickly(tmp_path):
 
 def test_dask_is_imported_only_when_a_cluster_is_asked_for():
     code = (
-        "import sys, handprop, handprop.experiments, handprop.cli.experiments; "
+        "import sys, handprop, handprop.grids.grid, handprop.cli.experiments; "
         "assert 'distributed' not in sys.modules and 'dask' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from handprop.analysis.compare import compare_run, format_comparison, sklearn_params
+from handprop.analysis.evaluate import evaluate_run
 from handprop.cli import main
-from handprop.compare import compare_run, format_comparison, sklearn_params
 from handprop.config import parse_toml_config
 from handprop.errors import ConfigError, DataError
-from handprop.evaluate import evaluate_run
 from handprop.runs import read_predictions
 from handprop.train import train_run
 

@@ -18,7 +18,7 @@ from handprop import nn
 from handprop.cli import main
 from handprop.config import DEVICE_NAMES, load_config, parse_toml_config, to_toml
 from handprop.errors import ConfigError
-from handprop.experiments import read_grid
+from handprop.grids.grid import read_grid
 from handprop.nn import backend
 from handprop.train import fits_on_device, resume_run, train_run
 
@@ -263,7 +263,7 @@ def test_a_run_whose_config_says_cuda_resumes_only_where_cuda_works(
 
 
 def test_a_grid_row_done_on_one_device_is_not_redone_on_another(tmp_path):
-    from handprop.experiments import existing_row
+    from handprop.grids.grid import existing_row
     from handprop.runfolder import CONFIG_FILE
 
     cfg = parse_toml_config(MLP, "m.toml")

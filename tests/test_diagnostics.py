@@ -133,7 +133,7 @@ def test_a_resumed_run_writes_the_diagnostics_of_an_uninterrupted_one(cfg, monke
 
 
 def test_a_cosine_schedules_last_update_of_0_is_marked_not_dropped(tmp_path):
-    from handprop.figures import ZERO_MARKER, diagnostics_figure
+    from handprop.analysis.figures import ZERO_MARKER, diagnostics_figure
 
     text = DIGITS + f'schedule = "cosine"\nout = "{tmp_path / "runs"}"\n'
     cfg = parse_toml_config(text, "cosine.toml")

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
 
+from handprop.analysis.evaluate import evaluate_run, format_evaluation, format_table
 from handprop.errors import ConfigError, DataError
-from handprop.evaluate import evaluate_run, format_evaluation, format_table
 from test_runs import CLASS_NAMES, Y_PRED, Y_TRUE, write_run
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from handprop.config import parse_toml_config, to_toml
 from handprop.errors import ConfigError
-from handprop.experiments import read_grid, run_grid
+from handprop.grids.grid import read_grid, run_grid
 
 HEADER = "run_name,d,dtrain,dtest,m,alpha,epochs,dataset,eval_every"
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"  # the configs the project ships
@@ -194,7 +194,7 @@ DIGITS_BASE = (
 
 
 def test_a_seed_column_over_a_base_config_keeps_the_base_split(tmp_path):
-    from handprop.evaluate import evaluate_ensemble
+    from handprop.analysis.evaluate import evaluate_ensemble
 
     base = parse_toml_config(DIGITS_BASE + "seed = 5\n", "base.toml")
     grid = write(tmp_path / "g.csv", "s0,0", "s1,1", "s2,2", header="run_name,seed")
@@ -221,7 +221,7 @@ def test_a_seed_column_over_a_base_config_keeps_the_base_split(tmp_path):
 
 
 def test_a_row_run_before_split_seed_existed_is_still_its_run(tmp_path):
-    from handprop.experiments import existing_row
+    from handprop.grids.grid import existing_row
 
     def folder_of(cfg, name):
         # config.toml as handprop wrote it before split_seed: no such line
@@ -250,7 +250,7 @@ def test_a_row_run_before_split_seed_existed_is_still_its_run(tmp_path):
 def test_a_row_whose_config_toml_another_writer_wrote_is_still_its_run(tmp_path):
     """Grids compare parsed configs, never text: a folder written by an older handprop
     (another layout of the same values) is the same run and is skipped when complete."""
-    from handprop.experiments import existing_row
+    from handprop.grids.grid import existing_row
 
     rows = read_grid(write(tmp_path / "g.csv", "a,500,400,100,8,2.0,4,digits,4"))
     out = tmp_path / "out"

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from handprop.cli import main
 from handprop.config import parse_toml_config
 from handprop.errors import ConfigError, OutputError
-from handprop.experiments import read_grid, run_grid, summary_markdown
+from handprop.grids.grid import read_grid, run_grid, summary_markdown
 from handprop.rundir import GRID_MARKER, RUN_MARKER, FolderLock, make_folder, make_or_adopt
 from handprop.train import resume_run, train_run
 
@@ -391,7 +391,7 @@ def test_a_sequential_grid_interrupted_writes_the_summary(tmp_path, ctrl_c_after
 
 
 def test_summary_markdown_keeps_each_run_on_its_own_row():
-    from handprop.experiments import RunSummary
+    from handprop.grids.grid import RunSummary
 
     text = summary_markdown([RunSummary("a", "failed", message="x | y\nz")])
     assert text.splitlines()[2] == "| a |  |  |  |  | failed: x \\| y z |"

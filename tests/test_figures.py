@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import handprop.figures as figures
+import handprop.analysis.figures as figures
+from handprop.analysis.figures import pixel_size, png_bytes, write_figures
 from handprop.errors import ConfigError, DataError
-from handprop.figures import pixel_size, png_bytes, write_figures
 from handprop.runs import GridFolder, LayerDiagnostics, Predictions, RunFolder
 from test_runs import CLASS_NAMES, fake_images, write_grid, write_run
 

@@ -73,7 +73,7 @@ def _load_config(path):
 
 
 def _read_grid(path):
-    from handprop.experiments import read_grid
+    from handprop.grids.grid import read_grid
 
     return read_grid(path)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from handprop.errors import OutputError
-from handprop.experiments import read_grid, run_grid
+from handprop.grids.grid import read_grid, run_grid
 from handprop.rundir import GRID_LOCK, GridLock
 
 HEADER = "run_name,d,dtrain,dtest,m,alpha,epochs,dataset,eval_every"
@@ -44,7 +44,7 @@ def test_a_grid_in_use_is_refused_in_one_line_touching_nothing(tmp_path, command
         before = files()
         code, stdout, err = command("experiments", grid, "--out", "out", "-q").finish(60)
         # the cluster path takes the same lock before it asks the cluster for anything
-        from handprop.cluster import run_grid_on_cluster
+        from handprop.grids.cluster import run_grid_on_cluster
 
         with pytest.raises(OutputError, match="is in use by another handprop experiments"):
             run_grid_on_cluster(read_grid(grid), out, client=None, progress=False)

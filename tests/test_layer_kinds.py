@@ -151,9 +151,9 @@ def test_the_items_of_a_new_kind_are_read_and_written_back(toy_kinds):
 def test_a_new_kind_trains_from_a_config_and_is_saved_exported_drawn_and_served(
     toy_kinds, tmp_path
 ):
+    from handprop.analysis.figures import build_run_figures, first_layer_images
     from handprop.diagnostics import DIAGNOSTICS_FILE, activation_health
     from handprop.export import check_with_onnxruntime, to_onnx
-    from handprop.figures import build_run_figures, first_layer_images
     from handprop.runs import RunFolder
     from handprop.serve.models import load_served
     from handprop.train import train_run

@@ -10,10 +10,10 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-import handprop.figures as figures
+import handprop.analysis.figures as figures
+from handprop.analysis.figures import pixel_size
+from handprop.analysis.report import flatten, html_table, report_html, write_report
 from handprop.errors import ConfigError, DataError
-from handprop.figures import pixel_size
-from handprop.report import flatten, html_table, report_html, write_report
 from test_runs import fake_images, write_grid, write_run
 
 
@@ -140,7 +140,7 @@ def test_grid_report(tmp_path):
 
 
 def test_grid_table_completes_summary_csv_from_the_run_folders(tmp_path):
-    from handprop.report import grid_table
+    from handprop.analysis.report import grid_table
     from handprop.runs import GridFolder
 
     folder = write_grid(tmp_path / "grid", {"a": {"epochs": 4}})
@@ -160,7 +160,7 @@ def test_grid_table_completes_summary_csv_from_the_run_folders(tmp_path):
 
 
 def test_figures_scale_to_the_page_border_included():
-    from handprop.report import CSS
+    from handprop.analysis.report import CSS
 
     rule = CSS[CSS.index("figure img {") :].split("}")[0]
     # the diagnostics (1300 px) are wider than the page (1250 px): max-width 100% alone
@@ -176,11 +176,11 @@ def test_text_is_escaped():
 
 
 def test_cli_writes_the_page(tmp_path, monkeypatch):
-    import handprop.report
+    import handprop.analysis.report
     from handprop.cli.report import command
 
     # the figures are tested above; here only the command's wiring
-    monkeypatch.setattr(handprop.report, "build_run_figures", lambda run: ([], []))
+    monkeypatch.setattr(handprop.analysis.report, "build_run_figures", lambda run: ([], []))
 
     folder = write_run(tmp_path / "run")
     result = CliRunner().invoke(command, [str(folder), "--out", str(tmp_path / "r.html")])
@@ -216,7 +216,7 @@ def test_report_of_a_diverged_run_shows_why(tmp_path):
 
 
 def test_config_table_shows_what_defines_the_run_and_folds_the_rest():
-    from handprop.report import config_html, defining_fields
+    from handprop.analysis.report import config_html, defining_fields
 
     gd = {"hidden": [100], "activation": ["sigmoid"], "learning_rate": 2.5, "epochs": 1000}
     names = defining_fields(gd)
@@ -234,7 +234,7 @@ def test_config_table_shows_what_defines_the_run_and_folds_the_rest():
 
 
 def test_report_carries_every_caveat_compare_knows(tmp_path, monkeypatch):
-    from handprop.compare import comparison_caveats
+    from handprop.analysis.compare import comparison_caveats
 
     monkeypatch.setattr(figures, "_load_images", lambda run: fake_images())
     folder = write_run(tmp_path / "run", comparisons=True)

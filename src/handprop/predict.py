@@ -626,7 +626,7 @@ def predict_rows(inputs: list[Input], net: Network | Sequence[Network]) -> Itera
 
     Given several networks (an ensemble, checked by :func:`load_ensemble`), the
     probabilities are the mean of theirs."""
-    from handprop.nn import DataParallel
+    from handprop.scale import DataParallel
 
     nets = [net] if isinstance(net, Network) else list(net)
     batch = max(1, min(BATCH_ROWS, *(n.inference_batch() for n in nets)))

@@ -8,8 +8,8 @@ early stopping (:class:`EarlyStopping`), checkpoints at epoch boundaries (every
 :class:`~handprop.runfolder.RunWriter`. The run folder is made exclusively and locked
 while training (:mod:`handprop.rundir`).
 
-Each batch goes through :class:`~handprop.nn.DataParallel`: over this process's threads,
-and, when ``world`` is an MPI communicator's (:mod:`handprop.distributed`), over the
+Each batch goes through :class:`~handprop.scale.DataParallel`: over this process's threads,
+and, when ``world`` is an MPI communicator's (:mod:`handprop.scale.mpi`), over the
 ranks, each rank running this same loop on the same data with the same random draws,
 rank 0 alone writing.
 
@@ -40,7 +40,6 @@ from handprop.errors import ConfigError, DivergenceError
 from handprop.metrics import classification_metrics
 from handprop.nn import backend
 from handprop.nn.modelfile import model_bytes
-from handprop.nn.parallel import OneProcess, World
 from handprop.rundir import (
     FolderLock,
     is_owned,
@@ -63,6 +62,7 @@ from handprop.runfolder import (
     predictions_csv,
     saved_config,
 )
+from handprop.scale.parallel import DataParallel, OneProcess, World
 
 #: a checkpoint is written at the first epoch boundary this many seconds after the last
 CHECKPOINT_SECONDS = 60.0
@@ -311,7 +311,7 @@ def on_device(a: np.ndarray | Any, xp: Any, labels: bool = False) -> Any:
 
 
 def run_epoch(
-    model: nn.DataParallel,
+    model: DataParallel,
     opt: nn.Optimizer,
     X: np.ndarray,
     y: np.ndarray,
@@ -460,7 +460,7 @@ class Trainer:
         self.checkpoint_seconds = checkpoint_seconds
         self.data = load_split(cfg, progress=self.progress)
         if self.augmented:  # the settings against the images' size, known from now on
-            from handprop.augment import check_augment
+            from handprop.data.augment import check_augment
 
             check_augment(
                 self.data.image_shape,
@@ -475,7 +475,7 @@ class Trainer:
         self.net = build_network(cfg, self.data)  # built and initialised on the host
         self.shape_inputs()
         self.net.to(xp)
-        self.model = nn.DataParallel(self.net, self.world)
+        self.model = DataParallel(self.net, self.world)
         self.opt = build_optimizer(cfg, self.net)
         # a network, batch or optimizer too large for memory: refused before any file
         n = len(self.data.y_train)
@@ -550,7 +550,7 @@ class Trainer:
     def augment(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A mini-batch with random shifts, rotations and elastic distortions, as the
         config asks."""
-        from handprop.augment import augment
+        from handprop.data.augment import augment
 
         cfg = self.cfg
         images = X.reshape(len(X), 1, *self.data.image_shape)

@@ -7,7 +7,6 @@ from handprop.errors import ShapeError
 from handprop.nn import (
     GD,
     BatchNorm,
-    DataParallel,
     Network,
     backend,
     gradcheck,
@@ -18,6 +17,7 @@ from handprop.nn import (
 from handprop.nn.batchnorm import BatchSums
 from handprop.nn.passes import Pass, Workspace
 from handprop.nn.spec import parse_layer_item
+from handprop.scale import DataParallel
 
 DENSE = ["dense 7", "batchnorm", "tanh", "dense 5", "batchnorm", "sigmoid"]
 CONV = ["conv 3 3 pad=1", "batchnorm", "tanh", "avgpool 2", "dense 5", "batchnorm", "tanh"]

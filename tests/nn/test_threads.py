@@ -7,11 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-import handprop.nn.parallel as parallel_module
+import handprop.scale.parallel as parallel_module
 from handprop.errors import ConfigError, ShapeError
-from handprop.nn import GD, DataParallel, Dropout, Network, gradcheck
+from handprop.nn import GD, Dropout, Network, gradcheck
 from handprop.nn import threads as threads_module
 from handprop.nn.threads import bounds, get_threads, rowwise, set_threads, side_by_side
+from handprop.scale import DataParallel
 
 
 def mlp(rng_seed=0, loss="cross_entropy", dropout=0.0):

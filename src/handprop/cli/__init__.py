@@ -141,18 +141,18 @@ def _fail(message: str, every_rank: bool = False) -> None:
 
     Under MPI the ranks end together, rank 0 printing, when they all know of the error
     (``every_rank``: each raised it alike; or they agree on it at start-up, see
-    :mod:`handprop.distributed`); an error the other ranks cannot hear of ends the job
+    :mod:`handprop.scale.mpi`); an error the other ranks cannot hear of ends the job
     with ``MPI_Abort``.
     """
-    from handprop import distributed
+    from handprop.scale import mpi
 
-    mpi = distributed.active()
-    if mpi is not None and mpi.size > 1:
-        said = mpi.end_together(message)  # or MPI_Abort, when the others cannot hear
+    world = mpi.active()
+    if world is not None and world.size > 1:
+        said = world.end_together(message)  # or MPI_Abort, when the others cannot hear
         if said is None:  # another rank (rank 0) says it
             sys.exit(EXIT_USER_ERROR)
         message = said
-    elif every_rank and distributed.launched_rank() != 0:
+    elif every_rank and mpi.launched_rank() != 0:
         sys.exit(EXIT_USER_ERROR)  # rank 0 says it
     for line in message.splitlines() or [""]:
         click.echo(f"handprop: error: {line}", err=True)

@@ -31,7 +31,7 @@ def command(run: Path, only: tuple[str, ...], data_dir: Path | None, as_json: bo
     side-by-side numbers (accuracy, macro F1, time, epochs, scikit-learn's parameters
     and caveats) in RUN/comparison.json.
     """
-    from handprop.compare import MODELS, compare_run, format_comparison
+    from handprop.analysis.compare import MODELS, compare_run, format_comparison
 
     models = tuple(CHOICES[name] for name in only) or MODELS
     echo = lambda line: click.echo(line, err=True)  # noqa: E731 - progress on stderr

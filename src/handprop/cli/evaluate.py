@@ -38,8 +38,8 @@ def command(runs: tuple[Path, ...], ensemble: bool, as_json: bool, top: int) -> 
     score. They must share the dataset, classes and test samples; the ensemble's
     training time is the sum of its members'.
     """
+    from handprop.analysis.evaluate import evaluate_ensemble, evaluate_run, format_evaluation
     from handprop.errors import ConfigError
-    from handprop.evaluate import evaluate_ensemble, evaluate_run, format_evaluation
     from handprop.runs import is_grid, resolve_run
 
     if ensemble or len(runs) > 1:

@@ -50,10 +50,10 @@ def command(
     --device sets every row's device (a device column, or the base config's, sets it
     per row); a row already run on another device is not run again.
     """
-    from handprop.distributed import refuse_ranks
     from handprop.errors import ConfigError
-    from handprop.experiments import load_base, read_grid, run_grid, summary_markdown
+    from handprop.grids.grid import load_base, read_grid, run_grid, summary_markdown
     from handprop.nn import backend
+    from handprop.scale.mpi import refuse_ranks
 
     # each rank would run the whole grid into the same folders
     refuse_ranks(
@@ -107,7 +107,7 @@ def command(
                 checkpoint_seconds=checkpoint_every,
             )
         else:
-            from handprop.cluster import connect, run_grid_on_cluster
+            from handprop.grids.cluster import connect, run_grid_on_cluster
 
             with connect(scheduler, jobs if jobs > 1 else None) as client:
                 summaries = run_grid_on_cluster(

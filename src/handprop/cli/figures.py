@@ -28,7 +28,7 @@ def command(runs: tuple[Path, ...], out: Path | None) -> None:
     on shared axes, in overlay_diagnostics.png and overlay_training_curves.png. Prints
     each file written.
     """
-    from handprop.figures import write_figures, write_overlay_figures
+    from handprop.analysis.figures import write_figures, write_overlay_figures
 
     def echo(path: Path) -> None:
         click.echo(str(path))

@@ -22,6 +22,6 @@ def command(run: Path, out: Path | None) -> None:
     run). The page embeds its figures and styles,
     so it opens offline and can be sent as a single file. Prints the file written.
     """
-    from handprop.report import write_report
+    from handprop.analysis.report import write_report
 
     click.echo(str(write_report(run, out)))

@@ -59,13 +59,13 @@ def command(
     `handprop train --resume RUN` continues from it, also after a kill (on --device,
     if given, else on the device it began on).
     """
-    from handprop import distributed
+    from handprop.scale import mpi
     from handprop.config import load_config
     from handprop.nn import backend
     from handprop.train import resume_run, train_run
 
     progress = not quiet
-    world = distributed.world()  # MPI's under `mpiexec -n N`, else this process alone
+    world = mpi.world()  # MPI's under `mpiexec -n N`, else this process alone
     if device is not None:
         use_device(device)  # no GPU, no CuPy: one line now, before anything is written
     try:

@@ -1,10 +1,11 @@
 """handprop.nn: layers, losses, the flat-vector network, init, optimizers, gradient checks.
 
-NumPy and the standard library only on import (a test proves it); a batch split over
-threads holds BLAS to one thread per call through threadpoolctl, imported when first
-needed. The layers compute in the array namespace of the network's arrays
-(:mod:`handprop.nn.backend`): NumPy by default; array-api-compat is imported only for
-other arrays (CuPy on a GPU, array-api-strict in the tests).
+NumPy and the standard library only on import (a test proves it); ``threads`` holds
+BLAS to one thread per call through threadpoolctl, imported when first needed. The
+split of a batch over threads and MPI ranks is :mod:`handprop.scale`. The layers
+compute in the array namespace of the network's arrays (:mod:`handprop.nn.backend`):
+NumPy by default; array-api-compat is imported only for other arrays (CuPy on a GPU,
+array-api-strict in the tests).
 """
 
 from handprop.nn import backend
@@ -18,7 +19,6 @@ from handprop.nn.losses import LOSSES, Loss, MeanSquaredError, SoftmaxCrossEntro
 from handprop.nn.modelfile import load, save
 from handprop.nn.network import Network
 from handprop.nn.optim import GD, OPTIMIZERS, SGD, Adam, Momentum, Nesterov, Optimizer, RMSprop
-from handprop.nn.parallel import DataParallel
 from handprop.nn.params import ParamLayout, ParamSlot
 from handprop.nn.passes import Pass
 from handprop.nn.schedules import SCHEDULES, Schedule
@@ -38,7 +38,6 @@ __all__ = [
     "AvgPool2D",
     "BatchNorm",
     "Conv2D",
-    "DataParallel",
     "Dense",
     "Dropout",
     "Flatten",

@@ -14,7 +14,7 @@ decay mask holds only the ``W`` slots). Only a training forward pass writes them
 Being in the flat vector, they are saved and loaded with the model (``params`` of
 model.npz), kept bit-exactly by checkpoints (``params``) and by early stopping's best
 parameters, and shared, like every weight, by the thread shards of
-:class:`~handprop.nn.DataParallel` (an inference pass split over threads reads them).
+:class:`~handprop.scale.DataParallel` (an inference pass split over threads reads them).
 
 The statistics of a split batch
 -------------------------------

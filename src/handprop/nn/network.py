@@ -7,7 +7,7 @@ batch's dropout masks). The one layer they do not run alone is a ReLU just befor
 max pool, which runs on the pool's output instead (:class:`MaxPoolReLU`).
 The layer-spec parser lives in :mod:`handprop.nn.spec`, model files in
 :mod:`handprop.nn.modelfile`, and the split of a batch over threads or MPI ranks in
-:mod:`handprop.nn.parallel`.
+:mod:`handprop.scale.parallel`.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Network:
     dtype : float32 (default) or float64
     meta : dict, optional           JSON-able facts saved with the model (class names, ...)
     params : ndarray, optional      a parameter vector to share instead of owning one
-                                    (the shards of :class:`~handprop.nn.DataParallel` do)
+                                    (the shards of :class:`~handprop.scale.DataParallel` do)
 
     Attributes
     ----------
@@ -101,7 +101,7 @@ class Network:
     rng : Generator                         where the dropout layers' mask keys come
                                             from, one per layer and batch (:meth:`set_rng`)
 
-    The passes are plain loops over the layers; :class:`~handprop.nn.DataParallel`
+    The passes are plain loops over the layers; :class:`~handprop.scale.DataParallel`
     splits a batch over threads or MPI ranks around them. A network is built and
     initialised on the host (NumPy, so every backend starts from the same numbers);
     :meth:`to` moves it to a GPU (CuPy) or any array API namespace, where the same

@@ -4,7 +4,7 @@
 A layer is its maths. Whatever a pass needs beyond X (or G) and the layer's own
 parameters arrives in one small :class:`Pass`, which the code that runs the pass (a
 :class:`~handprop.nn.Network`, a thread's shard of
-:class:`~handprop.nn.DataParallel`, a gradient check) makes; nothing outside a layer
+:class:`~handprop.scale.DataParallel`, a gradient check) makes; nothing outside a layer
 writes the layer's attributes. A layer keeps on itself only what its own forward
 leaves for its backward (Dense its input X, sigmoid its output A).
 

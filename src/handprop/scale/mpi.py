@@ -1,4 +1,4 @@
-"""Training over MPI: the world of ranks that :class:`~handprop.nn.DataParallel` splits
+"""Training over MPI: the world of ranks that :class:`~handprop.scale.DataParallel` splits
 every batch across.
 
 ``mpiexec -n N handprop train CONFIG`` starts N copies of handprop; each one finds here
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from handprop.errors import ConfigError, HandpropError, Interrupted
-from handprop.nn.parallel import OneProcess, World
+from handprop.scale.parallel import OneProcess, World
 
 #: environment variables through which launchers tell a process how many ranks there are
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
@@ -137,7 +137,7 @@ def active() -> MPIWorld | None:
 
 
 class MPIWorld:
-    """The ranks of ``MPI.COMM_WORLD``, as :class:`~handprop.nn.parallel.World` wants.
+    """The ranks of ``MPI.COMM_WORLD``, as :class:`~handprop.scale.parallel.World` wants.
 
     Making one also sets this process's thread count to its share of the host's cores
     (cores // ranks on this host), unless ``HANDPROP_THREADS`` says otherwise, and

@@ -321,7 +321,7 @@ COMPARISON_HEADER = ("model", "accuracy", "macro f1", "time (s)", "epochs")
 
 def comparison_table_rows(result: dict[str, Any]) -> list[list[str]]:
     """(model, accuracy, macro F1, training time, epochs) rows, handprop first."""
-    from handprop.evaluate import format_seconds
+    from handprop.analysis.evaluate import format_seconds
 
     return [
         [
@@ -354,7 +354,7 @@ def comparison_caveats(models: dict[str, dict[str, Any]]) -> list[str]:
 
 def format_comparison(result: dict[str, Any]) -> str:
     """The side-by-side table, then the notes on what the analogue cannot mirror."""
-    from handprop.evaluate import format_table
+    from handprop.analysis.evaluate import format_table
 
     lines = [
         f"run: {result['run']}  (train {result['split']['train']}, "

@@ -17,17 +17,15 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from handprop import __version__
-from handprop.atomic import atomic_write_text
-from handprop.compare import comparison_caveats
-from handprop.errors import ConfigError
-from handprop.evaluate import (
+from handprop.analysis.compare import comparison_caveats
+from handprop.analysis.evaluate import (
     COMPARISON_HEADER,
     PER_CLASS_HEADER,
     comparison_rows,
     evaluate_run,
     overall_rows,
 )
-from handprop.figures import (
+from handprop.analysis.figures import (
     build_grid_figures,
     build_run_figures,
     diagnostics_figures,
@@ -35,6 +33,8 @@ from handprop.figures import (
     run_accuracy,
     training_curves_figure,
 )
+from handprop.atomic import atomic_write_text
+from handprop.errors import ConfigError
 from handprop.runs import MODEL_LABELS, GridFolder, RunFolder, find_key, is_grid, resolve_run
 
 CSS = """

@@ -20,7 +20,7 @@ One batch, many workers, the same numbers as one worker:
 
 Every rank then holds the whole batch's gradient in ``grads`` and steps its optimizer
 identically. Threads and ranks are one mechanism with two reduces. The MPI side lives
-in :mod:`handprop.distributed` (which gives ``world``); this module needs only NumPy.
+in :mod:`handprop.scale.mpi` (which gives ``world``); this module needs only NumPy.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class DataParallel:
     ----------
     net : Network        the network; its ``params`` are shared by every thread's shard
     world : World, optional
-        the MPI ranks sharing each batch (:func:`handprop.distributed.world`); by
+        the MPI ranks sharing each batch (:func:`handprop.scale.mpi.world`); by
         default this process alone
 
     ``params``, ``grads``, ``n_params``, ``check_input`` and ``check_labels`` are the

@@ -43,7 +43,7 @@ from typing import Any
 
 from handprop.atomic import atomic_write_bytes
 from handprop.errors import ConfigError, HandpropError
-from handprop.experiments import (
+from handprop.grids.grid import (
     GridRow,
     RunSummary,
     _in_order,
@@ -426,7 +426,7 @@ def run_grid_on_cluster(
     checkpoint_seconds: float | None = None,
 ) -> list[RunSummary]:
     """Run every row on the cluster behind ``client`` into ``out/<run_name>``; return
-    the summaries in row order (as :func:`handprop.experiments.run_grid` does).
+    the summaries in row order (as :func:`handprop.grids.grid.run_grid` does).
 
     Ctrl-C (or SIGTERM) cancels the rows not yet finished (running ones are reported
     interrupted, queued ones cancelled), writes the summary and re-raises with the
