@@ -3,7 +3,7 @@
 handprop is measured through its public API only (``Network.from_spec``,
 ``DataParallel(net).loss_and_grad`` (the training pass the trainer makes, split over
 handprop's threads), ``optimizer.step``, ``DataParallel(net).predict_proba``,
-``handprop.train.train_run``), so the harness keeps working
+``handprop.run.train_run``), so the harness keeps working
 while the hot path inside changes. The ``profile`` case alone steps through
 ``net.layers`` one by one (the documented layer protocol) to split an epoch's time.
 """
@@ -436,7 +436,7 @@ def case_profile(ctx: Context) -> CaseResult:
 def case_baseline(ctx: Context) -> CaseResult:
     """experiments/baseline.cfg end to end (train_run) vs sklearn's MLPClassifier."""
     from handprop.config import load_config
-    from handprop.train import SPLIT_FILE, train_run
+    from handprop.run import SPLIT_FILE, train_run
 
     res = CaseResult("baseline")
     cfg = load_config(BASELINE_CFG)
@@ -503,7 +503,7 @@ def _baseline_seeds(ctx: Context, cfg: Any, epochs: int, first: tuple[float, flo
     0.35 points by 7 images, so one seed cannot say which is more accurate. handprop
     runs twice per seed: with the config's init (the original's U(-0.05, 0.05)) and
     with Glorot's, which is close to what MLPClassifier draws."""
-    from handprop.train import SPLIT_FILE, train_run
+    from handprop.run import SPLIT_FILE, train_run
 
     accs: dict[str, list[float]] = {"handprop": [first[0]], "sklearn": [first[1]]}
     glorot = "glorot_uniform"
@@ -722,7 +722,7 @@ RSS_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, tempfile
     from handprop.config import load_config
-    from handprop.train import train_run
+    from handprop.run import train_run
     cfg_path, data_dir, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     with tempfile.TemporaryDirectory(prefix="handprop-rss-") as out:
         cfg = load_config(cfg_path).replace(data_dir=data_dir, out=out, name="rss")

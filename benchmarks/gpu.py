@@ -4,7 +4,7 @@ Three measurements in one process, every contender warmed up first, the devices
 synchronized around every timed region, medians of several runs:
 
 - ``seed``: experiments/baseline.cfg's run, loaded, split and initialised by
-  ``handprop.train`` as ``handprop train`` does (784-100-10 sigmoid, softmax cross-entropy,
+  ``handprop.run`` as ``handprop train`` does (784-100-10 sigmoid, softmax cross-entropy,
   full-batch gradient descent, lr 2.5, 1000 epochs, float32, 18000 training and 2000 test
   images): the 1000 epochs with handprop on the device against the same algorithm by hand
   in PyTorch (``torch_ref.hand_written_epoch``, no autograd) from the same initial
@@ -296,7 +296,7 @@ def load_run(cfg_path: Path, mnist: Path) -> tuple[Any, Any, Any]:
     """(config, data, network on the host) of an experiment file, as ``handprop train``
     loads, splits and initialises them; features shaped to the network's input."""
     from handprop.config import load_config
-    from handprop.train import build_network, load_split
+    from handprop.run import build_network, load_split
 
     cfg = load_config(cfg_path).replace(data_dir=str(mnist))
     data = load_split(cfg, progress=False)
@@ -425,8 +425,8 @@ def seed_on_cpu(
     """The same run with handprop on the CPU (NumPy, its threads), once: all ``epochs``
     when a short probe says they fit ``budget`` seconds, else as many as fit."""
     from handprop.nn import GD, get_threads
+    from handprop.run import build_network
     from handprop.scale import DataParallel
-    from handprop.train import build_network
 
     net = build_network(cfg, data)  # the same initial weights again
     model, gd = DataParallel(net), GD(cfg.learning_rate)
@@ -492,8 +492,8 @@ def part_cnn(rep: Report, dev: Device, args: argparse.Namespace) -> None:
     """experiments/cnn.toml's network, shuffled epochs of batch 128 with Adam, handprop and
     PyTorch interleaved epoch by epoch; then both networks' test accuracy."""
     from handprop.nn import Adam, backend
+    from handprop.run import run_epoch
     from handprop.scale import DataParallel
-    from handprop.train import run_epoch
 
     cfg, data, net = load_run(CNN_CFG, args.mnist)
     X, y, Xte, yte = data.X_train, data.y_train, data.X_test, data.y_test

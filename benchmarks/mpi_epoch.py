@@ -36,9 +36,8 @@ def main() -> None:
 
     from benchmarks.data import default_data_dir, load_mnist
     from benchmarks.mpi_allreduce import cnn_layers
-    from handprop.scale import mpi
     from handprop.nn import GD, Adam, Network
-    from handprop.scale import DataParallel
+    from handprop.scale import DataParallel, mpi
 
     world = mpi.world()
     threadpool_limits(1, user_api="blas")

@@ -68,7 +68,7 @@ def cut_and_resumed(ctrl_c_after_step, tmp_path):
     run "cut" until a Ctrl-C after ``step`` optimizer steps, then resumed; returns the
     resumed run's saved network."""
     from handprop import nn
-    from handprop.train import resume_run, train_run
+    from handprop.run import resume_run, train_run
 
     def run(cfg, step: int):
         ctrl_c_after_step(step)

@@ -11,8 +11,8 @@ from handprop.analysis.evaluate import evaluate_run
 from handprop.cli import main
 from handprop.config import parse_toml_config
 from handprop.errors import ConfigError, DataError
-from handprop.runs import read_predictions
-from handprop.train import train_run
+from handprop.run import train_run
+from handprop.run.reader import read_predictions
 
 DIGITS = """
 dataset = "digits"

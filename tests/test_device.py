@@ -20,7 +20,8 @@ from handprop.config import DEVICE_NAMES, load_config, parse_toml_config, to_tom
 from handprop.errors import ConfigError
 from handprop.grids.grid import read_grid
 from handprop.nn import backend
-from handprop.train import fits_on_device, resume_run, train_run
+from handprop.run import resume_run, train_run
+from handprop.run.build import fits_on_device
 
 NO_GPU = "cudaErrorNoDevice: no CUDA-capable device is detected"
 #: what "cuda" computes with in the end-to-end tests: conftest's backends but NumPy
@@ -264,7 +265,7 @@ def test_a_run_whose_config_says_cuda_resumes_only_where_cuda_works(
 
 def test_a_grid_row_done_on_one_device_is_not_redone_on_another(tmp_path):
     from handprop.grids.grid import existing_row
-    from handprop.runfolder import CONFIG_FILE
+    from handprop.run.writer import CONFIG_FILE
 
     cfg = parse_toml_config(MLP, "m.toml")
     (tmp_path / CONFIG_FILE).write_text(to_toml(cfg.replace(device="cuda")))
@@ -288,11 +289,11 @@ def test_device_cpu_is_the_default_and_recorded(tmp_path):
 
 
 def test_fits_on_device(monkeypatch, fake_cuda):
-    import handprop.train as train
+    import handprop.run.build as build
 
     assert fits_on_device(10**15, np)  # the host holds its data already
     assert fits_on_device(10**15, fake_cuda)  # free memory unknown: assumed to fit
-    monkeypatch.setattr(train, "device_free_bytes", lambda xp: 1000)
+    monkeypatch.setattr(build, "device_free_bytes", lambda xp: 1000)
     assert fits_on_device(800, fake_cuda) and not fits_on_device(800, fake_cuda, reserve=200)
 
 
@@ -332,20 +333,20 @@ def test_a_cuda_run_reaches_the_cpu_runs_parameters(tmp_path, cuda, config):
 
 
 def test_a_training_set_too_large_for_the_device_goes_batch_by_batch(tmp_path, monkeypatch, cuda):
-    import handprop.train as train
+    import handprop.run.build as build
 
     cfg = parse_toml_config(MLP + f'out = "{tmp_path}"\n', "m.toml")
     expected = params_of(train_run(cfg, default_name="cpu", progress=False).run_dir)
     placed = []
-    real_place = train.Trainer.place_training_data
+    real_place = build.place_training_data
 
-    def place(self):
-        X, y = real_place(self)
+    def place(*args):
+        X, y = real_place(*args)
         placed.append(type(X))
         return X, y
 
-    monkeypatch.setattr(train.Trainer, "place_training_data", place)
-    monkeypatch.setattr(train, "device_free_bytes", lambda xp: 1)
+    monkeypatch.setattr(build, "place_training_data", place)
+    monkeypatch.setattr(build, "device_free_bytes", lambda xp: 1)
     result = train_run(cfg.replace(device="cuda"), default_name="small", progress=False)
     assert placed == [np.ndarray]  # left on the host: each batch moved
     assert_close(params_of(result.run_dir), expected, cuda)

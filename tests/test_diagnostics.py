@@ -9,7 +9,8 @@ import pytest
 
 from handprop import nn
 from handprop.config import parse_toml_config
-from handprop.diagnostics import (
+from handprop.run import resume_run, train_run
+from handprop.run.diagnostics import (
     COLUMNS,
     SATURATION_DERIVATIVE,
     Diagnostics,
@@ -17,8 +18,7 @@ from handprop.diagnostics import (
     diagnostics_csv,
     watched_layers,
 )
-from handprop.runs import read_diagnostics, read_diagnostics_rows
-from handprop.train import resume_run, train_run
+from handprop.run.reader import read_diagnostics, read_diagnostics_rows
 from test_train import DIGITS
 
 

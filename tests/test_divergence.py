@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from handprop import nn
 from handprop.cli import main
 from handprop.config import parse_toml_config
-from handprop.train import train_run
+from handprop.run import train_run
 
 DIGITS = """
 dataset = "digits"

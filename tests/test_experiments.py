@@ -50,7 +50,7 @@ def test_grid_runs_every_row_and_writes_a_summary(tmp_path):
 
 
 def test_an_interrupted_grid_resumes(tmp_path, monkeypatch, ctrl_c_after_step):
-    from handprop.train import resume_run
+    from handprop.run import resume_run
 
     grid = write(tmp_path / "g.csv", "a,400,300,100,8,2.0,12,digits,4")
     rows = read_grid(grid)
@@ -60,7 +60,7 @@ def test_an_interrupted_grid_resumes(tmp_path, monkeypatch, ctrl_c_after_step):
     ctrl_c_after_step(None)
     resumed = []
     monkeypatch.setattr(
-        "handprop.train.resume_run",
+        "handprop.run.resume_run",
         lambda d, progress, **kw: resumed.append(d) or resume_run(d, progress, **kw),
     )
     [summary] = run_grid(rows, tmp_path / "out", progress=False)

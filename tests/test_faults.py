@@ -22,8 +22,8 @@ from handprop.cli import main
 from handprop.config import parse_toml_config
 from handprop.errors import ConfigError, OutputError
 from handprop.grids.grid import read_grid, run_grid, summary_markdown
-from handprop.rundir import GRID_MARKER, RUN_MARKER, FolderLock, make_folder, make_or_adopt
-from handprop.train import resume_run, train_run
+from handprop.run import resume_run, train_run
+from handprop.run.claim import GRID_MARKER, RUN_MARKER, FolderLock, make_folder, make_or_adopt
 
 TINY = (
     'dataset = "digits"\ntotal = 400\ntrain = 300\ntest = 100\nhidden = [8]\n'
@@ -127,7 +127,7 @@ def test_folder_creation_is_exclusive_under_a_race(tmp_path):
 def test_a_folder_in_use_is_locked_against_a_second_process(tmp_path):
     folder = make_folder(tmp_path, "run")
     code = (
-        "import sys; from handprop.rundir import FolderLock\n"
+        "import sys; from handprop.run.claim import FolderLock\n"
         "try:\n    FolderLock(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
     )
     with FolderLock(folder), FolderLock(folder):  # re-entrant within a process
@@ -365,7 +365,7 @@ def test_a_parallel_grid_stops_its_rows_cancels_the_queue_and_writes_the_summary
     code, _, err = c.finish(timeout=60)
     assert code == status, err
     assert "Traceback" not in err and "Aborted" not in err
-    from handprop.runs import read_table
+    from handprop.run.reader import read_table
 
     _, body = read_table(out / "summary.csv")
     statuses = {cells[0]: cells[1] for cells in body}

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import handprop.analysis.figures as figures
 from handprop.analysis.figures import pixel_size, png_bytes, write_figures
 from handprop.errors import ConfigError, DataError
-from handprop.runs import GridFolder, LayerDiagnostics, Predictions, RunFolder
+from handprop.run.reader import GridFolder, LayerDiagnostics, Predictions, RunFolder
 from test_runs import CLASS_NAMES, fake_images, write_grid, write_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

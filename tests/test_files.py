@@ -79,13 +79,13 @@ def _read_grid(path):
 
 
 def _read_json(path):
-    from handprop.runs import read_json
+    from handprop.run.reader import read_json
 
     return read_json(path)
 
 
 def _read_run_config(path):
-    from handprop.runs import read_config
+    from handprop.run.reader import read_config
 
     return read_config(path)
 

@@ -17,7 +17,7 @@ import pytest
 
 from handprop.errors import OutputError
 from handprop.grids.grid import read_grid, run_grid
-from handprop.rundir import GRID_LOCK, GridLock
+from handprop.run.claim import GRID_LOCK, GridLock
 
 HEADER = "run_name,d,dtrain,dtest,m,alpha,epochs,dataset,eval_every"
 HANDPROP = [sys.executable, "-c", "from handprop.cli import main; main()"]
@@ -80,7 +80,7 @@ def test_a_second_grid_started_while_one_runs_is_refused(tmp_path, command):
 
 
 def test_the_grid_lock_is_not_re_entrant_and_holds_its_holders_pid(tmp_path):
-    from handprop.rundir import GRID_MARKER, make_or_adopt
+    from handprop.run.claim import GRID_MARKER, make_or_adopt
 
     out, _ = make_or_adopt(tmp_path / "g", GRID_MARKER)
     with GridLock(out):

@@ -152,11 +152,11 @@ def test_a_new_kind_trains_from_a_config_and_is_saved_exported_drawn_and_served(
     toy_kinds, tmp_path
 ):
     from handprop.analysis.figures import build_run_figures, first_layer_images
-    from handprop.diagnostics import DIAGNOSTICS_FILE, activation_health
     from handprop.export import check_with_onnxruntime, to_onnx
-    from handprop.runs import RunFolder
+    from handprop.run import train_run
+    from handprop.run.diagnostics import DIAGNOSTICS_FILE, activation_health
+    from handprop.run.reader import RunFolder
     from handprop.serve.models import load_served
-    from handprop.train import train_run
 
     cfg = parse_toml_config(CONFIG + f'out = "{tmp_path}"\n', "toy.toml")
     result = train_run(cfg, default_name="toy", progress=False)

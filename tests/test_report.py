@@ -141,7 +141,7 @@ def test_grid_report(tmp_path):
 
 def test_grid_table_completes_summary_csv_from_the_run_folders(tmp_path):
     from handprop.analysis.report import grid_table
-    from handprop.runs import GridFolder
+    from handprop.run.reader import GridFolder
 
     folder = write_grid(tmp_path / "grid", {"a": {"epochs": 4}})
     (folder / "summary.csv").write_text(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from handprop.errors import ConfigError, DataError
-from handprop.runs import (
+from handprop.run.reader import (
     GridFolder,
     RunFolder,
     find_key,
@@ -115,7 +115,7 @@ def write_run(
 
 def diagnostics_text(epochs: int, hidden: int) -> str:
     """diagnostics.csv of a 64-hidden-3 sigmoid network evaluated every other epoch."""
-    from handprop.diagnostics import diagnostics_csv
+    from handprop.run.diagnostics import diagnostics_csv
 
     rows = []
     for e in range(2, epochs + 1, 2):
@@ -358,8 +358,8 @@ def test_empty_folder_is_not_a_grid(tmp_path):
 
 
 def test_a_config_names_its_latest_run(tmp_path, monkeypatch):
-    from handprop.rundir import make_folder
-    from handprop.runs import latest_run
+    from handprop.run.claim import make_folder
+    from handprop.run.reader import latest_run
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "quick.toml"

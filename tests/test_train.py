@@ -9,7 +9,7 @@ import pytest
 
 from handprop import nn
 from handprop.config import parse_toml_config
-from handprop.train import resume_run, train_run
+from handprop.run import resume_run, train_run
 
 DIGITS = """
 dataset = "digits"
@@ -173,7 +173,7 @@ EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 
 def test_a_config_without_split_seed_splits_as_before(cfg):
     from handprop.data import load_dataset, original_split
-    from handprop.train import carve_validation, split_indices
+    from handprop.run.build import carve_validation, split_indices
 
     ds = load_dataset("digits")
     assert cfg.split_seed is None
@@ -205,7 +205,7 @@ def test_split_seed_fixes_the_split_while_seed_varies_the_initialisation(cfg):
 
 def test_a_resumed_run_keeps_its_split_seed(cfg, ctrl_c_after_step, tmp_path):
     from handprop.data import load_dataset
-    from handprop.train import split_indices
+    from handprop.run.build import split_indices
 
     moved = cfg.replace(seed=8, split_seed=3, epochs=10, eval_every=5)
     ctrl_c_after_step(4)

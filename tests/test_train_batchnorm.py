@@ -11,7 +11,8 @@ from handprop import nn
 from handprop.cli import main
 from handprop.config import parse_toml_config
 from handprop.errors import ConfigError
-from handprop.train import build_network, init_like_pytorch, load_split, train_run
+from handprop.run import build_network, load_split, train_run
+from handprop.run.build import init_like_pytorch
 
 CNN = """
 dataset = "digits"
@@ -150,7 +151,7 @@ def _test_y(run):
 
 
 def test_recalibration_averages_the_batch_statistics_of_clean_data(rng):
-    from handprop.train import recalibrate_batchnorm
+    from handprop.run.fit import recalibrate_batchnorm
 
     net = nn.Network.from_layers(["dense 4", "batchnorm", "relu", "dropout 0.5"], (3,), 2, rng=0)
     net.forward(rng.normal(size=(8, 3)).astype(np.float32), training=True)  # moves them

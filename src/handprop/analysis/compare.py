@@ -37,14 +37,8 @@ from handprop.atomic import atomic_write_text
 from handprop.config import RunConfig, load_config
 from handprop.errors import ConfigError, DataError
 from handprop.metrics import classification_metrics
-from handprop.runfolder import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    SPLIT_FILE,
-    predictions_csv,
-    write_json,
-)
-from handprop.runs import (
+from handprop.run.build import Split, load_split, split_description
+from handprop.run.reader import (
     COMPARISON_FILE,
     COMPARISON_FILES,
     HANDPROP,
@@ -52,7 +46,13 @@ from handprop.runs import (
     RunFolder,
     is_grid,
 )
-from handprop.train import Split, load_split, split_description
+from handprop.run.writer import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SPLIT_FILE,
+    predictions_csv,
+    write_json,
+)
 
 #: the comparison models, in the order they are trained and shown
 MODELS = tuple(COMPARISON_FILES)

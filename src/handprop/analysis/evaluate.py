@@ -16,7 +16,14 @@ import numpy as np
 
 from handprop.errors import ConfigError
 from handprop.metrics import classification_metrics, top_confusions
-from handprop.runs import MODEL_LABELS, GridFolder, Predictions, RunFolder, is_grid, resolve_run
+from handprop.run.reader import (
+    MODEL_LABELS,
+    GridFolder,
+    Predictions,
+    RunFolder,
+    is_grid,
+    resolve_run,
+)
 
 TOP_CONFUSIONS = 5
 

@@ -45,7 +45,7 @@ from matplotlib.ticker import FormatStrFormatter, LogFormatter, MaxNLocator, Mul
 from handprop.atomic import atomic_write_bytes
 from handprop.errors import ConfigError, DataError, HandpropError
 from handprop.metrics import confusion_matrix, per_class, top_confusions
-from handprop.runs import (
+from handprop.run.reader import (
     HANDPROP,
     MODEL_LABELS,
     GridFolder,
@@ -658,7 +658,7 @@ def diagnostics_figure(runs: list[tuple[str, list[LayerDiagnostics]]]) -> Figure
             ax_health.legend(loc="best", fontsize=8)
         else:
             _no_data(ax_health, "no sigmoid, tanh or ReLU layer")
-        from handprop.diagnostics import SATURATION_DERIVATIVE
+        from handprop.run.diagnostics import SATURATION_DERIVATIVE
 
         ax_health.set_title(
             f"saturated (σ', tanh' < {SATURATION_DERIVATIVE:g}) and dead (ReLU) units"

@@ -35,7 +35,7 @@ from handprop.analysis.figures import (
 )
 from handprop.atomic import atomic_write_text
 from handprop.errors import ConfigError
-from handprop.runs import MODEL_LABELS, GridFolder, RunFolder, find_key, is_grid, resolve_run
+from handprop.run.reader import MODEL_LABELS, GridFolder, RunFolder, find_key, is_grid, resolve_run
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;

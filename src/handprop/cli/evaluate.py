@@ -40,7 +40,7 @@ def command(runs: tuple[Path, ...], ensemble: bool, as_json: bool, top: int) -> 
     """
     from handprop.analysis.evaluate import evaluate_ensemble, evaluate_run, format_evaluation
     from handprop.errors import ConfigError
-    from handprop.runs import is_grid, resolve_run
+    from handprop.run.reader import is_grid, resolve_run
 
     if ensemble or len(runs) > 1:
         result = evaluate_ensemble(runs, top=top)

@@ -59,10 +59,10 @@ def command(
     `handprop train --resume RUN` continues from it, also after a kill (on --device,
     if given, else on the device it began on).
     """
-    from handprop.scale import mpi
     from handprop.config import load_config
     from handprop.nn import backend
-    from handprop.train import resume_run, train_run
+    from handprop.run import resume_run, train_run
+    from handprop.scale import mpi
 
     progress = not quiet
     world = mpi.world()  # MPI's under `mpiexec -n N`, else this process alone

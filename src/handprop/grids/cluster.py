@@ -10,7 +10,7 @@ client:
   what an unfinished row's folder holds (its config, checkpoint, history, split) with
   the task, so that an interrupted row resumes on whichever worker takes it;
 - the worker trains the row into a temporary run folder of its own (made by
-  :func:`handprop.rundir.make_folder`, in its local directory), with handprop's threads
+  :func:`handprop.run.claim.make_folder`, in its local directory), with handprop's threads
   and BLAS held to the worker's ``nthreads``; one row runs on a worker at a time (a
   worker resource, set by a plugin on every worker, late joiners included), and returns
   the folder's files as bytes;
@@ -53,7 +53,7 @@ from handprop.grids.grid import (
     run_one,
     write_summary,
 )
-from handprop.rundir import (
+from handprop.run.claim import (
     GRID_MARKER,
     RUN_MARKER,
     FolderLock,
@@ -377,7 +377,7 @@ def _claim(row: GridRow, out: Path) -> tuple[_Claim | None, RunSummary | None]:
 
 def _shipped(folder: Path) -> dict[str, bytes]:
     """What an unfinished row's folder holds, for the worker to resume from."""
-    from handprop.runfolder import RUN_FILES
+    from handprop.run.writer import RUN_FILES
 
     return {n: (folder / n).read_bytes() for n in RUN_FILES if (folder / n).is_file()}
 
@@ -386,7 +386,7 @@ def _write_back(claim: _Claim, summary: RunSummary, files: dict[str, bytes]) -> 
     """The worker's run folder written into the row's folder: every file atomically,
     metrics.json last; run files the worker no longer has (a completed run's
     checkpoint) removed after."""
-    from handprop.runfolder import RUN_FILES
+    from handprop.run.writer import RUN_FILES
 
     summary = dataclasses.replace(summary, name=claim.row.name)
     try:

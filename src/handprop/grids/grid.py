@@ -15,9 +15,9 @@ summary keeps its status, ``completed``, and its metrics), an interrupted
 or killed one resumes from its checkpoint, anything else starts again in its own
 folder. A run that fails (say it diverges, or would not fit in memory) is recorded in
 its folder and in the summary, and the others go on. handprop writes only into folders
-it made (:mod:`handprop.rundir`): a row whose folder is somebody else's fails, and the
+it made (:mod:`handprop.run.claim`): a row whose folder is somebody else's fails, and the
 user's folder is left as it was. One process runs a grid folder at a time (it holds the
-folder's :class:`~handprop.rundir.GridLock`): a second one is refused before it touches
+folder's :class:`~handprop.run.claim.GridLock`): a second one is refused before it touches
 a row or the summary. With ``jobs > 1`` the worker processes die with the grid's
 process (``kill -9`` included), so that running the grid again at once continues it.
 """
@@ -49,7 +49,7 @@ from handprop.config import (
     run_name_problem,
 )
 from handprop.errors import ConfigError, HandpropError, Interrupted
-from handprop.rundir import GRID_MARKER, FolderLock, GridLock, make_or_adopt, remove_if_unused
+from handprop.run.claim import GRID_MARKER, FolderLock, GridLock, make_or_adopt, remove_if_unused
 
 SUMMARY_COLUMNS = ("run", "status", "accuracy", "final_loss", "seconds", "epochs", "message")
 
@@ -176,8 +176,8 @@ def run_one(
     locked while the row trains, so two grids on one folder never train a row twice.
     A Ctrl-C propagates, after the row has checkpointed.
     """
-    from handprop.runfolder import CONFIG_FILE
-    from handprop.train import CHECKPOINT_SECONDS, resume_run, train_run
+    from handprop.run import CHECKPOINT_SECONDS, resume_run, train_run
+    from handprop.run.writer import CONFIG_FILE
 
     seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
     name = run_dir.name
@@ -218,7 +218,7 @@ def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
         The folder holds a run with another config.
     """
     from handprop.files import MAX_CONFIG_BYTES, read_regular
-    from handprop.runfolder import CONFIG_FILE, is_complete
+    from handprop.run.writer import CONFIG_FILE, is_complete
 
     config_file = folder / CONFIG_FILE
     if config_file.is_file():
@@ -381,7 +381,7 @@ def _thread_limits(threads: int | None):
 def _summary(run_dir: Path, status: str) -> RunSummary:
     import json
 
-    from handprop.runfolder import METRICS_FILE
+    from handprop.run.writer import METRICS_FILE
 
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     return RunSummary(

@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from handprop.errors import ConfigError, ShapeError
+from handprop.errors import ShapeError
 from handprop.nn import backend as ops
+from handprop.nn import checks
 from handprop.nn.layers import Array, ItemSpec, Layer, Setting
 from handprop.nn.passes import INFERENCE, Pass
 
@@ -102,12 +103,10 @@ class BatchNorm(Layer):
         self.c = int(c)
         if self.c < 1:
             raise ShapeError(f"batchnorm needs >= 1 features or channels, got {c}")
-        self.momentum = float(momentum)
-        self.eps = float(eps)
-        if not 0 < self.momentum <= 1:
-            raise ConfigError(f"batchnorm momentum must be in (0, 1], got {momentum!r}")
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ConfigError(f"batchnorm eps must be a finite number > 0, got {eps!r}")
+        self.momentum = checks.in_interval(
+            "batchnorm momentum", momentum, 0, 1, open_low=True, open_high=False
+        )
+        self.eps = checks.positive("batchnorm eps", eps)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         c = (self.c,)

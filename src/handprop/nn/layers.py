@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from handprop.errors import ConfigError, ShapeError
+from handprop.errors import ShapeError
 from handprop.nn import backend as ops
+from handprop.nn import checks
 from handprop.nn.passes import INFERENCE, Pass
 
 #: an array of the network's namespace (NumPy, CuPy, ...)
@@ -336,10 +337,7 @@ class Dropout(Layer):
         """No node: the identity at inference."""
 
     def __init__(self, p: float = 0.5) -> None:
-        p = float(p)
-        if not 0 <= p < 1:
-            raise ConfigError(f"dropout probability must be in [0, 1), got {p!r}")
-        self.p = p
+        self.p = checks.in_interval("dropout probability", float(p), 0, 1)
 
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
         if not ctx.training or ctx.masks is None or self.p == 0:

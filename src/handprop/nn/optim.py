@@ -16,25 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from handprop.errors import ConfigError
 from handprop.nn import backend as ops
+from handprop.nn import checks
 from handprop.nn.backend import namespace
 from handprop.nn.layers import Array
 from handprop.nn.threads import rowwise
-
-
-def _positive(name: str, value: float) -> float:
-    value = float(value)
-    if not np.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _unit(name: str, value: float) -> float:
-    value = float(value)
-    if not 0 <= value < 1:
-        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-    return value
 
 
 class Optimizer:
@@ -57,11 +43,9 @@ class Optimizer:
         decay_mask: Array | None = None,
         schedule: Any = None,
     ) -> None:
-        self.base_lr = self.lr = _positive("learning rate", lr)
+        self.base_lr = self.lr = checks.positive("learning rate", float(lr))
         self.schedule = schedule
-        self.weight_decay = float(weight_decay)
-        if not np.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ConfigError(f"weight decay must be >= 0, got {weight_decay!r}")
+        self.weight_decay = checks.nonnegative("weight decay", weight_decay)
         self.decay_mask = decay_mask
         self.t = 0  # steps taken
         self.state: dict[str, Array] = {}
@@ -165,7 +149,7 @@ class Momentum(Optimizer):
 
     def __init__(self, lr: float, momentum: float = 0.9, **kw: Any) -> None:
         super().__init__(lr, **kw)
-        self.momentum = _unit("momentum", momentum)
+        self.momentum = checks.in_interval("momentum", float(momentum), 0, 1)
 
     def _update(self, params: Array, g: Array) -> None:
         v = self.state["velocity"]
@@ -205,9 +189,9 @@ class Adam(Optimizer):
         self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, **kw: Any
     ) -> None:
         super().__init__(lr, **kw)
-        self.beta1 = _unit("beta1", beta1)
-        self.beta2 = _unit("beta2", beta2)
-        self.eps = _positive("eps", eps)
+        self.beta1 = checks.in_interval("beta1", float(beta1), 0, 1)
+        self.beta2 = checks.in_interval("beta2", float(beta2), 0, 1)
+        self.eps = checks.positive("eps", float(eps))
 
     def _update(self, params: Array, g: Array) -> None:
         # elementwise only: a large vector (a CNN's 225k parameters) is cut into one
@@ -240,8 +224,8 @@ class RMSprop(Optimizer):
 
     def __init__(self, lr: float, rho: float = 0.9, eps: float = 1e-8, **kw: Any) -> None:
         super().__init__(lr, **kw)
-        self.rho = _unit("rho", rho)
-        self.eps = _positive("eps", eps)
+        self.rho = checks.in_interval("rho", float(rho), 0, 1)
+        self.eps = checks.positive("eps", float(eps))
 
     def _update(self, params: Array, g: Array) -> None:
         s, tmp = self.state["s"], self._tmp

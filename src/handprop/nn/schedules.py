@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from handprop.errors import ConfigError
+from handprop.nn import checks
 
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 
@@ -36,15 +36,13 @@ class Schedule:
         warmup: int = 0,
         min_factor: float = 0.0,
     ) -> None:
-        if kind not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {kind!r}; known: {', '.join(SCHEDULES)}")
-        if not 0 < gamma <= 1:
-            raise ConfigError(f"schedule gamma must be in (0, 1], got {gamma!r}")
-        if step_size < 1 or warmup < 0 or epochs < 1:
-            raise ConfigError(
-                f"step size must be >= 1, warm-up >= 0 and epochs >= 1, "
-                f"got {step_size}, {warmup}, {epochs}"
-            )
+        checks.one_of("schedule", kind, SCHEDULES)
+        checks.in_interval("schedule gamma", gamma, 0, 1, open_low=True, open_high=False)
+        checks.require(
+            step_size >= 1 and warmup >= 0 and epochs >= 1,
+            f"step size must be >= 1, warm-up >= 0 and epochs >= 1, "
+            f"got {step_size}, {warmup}, {epochs}",
+        )
         self.kind, self.epochs, self.gamma = kind, epochs, gamma
         self.step_size, self.warmup, self.min_factor = step_size, warmup, min_factor
 

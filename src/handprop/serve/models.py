@@ -206,7 +206,7 @@ def load_served(path: Path, model_id: str, run: Path | None) -> ServedModel:
     names = net.meta.get("class_names") or [str(i) for i in range(net.n_classes)]
     dataset, accuracy = net.meta.get("dataset"), None
     if run is not None:
-        from handprop.runs import RunFolder
+        from handprop.run.reader import RunFolder
 
         try:
             folder = RunFolder(run)

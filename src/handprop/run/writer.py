@@ -12,17 +12,15 @@ import csv
 import io
 import json
 import math
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from handprop.atomic import atomic_write_bytes, atomic_write_text
-from handprop.config import RunConfig, parse_toml_config, to_toml
-from handprop.diagnostics import DIAGNOSTICS_FILE, diagnostics_csv
-from handprop.errors import ConfigError, HandpropError
+from handprop.config import RunConfig, to_toml
+from handprop.errors import ConfigError
+from handprop.run.diagnostics import DIAGNOSTICS_FILE, diagnostics_csv
 
 HISTORY_COLUMNS = ("epoch", "loss", "train_acc", "test_acc", "seconds")
 
@@ -131,7 +129,7 @@ class RunWriter:
             atomic_write_text(self.run_dir / HISTORY_FILE, history_csv(rows, self.columns))
 
     def diagnostics(self, rows: list[dict[str, Any]]) -> None:
-        """diagnostics.csv (:mod:`handprop.diagnostics`): one row per evaluation and layer."""
+        """diagnostics.csv (:mod:`handprop.run.diagnostics`): one row per evaluation and layer."""
         if self.writes:
             atomic_write_text(self.run_dir / DIAGNOSTICS_FILE, diagnostics_csv(rows))
 
@@ -142,36 +140,10 @@ class RunWriter:
             self.history(rows)
             save_npz(self.run_dir / CHECKPOINT_FILE, **arrays)
 
-    def read_checkpoint(self) -> dict[str, np.ndarray]:
-        """The arrays of checkpoint.npz (read on every rank).
-
-        Raises
-        ------
-        ConfigError
-            Truncated, not a .npz, or holding Python objects (never unpickled).
-        """
-        from handprop.files import MAX_MODEL_BYTES, regular_file
-
-        path = self.run_dir / CHECKPOINT_FILE
-        try:
-            regular_file(path, "checkpoint", MAX_MODEL_BYTES, ConfigError)  # a FIFO would hang
-            with np.load(path, allow_pickle=False) as ck:
-                return {name: ck[name] for name in ck.files}
-        except ValueError as exc:
-            why = str(exc)
-            if "allow_pickle" in why:  # numpy's advice to unpickle is not ours to give
-                why = "it holds Python objects, which handprop never loads"
-            raise ConfigError(f"{path}: not a usable checkpoint: {why}") from None
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ConfigError(
-                f"{path}: not a usable checkpoint (truncated or not a .npz file: {why})"
-            ) from None
-
     def read_history(self, epochs: int) -> list[dict[str, Any]]:
         """The history's rows up to epoch ``epochs`` (a checkpoint's), which must all be
         there."""
-        from handprop.runs import read_history
+        from handprop.run.reader import read_history
 
         columns = read_history(self.run_dir / HISTORY_FILE)
         rows = [
@@ -210,40 +182,3 @@ def is_complete(run_dir: Path) -> bool:
         return json.loads((run_dir / METRICS_FILE).read_text())["status"] == "completed"
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-def saved_config(checkpoint: Path) -> RunConfig | None:
-    """The config a checkpoint was trained with (None for one that does not say, or that
-    cannot be read: reading the checkpoint reports that)."""
-    try:
-        with np.load(checkpoint, allow_pickle=False) as ck:
-            if "config" not in ck.files:
-                return None
-            text = str(ck["config"])
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error):
-        return None
-    try:
-        return parse_toml_config(text, f"{checkpoint} (its config)")
-    except HandpropError:
-        return None
-
-
-def check_unchanged(saved: RunConfig | None, now: RunConfig, path: Path) -> None:
-    """Refuse a config.toml edited since the checkpoint in a field that alters the result.
-
-    Raises
-    ------
-    ConfigError
-        Naming the first such field, its value then and now.
-    """
-    if saved is None:
-        return
-    before, after = saved.to_dict(), now.to_dict()
-    for name, value in before.items():
-        if name not in RESUME_FREE_FIELDS and after.get(name) != value:
-            hint = " (to change the number of epochs, use --epochs N)" if name == "epochs" else ""
-            raise ConfigError(
-                f"{path}: {name} was {value!r} when the checkpoint was written, now "
-                f"{after.get(name)!r}; a resumed run continues with the config it began "
-                f"with: put it back{hint}"
-            )

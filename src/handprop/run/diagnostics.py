@@ -226,7 +226,7 @@ class Diagnostics:
             path = None if run_dir is None else Path(run_dir) / DIAGNOSTICS_FILE
             if path is not None and path.is_file():
                 from handprop.errors import DataError
-                from handprop.runs import read_diagnostics_rows
+                from handprop.run.reader import read_diagnostics_rows
 
                 try:
                     self.rows = [r for r in read_diagnostics_rows(path) if r["epoch"] < epoch]

@@ -247,7 +247,7 @@ def read_history(path: str | Path) -> dict[str, np.ndarray]:
     return history
 
 
-#: diagnostics.csv's columns that hold numbers (handprop.diagnostics writes them)
+#: diagnostics.csv's columns that hold numbers (handprop.run.diagnostics writes them)
 DIAGNOSTICS_NUMBERS = ("grad_norm", "weight_norm", "update_ratio", "saturated", "dead")
 
 
@@ -437,7 +437,7 @@ def latest_run(config: str | Path) -> Path:
         The config cannot be read, or no run of it exists yet.
     """
     from handprop.config import load_config
-    from handprop.rundir import is_owned
+    from handprop.run.claim import is_owned
 
     config = Path(config)
     cfg = load_config(config)
