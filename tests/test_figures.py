@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import handprop.analysis.figures as figures
+import handprop.analysis.figures.writing as figure_writing
 from handprop.analysis.figures import pixel_size, png_bytes, write_figures
 from handprop.errors import ConfigError, DataError
 from handprop.run.reader import GridFolder, LayerDiagnostics, Predictions, RunFolder
@@ -30,7 +31,7 @@ def png_dimensions(data: bytes) -> tuple[int, int]:
 def images(monkeypatch) -> np.ndarray:
     """The fake dataset's images, served in place of handprop.data.load_dataset."""
     imgs = fake_images()
-    monkeypatch.setattr(figures, "_load_images", lambda run: imgs)
+    monkeypatch.setattr(figure_writing, "_load_images", lambda run: imgs)
     return imgs
 
 
@@ -96,7 +97,7 @@ def test_unloadable_dataset_skips_only_the_misclassified_figure(tmp_path, monkey
     def fail(run):
         raise DataError("fake3: unknown dataset")
 
-    monkeypatch.setattr(figures, "_load_images", fail)
+    monkeypatch.setattr(figure_writing, "_load_images", fail)
     folder = write_run(tmp_path / "run")
     out = tmp_path / "elsewhere"
     result = write_figures(folder, out)
@@ -109,7 +110,7 @@ def test_unloadable_dataset_skips_only_the_misclassified_figure(tmp_path, monkey
 
 
 def test_dataset_not_matching_the_indices_is_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(figures, "_load_images", lambda run: fake_images()[:20])
+    monkeypatch.setattr(figure_writing, "_load_images", lambda run: fake_images()[:20])
     figs, skipped = figures.build_run_figures(RunFolder(write_run(tmp_path / "run")))
     assert "misclassified" not in dict(figs)
     assert "do not match the indices" in skipped[0]
@@ -195,7 +196,7 @@ def test_cli_prints_the_files_written(tmp_path, monkeypatch):
     def fail(run):
         raise DataError("no such dataset")
 
-    monkeypatch.setattr(figures, "_load_images", fail)
+    monkeypatch.setattr(figure_writing, "_load_images", fail)
     folder = write_run(tmp_path / "run", history=False)
     out = tmp_path / "figs"
     result = _runner().invoke(command, [str(folder), "--out", str(out)])

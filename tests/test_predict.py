@@ -12,8 +12,9 @@ from PIL import Image
 from handprop.cli import main
 from handprop.data import write_idx
 from handprop.errors import DataError
+from handprop.images import prepare_image
 from handprop.nn import Network, save
-from handprop.predict import open_inputs, predict_batches, prepare_image
+from handprop.predict import open_inputs, predict_batches
 
 
 def run(*args):

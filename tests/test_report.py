@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-import handprop.analysis.figures as figures
+import handprop.analysis.figures.writing as figure_writing
 from handprop.analysis.figures import pixel_size
 from handprop.analysis.report import flatten, html_table, report_html, write_report
 from handprop.errors import ConfigError, DataError
@@ -79,7 +79,7 @@ def embedded_png_sizes(p: PageParser) -> list[tuple[int, int]]:
 
 @pytest.fixture(autouse=True)
 def images(monkeypatch):
-    monkeypatch.setattr(figures, "_load_images", lambda run: fake_images())
+    monkeypatch.setattr(figure_writing, "_load_images", lambda run: fake_images())
 
 
 def test_run_report_is_self_contained(tmp_path):
@@ -110,7 +110,7 @@ def test_report_of_a_run_without_comparisons_config_or_dataset(tmp_path, monkeyp
     def fail(run):
         raise DataError("no such dataset")
 
-    monkeypatch.setattr(figures, "_load_images", fail)
+    monkeypatch.setattr(figure_writing, "_load_images", fail)
     folder = write_run(tmp_path / "run")
     (folder / "config.toml").unlink()
     page = report_html(folder)
@@ -236,7 +236,7 @@ def test_config_table_shows_what_defines_the_run_and_folds_the_rest():
 def test_report_carries_every_caveat_compare_knows(tmp_path, monkeypatch):
     from handprop.analysis.compare import comparison_caveats
 
-    monkeypatch.setattr(figures, "_load_images", lambda run: fake_images())
+    monkeypatch.setattr(figure_writing, "_load_images", lambda run: fake_images())
     folder = write_run(tmp_path / "run", comparisons=True)
     models = {
         "sklearn_default": {"label": "scikit-learn (default)", "accuracy": 0.5,

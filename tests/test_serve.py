@@ -31,8 +31,8 @@ from PIL import Image
 
 from conftest import mnist_dir
 from handprop.cli import main
+from handprop.images import prepare_image
 from handprop.nn import Network, save
-from handprop.predict import prepare_image
 
 ROOT = Path(__file__).parents[1]
 MNIST = mnist_dir()

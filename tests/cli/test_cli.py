@@ -72,8 +72,8 @@ def test_train_then_predict_on_digits(tmp_path):
 def test_predict_reads_an_image_like_mnist(tmp_path):
     from PIL import Image
 
+    from handprop.images import prepare_image
     from handprop.nn import Network, save
-    from handprop.predict import prepare_image
 
     # a dark "1" on a white page, off centre
     page = np.full((60, 40), 255, dtype=np.uint8)

@@ -33,7 +33,7 @@ class DatasetSpec:
     mirrors: tuple[str, ...] = ()
     system_dirs: tuple[str, ...] = ()
     builtin: bool = False  # shipped inside a package (no files to find)
-    #: how a picture is made into one of its images (see handprop.predict.IMAGE_PREPS):
+    #: how a picture is made into one of its images (see handprop.images.IMAGE_PREPS):
     #: "mnist", a 20x20 box in 28x28 centred by mass, or "fill", the frame filled
     image_prep: str = "mnist"
 

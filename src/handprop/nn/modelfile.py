@@ -32,7 +32,7 @@ READ_CHUNK = 16 * 2**20
 
 def check_meta(meta: dict[str, Any], net: Network) -> None:
     """The facts ``predict`` relies on: class names, image shape, pixel scale and the
-    name of the image preparation (which ``handprop.predict`` knows).
+    name of the image preparation (which ``handprop.images`` knows).
 
     Raises ShapeError naming the first one of the wrong type or size.
     """

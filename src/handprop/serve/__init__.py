@@ -2,7 +2,7 @@
 
 The page (``static/``: plain HTML, CSS and JavaScript, no CDN, so it works offline)
 posts the canvas as a PNG while the user draws; the server prepares it exactly as
-``handprop predict`` prepares an image (:func:`handprop.predict.prepare_image`) and
+``handprop predict`` prepares an image (:func:`handprop.images.prepare_image`) and
 answers with the class probabilities, the 28x28 input the network sees, a saliency map
 from the network's own backward pass and its first layer's activity.
 

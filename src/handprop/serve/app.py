@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from handprop.errors import DataError, ImageTooLargeError
-from handprop.predict import prepare_image
+from handprop.images import prepare_image
 from handprop.serve.models import MAX_PIXELS, ServedModel
 
 STATIC = Path(__file__).parent / "static"

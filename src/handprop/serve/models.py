@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from handprop.errors import ConfigError, HandpropError
+from handprop.images import IMAGE_PREPS, image_prep
 from handprop.nn import Network
-from handprop.predict import IMAGE_PREPS, MODEL_FILE, image_prep, load_model
+from handprop.predict import MODEL_FILE, load_model
 
 #: the most pixels an image sent to the server may have (Pillow's own limit is 89 M)
 MAX_PIXELS = 10_000_000
@@ -52,7 +53,7 @@ class ServedModel:
     accuracy : float or None     test accuracy from the run's metrics.json
     classes : list of str        class names (Fashion-MNIST's clothes, or "0".."9")
     image_shape : (H, W)         the images the network reads
-    image_prep : str             how a picture becomes one (handprop.predict.IMAGE_PREPS)
+    image_prep : str             how a picture becomes one (handprop.images.IMAGE_PREPS)
     """
 
     id: str
@@ -89,7 +90,7 @@ class ServedModel:
         Parameters
         ----------
         image : ndarray of shape (H, W)   pixels in [0, 1], white digit on black, as
-                                          :func:`handprop.predict.prepare_image` gives
+                                          :func:`handprop.images.prepare_image` gives
 
         Returns
         -------
