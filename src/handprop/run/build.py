@@ -292,6 +292,8 @@ class Run:
     row: dict[str, Any] = field(default_factory=dict)  # the epoch's history row
     train_acc: float | None = None  # the epoch's, when it came for free
     evaluated: bool = False  # whether this epoch is evaluated
+    # given the parameters just before each epoch's last step (the diagnostics')
+    before_last_step: Callable[[Any], None] | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -39,9 +39,9 @@ class RecordDiagnostics(Callback):
     def __init__(self, run: Run) -> None:
         from handprop.run.diagnostics import Diagnostics
 
-        # watches the optimizer's steps on every rank, as it always did
-        n = len(run.data.y_train)
-        self.diagnostics = Diagnostics(run.net, run.opt, steps_per_epoch=-(-n // run.batch))
+        self.diagnostics = Diagnostics(run.net)
+        # the weights before each epoch's last step, for the update ratio (every rank)
+        run.before_last_step = self.diagnostics.keep_before
 
     def on_epoch_end(self, run: Run) -> None:
         if run.writer.writes:

@@ -27,8 +27,8 @@ Conv2D) into ``diagnostics.csv`` beside ``history.csv``:
 The probe batch is the first :data:`PROBE_ROWS` training samples, through the network
 in inference mode (no dropout), one forward pass per evaluation. This module reads only
 public layer attributes (``W``, ``dW``, the layer list and ``ParamLayout``), runs the
-layers itself to see their outputs, and watches the optimizer's ``step`` to keep the
-weights from before an epoch's last step. Its cost is measured in the README. For a
+layers itself to see their outputs, and is handed the weights from before an epoch's
+last step by the training loop. Its cost is measured in the README. For a
 network on a GPU it copies what it measures to the host (NumPy) first.
 """
 
@@ -136,31 +136,25 @@ class Diagnostics:
     Parameters
     ----------
     net : Network
-    opt : Optimizer          its ``step`` is wrapped to keep the weights from before the
-                             last step of each epoch (one copy of the vector per epoch)
-    steps_per_epoch : int    optimizer steps in one epoch
+
+    The training loop hands it the parameters just before each epoch's last step
+    (:meth:`keep_before`, given to :func:`~handprop.run.fit.run_epoch`), so that the
+    update ratio compares the weights after that step with those before it.
     """
 
-    def __init__(self, net: Any, opt: Any, steps_per_epoch: int) -> None:
+    def __init__(self, net: Any) -> None:
         self.net = net
         self.layers = watched_layers(net)
         self.rows: list[dict[str, Any]] = []
         self.before: np.ndarray | None = None  # the parameters before the last step
-        self._steps = 0
-        self._per_epoch = max(int(steps_per_epoch), 1)
         self._loaded = False
-        step = opt.step
 
-        def step_keeping_before(params: Any, grads: Any) -> None:
-            self._steps += 1
-            if self._steps % self._per_epoch == 0:  # the epoch's last step
-                host = to_host(params)  # the vector itself on NumPy, a copy from a GPU
-                if self.before is None:
-                    self.before = np.empty_like(host)
-                np.copyto(self.before, host)
-            step(params, grads)
-
-        opt.step = step_keeping_before
+    def keep_before(self, params: Any) -> None:
+        """Keep a copy of ``params`` (one host vector, reused from epoch to epoch)."""
+        host = to_host(params)  # the vector itself on NumPy, a copy from a GPU
+        if self.before is None:
+            self.before = np.empty_like(host)
+        np.copyto(self.before, host)
 
     def probe_outputs(self, X: np.ndarray) -> dict[int, np.ndarray]:
         """The outputs of every watched activation layer on X, in inference mode."""

@@ -61,6 +61,7 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
                     rng,
                     lambda loss, epoch=epoch: check_loss(loss, epoch, cfg),
                     run.augment,
+                    run.before_last_step,
                 )
                 check_params(net, epoch, cfg)  # the last step's update has no loss yet
                 run.row = {"epoch": epoch, "loss": loss}
@@ -98,12 +99,14 @@ def run_epoch(
     rng: np.random.Generator,
     check_loss: Callable[[float], None],
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    before_last_step: Callable[[Any], None] | None = None,
 ) -> tuple[float, float | None]:
     """One pass over (X, y): a gradient step per batch of ``batch`` rows.
 
     The full batch is the original's gradient descent (no shuffling); mini-batches
     come in the order ``rng`` draws, each ``augment``-ed when given. ``check_loss``
-    sees every batch's loss (and raises on a non-finite one). Returns the epoch's mean
+    sees every batch's loss (and raises on a non-finite one); ``before_last_step``, if
+    given, sees the parameters just before the epoch's last step. Returns the epoch's mean
     loss and, when it comes for free (full batch, no dropout or batchnorm), the
     training accuracy before the update.
 
@@ -125,6 +128,8 @@ def run_epoch(
         # dropout's masks and batchnorm's batch statistics: not the inference outputs
         if not any(isinstance(layer, (nn.Dropout, nn.BatchNorm)) for layer in model.net.layers):
             train_acc = model.count_correct(out, y) / n
+        if before_last_step is not None:
+            before_last_step(model.params)
         opt.step(model.params, model.grads)
         return loss, train_acc
     order = rng.permutation(n)
@@ -150,6 +155,8 @@ def run_epoch(
         loss, _ = model.train_pass(xb, yb)
         if on_host:
             check_loss(loss)  # names the step; a device's losses are read once, below
+        if before_last_step is not None and start + batch >= n:
+            before_last_step(model.params)
         opt.step(model.params, model.grads)
         total = total + loss * len(idx)  # on a device: added up there, no wait per step
     if not on_host:
