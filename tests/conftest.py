@@ -253,3 +253,18 @@ class FileServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+#: a small run on scikit-learn's 8x8 digits (offline), as a TOML config's text
+DIGITS_CONFIG = """
+dataset = "digits"
+total = 1797
+train = 1500
+test = 297
+hidden = [24]
+activation = "sigmoid"
+learning_rate = 2.0
+epochs = 60
+eval_every = 20
+seed = 3
+"""

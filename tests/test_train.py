@@ -7,22 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DIGITS_CONFIG
 from handprop import nn
 from handprop.config import parse_toml_config
 from handprop.run import resume_run, train_run
 
-DIGITS = """
-dataset = "digits"
-total = 1797
-train = 1500
-test = 297
-hidden = [24]
-activation = "sigmoid"
-learning_rate = 2.0
-epochs = 60
-eval_every = 20
-seed = 3
-"""
+DIGITS = DIGITS_CONFIG
 
 
 @pytest.fixture
