@@ -117,6 +117,7 @@ class RunWriter:
         self.run_dir = Path(run_dir)
         self.columns = columns
         self.writes = writes
+        self._history = ""  # the history.csv text last written
 
     def start(self, cfg: RunConfig, indices: dict[str, np.ndarray]) -> None:
         """The files written before the first epoch: the config and the split."""
@@ -125,8 +126,13 @@ class RunWriter:
             save_npz(self.run_dir / SPLIT_FILE, **indices)
 
     def history(self, rows: list[dict[str, Any]]) -> None:
+        """history.csv, unless it already holds these rows (an epoch both evaluated and
+        checkpointed asks twice)."""
         if self.writes:
-            atomic_write_text(self.run_dir / HISTORY_FILE, history_csv(rows, self.columns))
+            text = history_csv(rows, self.columns)
+            if text != self._history:
+                atomic_write_text(self.run_dir / HISTORY_FILE, text)
+                self._history = text
 
     def diagnostics(self, rows: list[dict[str, Any]]) -> None:
         """diagnostics.csv (:mod:`handprop.run.diagnostics`): one row per evaluation and layer."""
