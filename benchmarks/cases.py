@@ -10,6 +10,7 @@ while the hot path inside changes. The ``profile`` case alone steps through
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ from benchmarks.common import (
     CaseResult,
     Row,
     Target,
+    load_average,
     median,
     spread,
     time_side_by_side,
@@ -62,6 +64,10 @@ TARGETS = {
     "inference": Target(">=", 1.0),
     "rss": Target("<=", 300, "MB"),
     "cnn": Target("<=", 1.0),
+    "time_to_99": Target("<=", 1.0),
+    "time_to_99_acc": Target(">=", 99.0, "%"),
+    "time_to_99_each": Target(">=", 98.9, "%"),
+    "time_to_99_s": Target("<=", 10.0, "s"),
 }
 #: what each target bounds, for the report
 TARGET_LABELS = {
@@ -73,6 +79,11 @@ TARGET_LABELS = {
     "inference": "inference images/s / PyTorch's",
     "rss": "peak RSS of the baseline run (and no sklearn/matplotlib imported)",
     "cnn": "CNN training epoch time / PyTorch's at its best thread count (autograd, Adam)",
+    "time_to_99": "experiments/fast99.toml's training time (train_run's train_seconds, median "
+    "over the seeds) / PyTorch-CPU's on the same recipe at its best thread count",
+    "time_to_99_acc": "fast99: mean test accuracy over the seeds (issue 30)",
+    "time_to_99_each": "fast99: every seed's test accuracy (issue 30)",
+    "time_to_99_s": "fast99: training time, median over the seeds (issue 30)",
 }
 
 
@@ -83,7 +94,7 @@ class Context:
     data_dir: Path
     quick: bool = False
     repeats: int | None = None
-    seeds: int = 1
+    seeds: int | None = None  # --seeds; None: each case's own default (n_seeds)
     threads: int | None = None
     torch: Any = None
     torch_why: str = "PyTorch not loaded"
@@ -94,6 +105,10 @@ class Context:
         if self.repeats is not None:
             return max(1, self.repeats)
         return quick if self.quick else full
+
+    def n_seeds(self, default: int) -> int:
+        """``--seeds`` when given, else the case's own default."""
+        return default if self.seeds is None else max(1, self.seeds)
 
     def loaded_mnist(self) -> Mnist | None:
         """MNIST if a case has loaded it already (never loads it)."""
@@ -492,7 +507,7 @@ def case_baseline(ctx: Context) -> CaseResult:
             sk_info,
         )
     )
-    if ctx.seeds > 1:
+    if ctx.n_seeds(1) > 1:
         res.rows.extend(_baseline_seeds(ctx, cfg, epochs, (hp_acc, sk_acc)))
     return res
 
@@ -505,10 +520,11 @@ def _baseline_seeds(ctx: Context, cfg: Any, epochs: int, first: tuple[float, flo
     with Glorot's, which is close to what MLPClassifier draws."""
     from handprop.run import SPLIT_FILE, train_run
 
+    n_seeds = ctx.n_seeds(1)
     accs: dict[str, list[float]] = {"handprop": [first[0]], "sklearn": [first[1]]}
     glorot = "glorot_uniform"
     with tempfile.TemporaryDirectory(prefix="handprop-bench-") as out:
-        for k in range(ctx.seeds):
+        for k in range(n_seeds):
             seed_cfg = cfg.replace(seed=cfg.seed + k, out=out, name=f"seed{k}")
             runs = [("glorot", seed_cfg.replace(init=glorot, name=f"seed{k}-{glorot}"))]
             if k:
@@ -526,7 +542,7 @@ def _baseline_seeds(ctx: Context, cfg: Any, epochs: int, first: tuple[float, flo
                 if isinstance(sk, str):
                     return [Row.skipped("baseline", f"seed {seed_cfg.seed}: {sk}")]
                 accs["sklearn"].append(sk[1])
-    seeds = f"seeds {cfg.seed}-{cfg.seed + ctx.seeds - 1}"
+    seeds = f"seeds {cfg.seed}-{cfg.seed + n_seeds - 1}"
     sk_mean = float(np.mean(accs["sklearn"]))
     rows = []
     for key, label in (("handprop", cfg.init), ("glorot", glorot)):
@@ -535,7 +551,7 @@ def _baseline_seeds(ctx: Context, cfg: Any, epochs: int, first: tuple[float, flo
         rows.append(
             Row.compare(
                 "baseline",
-                f"test accuracy, mean of {ctx.seeds} seeds, init {label}",
+                f"test accuracy, mean of {n_seeds} seeds, init {label}",
                 float(np.mean(accs[key])),
                 "scikit-learn MLP",
                 sk_mean,
@@ -1038,6 +1054,301 @@ def case_cnn(ctx: Context) -> CaseResult:
     return res
 
 
+# -- 7. time to 99%: the fast99 recipe, handprop vs PyTorch ------------------------------
+
+FAST99_CFG = REPO_ROOT / "experiments" / "fast99.toml"
+#: seeds per side (--seeds overrides), full and --quick
+FAST99_SEEDS, FAST99_QUICK_SEEDS = 5, 1
+#: training images in --quick mode (the first of the config's training set)
+FAST99_QUICK_TRAIN = 10000
+#: the PyTorch side's reference label (the same under every kernel: it keys the summary)
+FAST99_REFERENCE = "PyTorch-CPU, same recipe, best threads"
+
+
+@dataclass
+class Trained:
+    """One side's training of one seed."""
+
+    seconds: float  # the training loop alone
+    accuracy: float  # test accuracy, 0-1
+    loss: float | None  # the last epoch's mean training loss
+    n_train: int | None = None
+
+
+def fast99_unmirrored(cfg: Any) -> str:
+    """Why the PyTorch side cannot train ``cfg`` the same way; "" when it can (the
+    network itself is checked when it is mirrored)."""
+    if cfg.optimizer != "adam":
+        return f"optimizer {cfg.optimizer!r}: the PyTorch side mirrors adam only"
+    if cfg.device != "cpu":
+        return f"device {cfg.device!r}: this case compares CPUs"
+    if cfg.augment_shift or cfg.augment_rotate or cfg.augment_elastic_alpha:
+        return "augmentation (drawn from handprop's epoch generator) has no PyTorch mirror"
+    if cfg.validation:
+        return "a validation part (validated every epoch, early stopping) is not mirrored"
+    return ""
+
+
+def fast99_handprop(cfg: Any) -> Trained:
+    """``cfg`` through ``train_run``: its training time (the fit loop's, no loading or
+    evaluation) and test accuracy."""
+    from handprop.run import train_run
+
+    result = train_run(cfg, progress=False)
+    if result.status != "completed" or result.accuracy is None:
+        raise RuntimeError(f"handprop, seed {cfg.seed}: {result.status}: {result.message}")
+    n_train = (result.metrics.get("split") or {}).get("train")
+    return Trained(result.train_seconds, float(result.accuracy), result.final_loss, n_train)
+
+
+def fast99_torch(torch: Any, cfg: Any, data: Any, threads: int) -> tuple[Trained, float]:
+    """``cfg``'s recipe in PyTorch on ``threads`` threads, on ``data`` (handprop's loaded
+    split, the arrays train_run trains on); and how far its outputs are from handprop's
+    before training (the max difference of the softmax outputs on 256 test images).
+
+    The network is the one train_run builds for this config and seed (``build_network``:
+    same layers, same initial parameters, copied into the torch modules), the rates are
+    the optimizer's own schedule's (``build_optimizer``), the batches come in handprop's
+    order (see :func:`torch_ref.train_like_handprop`)."""
+    from handprop.run import build_network
+    from handprop.run.build import build_optimizer
+
+    net = build_network(cfg, data)
+    opt = build_optimizer(cfg, net)
+    model = torch_ref.mirror_network(torch, net)
+    X = data.X_train.reshape(len(data.X_train), *net.input_shape)
+    X_test = data.X_test.reshape(len(data.X_test), *net.input_shape)
+    probe = X_test[:256]
+    diff = float(
+        np.max(np.abs(net.predict_proba(probe) - torch_ref.probabilities(torch, model, probe)))
+    )
+
+    def rate(epoch: int, progress: float) -> float:
+        factor = 1.0 if opt.schedule is None else opt.schedule.factor(epoch, progress)
+        return opt.base_lr * factor
+
+    n = len(data.y_train)
+    train = functools.partial(
+        torch_ref.train_like_handprop,
+        torch,
+        model,
+        X,
+        data.y_train,
+        batch=n if cfg.batch_size is None else cfg.batch_size,
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        rate=rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing,
+    )
+    seconds, losses = torch_ref.with_threads(torch, threads, train)()
+    predicted = torch_ref.predict_classes(torch, model, X_test)
+    accuracy = float(np.mean(predicted == data.y_test))
+    return Trained(seconds, accuracy, losses[-1] if losses else None, n), diff
+
+
+def seconds_list(runs: list[Trained]) -> str:
+    return ", ".join(f"{r.seconds:.2f}" for r in runs)
+
+
+def case_time_to_99(ctx: Context) -> CaseResult:
+    """experiments/fast99.toml, handprop (train_run) vs the same recipe in PyTorch-CPU:
+    training time and test accuracy over several seeds.
+
+    The same network and initial parameters, schedule, batch order and data on both
+    sides (see :func:`fast99_torch`). The seeds alternate which side goes first. PyTorch
+    runs the first seed on ``--threads`` threads and on 1, and the remaining seeds on the
+    faster count (on a loaded machine its OpenMP threads wait on each other).
+    """
+    from handprop.config import load_config
+    from handprop.run import load_split
+
+    res = CaseResult("time_to_99")
+    cfg = load_config(FAST99_CFG)
+    n_seeds = ctx.n_seeds(FAST99_QUICK_SEEDS if ctx.quick else FAST99_SEEDS)
+    if ctx.quick:
+        cfg = cfg.replace(train=min(cfg.train or FAST99_QUICK_TRAIN, FAST99_QUICK_TRAIN))
+    load_before = load_average()
+    why = ctx.torch_why if ctx.torch is None else fast99_unmirrored(cfg)
+    threads = ctx.threads or os.cpu_count() or 1
+    counts = [threads, 1] if threads > 1 else [1]
+    hp: list[Trained] = []
+    pt: list[Trained] = []
+    first: dict[int, Trained] = {}  # the first seed's PyTorch run on each thread count
+    chosen, diffs = counts[0], []
+    data_key, data = object(), None  # the PyTorch side's split, loaded once per split
+    with tempfile.TemporaryDirectory(prefix="handprop-bench-") as out:
+        base = cfg.replace(data_dir=str(ctx.data_dir), out=out)
+        seeds = [base.seed + k for k in range(n_seeds)]
+        for k, seed in enumerate(seeds):
+            seed_cfg = base.replace(seed=seed, name=f"fast99-seed{seed}")
+            sides = ("handprop", "torch") if k % 2 == 0 else ("torch", "handprop")
+            for side in sides:
+                if side == "handprop":
+                    hp.append(fast99_handprop(seed_cfg))
+                elif not why:
+                    key = (
+                        "standard" if seed_cfg.split == "standard" else seed_cfg.resolved_split_seed
+                    )
+                    if key != data_key:
+                        data, data_key = None, key  # one split in memory at a time
+                        data = load_split(seed_cfg, progress=False)
+                    try:
+                        for t in counts if k == 0 else [chosen]:
+                            time.sleep(SETTLE_SECONDS)
+                            trained, diff = fast99_torch(ctx.torch, seed_cfg, data, t)
+                            first.setdefault(t, trained)  # the first seed's, per count
+                            diffs.append(diff)
+                    except ValueError as exc:  # a layer or loss with no PyTorch mirror
+                        why, pt, data = str(exc), [], None
+                        continue
+                    if k == 0:
+                        chosen = min(first, key=lambda t: first[t].seconds)
+                        trained = first[chosen]
+                    pt.append(trained)
+                time.sleep(SETTLE_SECONDS)
+    res.rows += fast99_rows(ctx, cfg, seeds, hp, pt, why, first, chosen, diffs, load_before)
+    return res
+
+
+def fast99_rows(
+    ctx: Context,
+    cfg: Any,
+    seeds: list[int],
+    hp: list[Trained],
+    pt: list[Trained],
+    why: str,
+    first: dict[int, Trained],
+    chosen: int,
+    diffs: list[float],
+    load_before: str,
+) -> list[Row]:
+    """The time_to_99 rows: time and accuracy against PyTorch, and the recipe's targets."""
+    case, n = "time_to_99", len(seeds)
+    seed_word = "seed" if n == 1 else "seeds"
+    seed_text = f"seed {seeds[0]}" if n == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+    hp_s = median([r.seconds for r in hp])
+    hp_acc = [100 * r.accuracy for r in hp]
+    recipe = (
+        f"{FAST99_CFG.name} ({', '.join(cfg.layers or ())}; {cfg.optimizer} "
+        f"b1 {cfg.beta1:g} b2 {cfg.beta2:g}, lr {cfg.learning_rate:g} {cfg.schedule}, label "
+        f"smoothing {cfg.label_smoothing:g}, batch "
+        f"{cfg.batch_size}, {cfg.epochs} epoch(s)), {hp[0].n_train} training images, {seed_text}"
+    )
+    loads = f"load average (1/5/15 min) {load_before} before, {load_average()} after"
+    if pt:
+        pt_s = median([r.seconds for r in pt])
+        pt_acc = [100 * r.accuracy for r in pt]
+        tried = ", ".join(f"{t} thread(s) {r.seconds:.2f} s" for t, r in first.items())
+        time_note = (
+            f"{recipe}; handprop = train_run's train_seconds (fit loop only), per seed "
+            f"{seconds_list(hp)} s (min-max {min(r.seconds for r in hp):.2f}-"
+            f"{max(r.seconds for r in hp):.2f}); PyTorch = its training loop alone, per seed "
+            f"{seconds_list(pt)} s on {chosen} thread(s): seed {seeds[0]} ran on {tried}, "
+            f"the faster count ran the other seeds; test accuracy mean handprop "
+            f"{np.mean(hp_acc):.2f}% / PyTorch {np.mean(pt_acc):.2f}%; {loads}"
+        )
+        pairs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(hp_acc, pt_acc, strict=True))
+        sd = f"; sd {np.std(hp_acc, ddof=1):.3f} / {np.std(pt_acc, ddof=1):.3f}" if n > 1 else ""
+        losses = ", ".join(
+            f"{a.loss:.4f}/{b.loss:.4f}"
+            for a, b in zip(hp, pt, strict=True)
+            if a.loss is not None and b.loss is not None
+        )
+        rows = [
+            Row.compare(
+                case,
+                f"train s, median of {n} {seed_word}",
+                hp_s,
+                FAST99_REFERENCE,
+                pt_s,
+                TARGETS["time_to_99"],
+                time_note,
+            ),
+            Row.compare(
+                case,
+                f"test accuracy %, mean of {n} {seed_word}",
+                float(np.mean(hp_acc)),
+                FAST99_REFERENCE,
+                float(np.mean(pt_acc)),
+                None,
+                f"per seed handprop/PyTorch: {pairs}{sd}",
+            ),
+            Row.compare(
+                case,
+                f"test accuracy %, lowest of {n} {seed_word}",
+                min(hp_acc),
+                FAST99_REFERENCE,
+                min(pt_acc),
+                None,
+                f"same initial parameters (softmax outputs before training agree "
+                f"within {max(diffs):.1e}); last epoch's mean training loss "
+                f"handprop/PyTorch per seed: {losses}",
+            ),
+        ]
+    else:
+        skipped = f"skipped: {why}"
+        rows = [
+            Row(
+                case,
+                f"train s, median of {n} {seed_word}",
+                hp_s,
+                FAST99_REFERENCE,
+                note=f"{skipped}; {recipe}; handprop per seed {seconds_list(hp)} s; {loads}",
+            ),
+            Row(
+                case,
+                f"test accuracy %, mean of {n} {seed_word}",
+                float(np.mean(hp_acc)),
+                FAST99_REFERENCE,
+                note=skipped,
+            ),
+            Row(
+                case,
+                f"test accuracy %, lowest of {n} {seed_word}",
+                min(hp_acc),
+                FAST99_REFERENCE,
+                note=skipped,
+            ),
+        ]
+    judged = not ctx.quick
+    verdict = "" if judged else f"quick mode ({hp[0].n_train} training images): not judged; "
+    for key, metric, value, note in (
+        (
+            "time_to_99_acc",
+            "recipe: mean test accuracy %",
+            float(np.mean(hp_acc)),
+            f"{seed_text}: " + ", ".join(f"{a:.2f}" for a in hp_acc),
+        ),
+        (
+            "time_to_99_each",
+            "recipe: lowest seed's test accuracy %",
+            min(hp_acc),
+            "every seed's accuracy at least this",
+        ),
+        (
+            "time_to_99_s",
+            "recipe: train s, median",
+            hp_s,
+            f"train_run's train_seconds; slowest seed {max(r.seconds for r in hp):.2f} s",
+        ),
+    ):
+        target = TARGETS[key]
+        rows.append(
+            Row(
+                case,
+                metric,
+                value,
+                target=str(target),
+                passed=target.check(value) if judged else None,
+                note=verdict + note,
+            )
+        )
+    return rows
+
+
 #: case name -> function, in the order a full run measures them (the long one last)
 CASES: dict[str, Callable[[Context], CaseResult]] = {
     "epoch": case_epoch,
@@ -1046,7 +1357,8 @@ CASES: dict[str, Callable[[Context], CaseResult]] = {
     "inference": case_inference,
     "rss": case_rss,
     "cnn": case_cnn,
+    "time_to_99": case_time_to_99,
     "baseline": case_baseline,
 }
 #: cases that compare against PyTorch (torch is imported only when one of them runs)
-TORCH_CASES = frozenset({"epoch", "minibatch", "inference", "cnn"})
+TORCH_CASES = frozenset({"epoch", "minibatch", "inference", "cnn", "time_to_99"})

@@ -6,6 +6,7 @@ never imports torch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,16 +44,31 @@ def hand_written_epoch(
 
     Returns
     -------
-    epoch : callable running one epoch in place on the copies, returning the loss
+    epoch : callable running one epoch in place on the copies, returning the loss (a
+            float: the host waits for the device every epoch)
     tensors : the parameter tensors [W1, b1, W2, b2]
     """
+    body, tensors = hand_written_body(torch, X, y, params, lr, device)
+    return lambda: float(body()), tensors
+
+
+def hand_written_body(
+    torch: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    params: list[np.ndarray],
+    lr: float,
+    device: str = "cpu",
+) -> tuple[Callable[[], Any], list[Any]]:
+    """:func:`hand_written_epoch`'s epoch as a function returning the loss tensor (the
+    host does not wait): what :func:`graphed` captures and :func:`compiled` compiles."""
     Xt = torch.from_numpy(np.ascontiguousarray(X)).to(device)
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
     W1, b1, W2, b2 = (torch.from_numpy(np.array(p, dtype=np.float32)).to(device) for p in params)
     n = Xt.shape[0]
     rows = torch.arange(n, device=device)
 
-    def epoch() -> float:
+    def body() -> Any:
         with torch.no_grad():
             Z1 = torch.addmm(b1, Xt, W1)  # (n, h)
             A1 = torch.sigmoid(Z1)
@@ -72,9 +88,38 @@ def hand_written_epoch(
             b1.sub_(db1, alpha=lr)
             W2.sub_(dW2, alpha=lr)
             b2.sub_(db2, alpha=lr)
+        return loss
+
+    return body, [W1, b1, W2, b2]
+
+
+def graphed(torch: Any, body: Callable[[], Any], warmup: int = 3) -> Callable[[], float]:
+    """``body`` (a CUDA epoch returning its loss tensor) captured as one CUDA graph, as
+    PyTorch's CUDA-graph tutorial does it (``torch.cuda.graph``, after ``warmup`` eager
+    runs on a side stream; they train too: reset the parameters after). Each call
+    replays it and reads the loss (the host waits every epoch, as in the eager epoch)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = body()
+
+    def epoch() -> float:
+        graph.replay()
         return float(loss)
 
-    return epoch, [W1, b1, W2, b2]
+    return epoch
+
+
+def compiled(torch: Any, body: Callable[[], Any]) -> Callable[[], float]:
+    """``body`` through ``torch.compile(mode="reduce-overhead")`` (Inductor's kernels and
+    CUDA graphs); the first calls compile, which can take tens of seconds."""
+    fn = torch.compile(body, mode="reduce-overhead")
+    return lambda: float(fn())
 
 
 def minibatch_epoch(
@@ -195,6 +240,161 @@ def cnn_training(
         return np.concatenate(ids)
 
     return run, predict
+
+
+#: handprop layer kinds without parameters -> the torch module doing the same
+_PLAIN_MODULES = {
+    "relu": "ReLU",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "identity": "Identity",
+    "flatten": "Flatten",
+}
+
+
+def mirror_network(torch: Any, net: Any) -> Any:
+    """handprop's network ``net`` (on the host) as an ``nn.Sequential`` of the same
+    layers, its current parameters copied in: the same starting point.
+
+    Walks ``net.layers`` (the layer protocol: ``kind``, ``get_config()``, ``W``, ``b``):
+    conv2d -> ``Conv2d`` (W (c_out, c_in, k, k) as handprop stores it), dense ->
+    ``Linear`` (handprop's W (d_in, d_out) transposed: torch stores (out, in)), the
+    pools, activations and flatten (row-major, as handprop's), dropout -> ``Dropout``
+    (torch's own masks). Raises ValueError for a layer with no mirror here (batchnorm)
+    or a loss other than softmax cross-entropy (the training uses
+    ``CrossEntropyLoss``, which holds the softmax).
+    """
+    tnn = torch.nn
+    loss = getattr(net.loss, "kind", "?")
+    if loss != "cross_entropy":
+        raise ValueError(f"no PyTorch mirror for loss {loss!r} (cross_entropy only)")
+    tdtype = torch.float64 if np.dtype(net.dtype) == np.float64 else torch.float32
+    modules = []
+    for layer in net.layers:
+        kind, c = layer.kind, layer.get_config()
+        W = None
+        if kind == "conv2d":
+            m = tnn.Conv2d(c["c_in"], c["c_out"], c["k"], stride=c["stride"], padding=c["pad"])
+            W = np.asarray(layer.W)
+        elif kind == "dense":
+            m = tnn.Linear(c["d_in"], c["d_out"])
+            W = np.asarray(layer.W).T
+        elif kind in ("maxpool2d", "avgpool2d"):
+            pool = tnn.MaxPool2d if kind == "maxpool2d" else tnn.AvgPool2d
+            m = pool(c["k"], stride=c["stride"])
+        elif kind == "dropout":
+            m = tnn.Dropout(c["p"])
+        elif kind in _PLAIN_MODULES:
+            m = getattr(tnn, _PLAIN_MODULES[kind])()
+        else:
+            raise ValueError(f"no PyTorch mirror for handprop layer {kind!r}")
+        m = m.to(dtype=tdtype)
+        if W is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(np.ascontiguousarray(W)))
+                m.bias.copy_(torch.from_numpy(np.asarray(layer.b)))
+        modules.append(m)
+    return tnn.Sequential(*modules)
+
+
+def train_like_handprop(
+    torch: Any,
+    model: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch: int,
+    epochs: int,
+    seed: int,
+    rate: Callable[[int, float], float],
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[float, list[float]]:
+    """Train ``model`` (from :func:`mirror_network`) the way handprop's fit loop does,
+    the idiomatic PyTorch way (autograd, ``CrossEntropyLoss``, ``torch.optim.Adam``).
+
+    The same batches in the same order: epoch e (from 1) visits the rows in the order
+    ``np.random.default_rng([seed, e]).permutation(n)`` (the first draw of handprop's
+    epoch generator), in batches of ``batch``, the last one short; with ``batch >= n``
+    one full-batch step, unshuffled. The same rates: step k of the epoch's ``steps``
+    runs at ``rate(e, k / steps)`` (handprop's schedule factor times the base rate),
+    set in every param group before the step. Adam with ``betas``, ``eps``, and L2
+    ``weight_decay`` on the weights only (torch's Adam adds it to the gradient, as
+    handprop does; biases in a group without it). ``label_smoothing``: PyTorch's, the
+    same targets as handprop's ((1 - e) one-hot + e / k).
+
+    Returns the seconds of the training loop alone (the orders drawn, the batches
+    gathered, the steps; no set-up, no evaluation) and each epoch's mean loss.
+    """
+    tdtype = next(model.parameters()).dtype
+    Xt = torch.from_numpy(np.ascontiguousarray(X)).to(tdtype)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    biases = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": params, "weight_decay": decay}
+        for params, decay in ((weights, weight_decay), (biases, 0.0))
+        if params
+    ]
+    opt = torch.optim.Adam(groups, lr=rate(1, 0.0), betas=betas, eps=eps)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    torch.manual_seed(seed)  # dropout's masks, if any (handprop's differ)
+    model.train()
+    n = len(yt)
+    batch = min(batch, n)
+    steps = -(-n // batch)
+    losses = []
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        if batch >= n:
+            order = None
+        else:
+            order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+        total = torch.zeros((), dtype=tdtype)
+        for k, lo in enumerate(range(0, n, batch)):
+            if order is None:
+                xb, yb = Xt, yt
+            else:
+                idx = order[lo : lo + batch]
+                xb, yb = Xt.index_select(0, idx), yt.index_select(0, idx)
+            lr = rate(epoch, k / steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total = total + loss.detach() * len(yb)
+        losses.append(float(total) / n)
+    seconds = time.perf_counter() - start
+    return seconds, losses
+
+
+def predict_classes(torch: Any, model: Any, X: np.ndarray, chunk: int = 1000) -> np.ndarray:
+    """Class ids (n,) of ``model`` on X, in eval mode under ``no_grad``, ``chunk`` rows
+    at a time (train mode restored after)."""
+    tdtype = next(model.parameters()).dtype
+    ids = []
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(X), chunk):
+            xb = torch.from_numpy(np.ascontiguousarray(X[lo : lo + chunk])).to(tdtype)
+            ids.append(model(xb).argmax(1).numpy())
+    model.train()
+    return np.concatenate(ids)
+
+
+def probabilities(torch: Any, model: Any, X: np.ndarray) -> np.ndarray:
+    """Softmax outputs of ``model`` on X (eval mode, ``no_grad``), float64 on the host."""
+    tdtype = next(model.parameters()).dtype
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(X)).to(tdtype))
+        P = torch.softmax(out, dim=1).double().numpy()
+    model.train()
+    return P
 
 
 def with_threads(torch: Any, n: int, fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -242,6 +242,18 @@ def test_resume_may_move_the_data_and_raise_the_epochs(tmp_path):
     assert "epochs = 60" in config.read_text()
 
 
+def test_a_resumed_one_cycle_run_steps_at_the_rates_of_an_uninterrupted_one(tmp_path):
+    """The one-cycle rate moves at every step; a checkpoint (at an epoch's end) carries
+    no position within an epoch, and none is needed: each epoch starts its steps anew."""
+    extra = 'optimizer = "sgd"\nbatch_size = 64\nschedule = "onecycle"\n'
+    run_dir = interrupted_run(tmp_path / "cut", extra)  # in its second epoch (5 steps each)
+    assert resume_run(run_dir, progress=False).status == "completed"
+    cfg = parse_toml_config(TINY + f'epochs = 40\nout = "{tmp_path}"\n' + extra, "c")
+    whole = train_run(cfg, default_name="whole", progress=False)
+    with np.load(run_dir / "model.npz") as a, np.load(whole.run_dir / "model.npz") as b:
+        assert np.array_equal(a["params"], b["params"])
+
+
 def test_resume_refuses_other_epochs_under_a_cosine_schedule(tmp_path):
     run_dir = interrupted_run(tmp_path, 'schedule = "cosine"\n')
     with pytest.raises(ConfigError, match="cosine schedule is shaped by the number of epochs"):

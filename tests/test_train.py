@@ -245,3 +245,60 @@ def test_seed_does_not_go_with_resume(cfg):
     result = cli("train", "--resume", run.run_dir, "--seed", "1")
     assert result.exit_code != 0
     assert "--seed goes with CONFIG; a resumed run keeps the seeds it began with" in result.output
+
+
+def test_training_time_leaves_out_the_reports_but_not_the_validation(tmp_path, monkeypatch):
+    """The seconds a run reports are its training's: the epochs, and the validation
+    loss that early stopping decides on; not the training and test accuracies or the
+    diagnostics, which only report. A fake clock moves 100 s in each report and 1000 s
+    in each validation."""
+    import importlib
+    import types
+
+    from handprop.run import callbacks
+
+    fit = importlib.import_module("handprop.run.fit")  # the module, not run's fit()
+
+    clock = [0.0]
+    monkeypatch.setattr(fit, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def slow(seconds, real):
+        def run(*args, **kwargs):
+            clock[0] += seconds
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(
+        callbacks.Evaluate, "on_epoch_end", slow(100, callbacks.Evaluate.on_epoch_end)
+    )
+    monkeypatch.setattr(fit, "validate", slow(1000, fit.validate))
+    cfg = parse_toml_config(DIGITS + f'out = "{tmp_path}"\n', "c").replace(epochs=3, eval_every=1)
+
+    def seconds(result):
+        with open(result.run_dir / "history.csv", newline="") as f:
+            return [float(row["seconds"]) for row in csv.DictReader(f)], result.train_seconds
+
+    plain = train_run(cfg, default_name="plain", progress=False)
+    assert seconds(plain) == ([0, 0, 0], 0)
+    held_out = train_run(cfg.replace(validation=0.2), default_name="val", progress=False)
+    assert seconds(held_out) == ([1000, 2000, 3000], 3000)
+
+
+def test_label_smoothing_reaches_every_shard_and_changes_what_is_learned(tmp_path):
+    from handprop.errors import ConfigError
+    from handprop.run import build_network, load_split
+    from handprop.scale import DataParallel
+
+    cfg = parse_toml_config(DIGITS + f'out = "{tmp_path}"\n', "c").replace(epochs=5)
+    smoothed = cfg.replace(label_smoothing=0.1)
+    net = build_network(smoothed, load_split(smoothed, progress=False))
+    assert net.loss.smoothing == 0.1 and net.loss_name == "cross_entropy"
+    assert all(shard.loss is net.loss for shard in DataParallel(net).shards(2))
+    plain = train_run(cfg, default_name="plain", progress=False)
+    smooth = train_run(smoothed, default_name="smooth", progress=False)
+    assert "label_smoothing = 0.1" in (smooth.run_dir / "config.toml").read_text()
+    with np.load(plain.run_dir / "model.npz") as a, np.load(smooth.run_dir / "model.npz") as b:
+        assert not np.array_equal(a["params"], b["params"])
+    with pytest.raises(ConfigError, match="label smoothing smooths the cross-entropy's targets"):
+        cfg.replace(loss="mse", label_smoothing=0.1)

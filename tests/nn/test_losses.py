@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from handprop.errors import ConfigError
 from handprop.nn import (
     LOSSES,
     MeanSquaredError,
@@ -45,6 +46,31 @@ def test_cross_entropy_gradient_is_p_minus_y_over_n():
     # P = [[1/2, 1/2], [3/4, 1/4]]; Y = [[1, 0], [0, 1]]; n = 2
     np.testing.assert_allclose(G, [[-0.25, 0.25], [0.375, -0.375]])
     assert loss == pytest.approx((np.log(2) + np.log(4)) / 2)
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.5])
+def test_smoothed_cross_entropy_gradient_matches_central_differences(smoothing, rng):
+    Z, y = rng.normal(size=(6, 4)) * 3, rng.integers(0, 4, size=6)
+    loss = SoftmaxCrossEntropy(smoothing)
+    value, G = loss(Z, y)
+    assert relative_error(G, numeric_gradient(lambda: loss.value(Z, y), Z)) < 1e-6
+    # the textbook: targets (1 - e) one-hot + e / k, loss -mean sum Y log P, G = (P - Y) / n
+    Y = (1 - smoothing) * np.eye(4)[y] + smoothing / 4
+    P = softmax(Z)
+    assert value == pytest.approx(-(Y * np.log(P)).sum() / 6)
+    np.testing.assert_allclose(G, (P - Y) / 6)
+    # the lowest loss is at P = Y, not at an infinite logit gap
+    logits = np.log(Y)
+    _, G_at_targets = loss(logits, y)
+    np.testing.assert_allclose(G_at_targets, 0, atol=1e-15)
+
+
+def test_label_smoothing_is_a_probability_below_1():
+    with pytest.raises(ConfigError, match=r"label smoothing must be in \[0, 1\), got 1.0"):
+        SoftmaxCrossEntropy(1.0)
+    assert SoftmaxCrossEntropy(0.0)(np.zeros((2, 3)), np.array([0, 1]))[0] == pytest.approx(
+        np.log(3)
+    )
 
 
 def test_mse_value_and_gradient():

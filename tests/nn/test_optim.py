@@ -159,6 +159,37 @@ def test_schedules():
         Schedule("linear", 10)
 
 
+def test_the_one_cycle_rises_to_its_peak_then_falls_to_zero_along_a_half_cosine():
+    cycle = Schedule("onecycle", epochs=2, peak=0.25)
+    assert cycle.per_step and not Schedule("cosine", 2).per_step
+    assert cycle.factor(1, 0.0) == pytest.approx(1 / 25)  # 1/25 of the rate at the start
+    assert cycle.factor(1, 0.25) == pytest.approx(1 / 25 + (1 - 1 / 25) / 2)  # u = 1/8
+    assert cycle.factor(1, 0.5) == pytest.approx(1)  # the peak, a quarter of training
+    assert cycle.factor(2, 0.25) == pytest.approx(0.5)  # u = 5/8: half way down
+    assert cycle.factor(3, 0.0) == pytest.approx(0)  # the end of training
+    # rising, then falling
+    us = [cycle.factor(1 + k // 10, (k % 10) / 10) for k in range(20)]
+    assert us[:6] == sorted(us[:6]) and us[5:] == sorted(us[5:], reverse=True)
+    with pytest.raises(ConfigError, match="one-cycle peak"):
+        Schedule("onecycle", 2, peak=1.0)
+
+
+def test_a_per_step_schedule_sets_the_rate_of_every_step():
+    from handprop.nn import OPTIMIZERS
+
+    cycle = Schedule("onecycle", epochs=2)
+    opt = OPTIMIZERS["sgd"](0.1, schedule=cycle)
+    p, seen = np.zeros(3), []
+    for epoch in (1, 2):
+        opt.set_epoch(epoch, steps=4)
+        for _ in range(4):
+            opt.step(p, np.ones(3))
+            seen.append(opt.lr)
+    expected = [0.1 * cycle.factor(e, k / 4) for e in (1, 2) for k in range(4)]
+    assert seen == pytest.approx(expected)
+    assert p == pytest.approx(-sum(expected) * np.ones(3))  # each step at its own rate
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_adam_split_over_threads_gives_the_same_numbers(dtype):
     """Adam's update runs in one block per thread on a large vector: elementwise, so the

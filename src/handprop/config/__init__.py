@@ -71,6 +71,7 @@ from handprop.config.kinds import (  # the value kinds, and the names the regist
     BATCHNORM_STATS_NAMES,
     DEVICE_NAMES,
     DTYPE_NAMES,
+    GRAPH_NAMES,
     INIT_NAMES,
     LOSS_NAMES,
     OPTIMIZER_NAMES,
@@ -184,9 +185,16 @@ class RunConfig:
     split_seed: int | None = option(None, _optional(_integer(0)), "split seed")
     activation: tuple[str, ...] = option("sigmoid", _activations(), "activation")
     loss: str = option("cross_entropy", _choice(LOSS_NAMES), "loss")
+    label_smoothing: float = option(
+        0.0, _real(0, 1), "label smoothing of the cross-entropy's targets (0: one-hot)"
+    )
     init: str = option("uniform", _choice(INIT_NAMES), "weight initialisation")
     dtype: str = option("float32", _choice(DTYPE_NAMES), "dtype")
     device: str = option("cpu", _device(), "device")
+    # CUDA graphs of the training step on a GPU: "auto" captures a step whose batch
+    # repeats the shape of the one before and replays it (handprop.scale.graphs),
+    # "off" launches every kernel on its own; the same results to float rounding
+    graph: str = option("auto", _choice(GRAPH_NAMES), "CUDA graphs of the training step")
     eval_every: int = option(10, _integer(1), "evaluation interval in epochs")
     out: str = option("runs", _string(path=True), "output directory")
     name: str | None = option(None, _optional(_string(folder_name=True)), "run name")
@@ -206,6 +214,9 @@ class RunConfig:
     eps: float = option(1e-8, _positive_real(), "Adam/RMSprop epsilon")
     schedule: str = option("constant", _choice(SCHEDULE_NAMES), "learning-rate schedule")
     warmup: int = option(0, _integer(0), "warm-up epochs")
+    onecycle_peak: float = option(
+        0.25, _real(0, 1, low_open=True), "where the one-cycle rate peaks (fraction of training)"
+    )
     step_size: int = option(10, _integer(1), "epochs between step decays")
     gamma: float = option(0.1, _real(0, 1, low_open=True, high_open=False), "decay factor")
     # regularization
@@ -384,6 +395,11 @@ def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
             f"{origin.at('dropout')}: {origin.label('dropout')} lists {len(dropout)} "
             f"probabilities for {len(hidden)} hidden layers; give one per hidden layer, "
             "or a single one for all"
+        )
+    if values["label_smoothing"] and values["loss"] != "cross_entropy":
+        raise ConfigError(
+            f"{origin.at('label_smoothing')}: label smoothing smooths the cross-entropy's "
+            f"targets; {origin.label('loss')} is {values['loss']!r}"
         )
     augmented = [
         name

@@ -33,6 +33,10 @@ DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
 #: where the network computes: "cpu" (NumPy) or "cuda" (CuPy on an NVIDIA GPU); the
 #: same tuple as ``handprop.nn.backend.DEVICES`` (a test cross-checks them)
 DEVICE_NAMES: tuple[str, ...] = ("cpu", "cuda")
+#: "auto": on a GPU, a training step whose batch has the shape of the step before it is
+#: one CUDA graph, captured once and replayed; "off": every kernel launched on its own
+#: (the same tuple as ``handprop.scale.graphs.GRAPH_MODES``; a test cross-checks them)
+GRAPH_NAMES: tuple[str, ...] = ("auto", "off")
 #: "original": the first ``total`` samples, permuted by ``split_seed`` (by default
 #: ``seed``), cut into train and test;
 #: "standard": the dataset's official training and test parts
@@ -41,7 +45,7 @@ SPLIT_NAMES: tuple[str, ...] = ("original", "standard")
 PER_LAYER_FIELDS: tuple[str, ...] = ("activation", "dropout")
 #: "gd" on full batches is the original's gradient descent; with batch_size it is SGD
 OPTIMIZER_NAMES: tuple[str, ...] = ("gd", "sgd", "momentum", "nesterov", "adam", "rmsprop")
-SCHEDULE_NAMES: tuple[str, ...] = ("constant", "step", "exponential", "cosine")
+SCHEDULE_NAMES: tuple[str, ...] = ("constant", "step", "exponential", "cosine", "onecycle")
 #: batchnorm at inference: "running": the running averages of training (PyTorch's
 #: way); "recalibrate": re-estimated after the last epoch on the clean (not augmented)
 #: training images, exact averages over every batch

@@ -236,13 +236,14 @@ def existing_row(cfg: RunConfig, folder: Path) -> RunSummary | None:
 
 def _same_run(text: str, cfg: RunConfig, path: Path) -> bool:
     """Whether the config.toml ``text`` describes ``cfg``'s run, on any device (one
-    written before configs had a device reads as "cpu"), split by the same seed (one
+    written before configs had a device reads as "cpu") and with CUDA graphs on or
+    off, split by the same seed (one
     written before split_seed existed splits by its seed)."""
     try:
         saved = parse_toml_config(text, str(path))
     except HandpropError:
         return False
-    return _as_trained(saved.replace(device=cfg.device)) == _as_trained(cfg)
+    return _as_trained(saved.replace(device=cfg.device, graph=cfg.graph)) == _as_trained(cfg)
 
 
 def _as_trained(cfg: RunConfig) -> RunConfig:
@@ -258,7 +259,8 @@ def _split_seed_hint(text: str, cfg: RunConfig) -> str:
     differs from the row in its split's seed alone (say, a grid run before a seed column
     over a base config kept the base's split), else ""."""
     try:
-        saved = _as_trained(parse_toml_config(text, "config.toml").replace(device=cfg.device))
+        saved = parse_toml_config(text, "config.toml")
+        saved = _as_trained(saved.replace(device=cfg.device, graph=cfg.graph))
     except HandpropError:
         return ""
     now = _as_trained(cfg)

@@ -5,7 +5,10 @@ BLAS to one thread per call through threadpoolctl, imported when first needed. T
 split of a batch over threads and MPI ranks is :mod:`handprop.scale`. The layers
 compute in the array namespace of the network's arrays (:mod:`handprop.nn.backend`):
 NumPy by default; array-api-compat is imported only for other arrays (CuPy on a GPU,
-array-api-strict in the tests).
+array-api-strict in the tests). The elementwise formulas of the passes and the
+optimizers' updates are written once in :mod:`handprop.nn.kernels`: their NumPy passes,
+and the same formula as one CUDA kernel for CuPy; :mod:`handprop.nn.cuda` (imported on
+a GPU only) captures passes as CUDA graphs.
 """
 
 from handprop.nn import backend

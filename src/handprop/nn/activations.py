@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from handprop.nn import backend as ops
+from handprop.nn import kernels
 from handprop.nn.layers import Array, Layer
 from handprop.nn.passes import INFERENCE, Pass
 
@@ -31,21 +32,15 @@ class Sigmoid(Layer):
         return A * (1 - A)
 
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
-        A = ops.multiply(X, 0.5, out=ctx.buffer(self, "A", X.shape, X.dtype))
-        ops.tanh(A, out=A)
-        A *= 0.5
-        A += 0.5  # A = (1 + tanh(X / 2)) / 2
+        A = ctx.buffer(self, "A", X.shape, X.dtype)
+        kernels.sigmoid(X, A)  # A = (1 + tanh(X / 2)) / 2
         if ctx.training:
             self._A = A
         return A
 
     def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G * A * (1 - A)."""
-        A = self._A
-        dX = ops.subtract(1.0, A, out=ctx.buffer(self, "dX", G.shape, G.dtype))  # 1 - A
-        dX *= A  # A (1 - A)
-        dX *= G  # G A (1 - A)
-        return dX
+        return kernels.sigmoid_backward(G, self._A, ctx.buffer(self, "dX", G.shape, G.dtype))
 
 
 class Tanh(Layer):
@@ -67,11 +62,7 @@ class Tanh(Layer):
 
     def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G * (1 - A^2)."""
-        A = self._A
-        dX = ops.multiply(A, A, out=ctx.buffer(self, "dX", A.shape, A.dtype))
-        ops.subtract(1.0, dX, out=dX)
-        dX *= G
-        return dX
+        return kernels.tanh_backward(G, self._A, ctx.buffer(self, "dX", G.shape, G.dtype))
 
 
 class ReLU(Layer):
@@ -85,12 +76,15 @@ class ReLU(Layer):
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
         if not ctx.training:
             return ops.maximum(X, 0.0)
-        self._positive = ops.greater(X, 0.0, out=ctx.buffer(self, "mask", X.shape, ctx.xp.bool))
-        return ops.maximum(X, 0.0, out=ctx.buffer(self, "A", X.shape, X.dtype))
+        positive = ctx.buffer(self, "mask", X.shape, ctx.xp.bool)
+        A = ctx.buffer(self, "A", X.shape, X.dtype)
+        self._positive, A = kernels.relu(X, positive, A)  # X > 0, max(X, 0)
+        return A
 
     def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G where Z > 0, else 0."""
-        return ops.multiply(G, self._positive, out=ctx.buffer(self, "dX", G.shape, G.dtype))
+        dX = ctx.buffer(self, "dX", G.shape, G.dtype)
+        return kernels.relu_backward(G, self._positive, dX)
 
 
 class Identity(Layer):

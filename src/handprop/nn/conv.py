@@ -25,6 +25,7 @@ import numpy as np
 
 from handprop.errors import ShapeError
 from handprop.nn import backend as ops
+from handprop.nn import kernels
 from handprop.nn.layers import Array, ItemSpec, Layer, Setting
 from handprop.nn.passes import INFERENCE, Pass
 
@@ -504,7 +505,7 @@ class MaxPool2D(_Pool2D):
             # arg = max(arg, o * beats), two cheap passes instead of a masked write
             # (np.copyto with where= measured 3x slower here)
             ops.greater(plane, A, out=beats)
-            ops.multiply(beats, xp.asarray(o, dtype=xp.uint8), out=claim)
+            ops.multiply(beats, ops.constant(xp, o, xp.uint8), out=claim)
             ops.maximum(arg, claim, out=arg)
             ops.maximum(A, plane, out=A)
 
@@ -542,13 +543,15 @@ class MaxPoolReLU:
 
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
         A = self.pool.forward(X, ctx)
-        if ctx.training:
-            self._positive = ops.greater(A, 0.0, out=ctx.buffer(self, "A>0", A.shape, ctx.xp.bool))
-        return ops.maximum(A, 0.0, out=A)
+        if not ctx.training:
+            return ops.maximum(A, 0.0, out=A)
+        positive = ctx.buffer(self, "A>0", A.shape, ctx.xp.bool)
+        self._positive, A = kernels.relu(A, positive, A)  # A > 0, max(A, 0) in place
+        return A
 
     def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = the pool's dX of G where A > 0, else 0."""
-        G = ops.multiply(G, self._positive, out=ctx.buffer(self, "G", G.shape, G.dtype))
+        G = kernels.relu_backward(G, self._positive, ctx.buffer(self, "G", G.shape, G.dtype))
         return self.pool.backward(G, ctx, need_input_grad)
 
 

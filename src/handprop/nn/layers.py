@@ -11,7 +11,7 @@ import numpy as np
 
 from handprop.errors import ShapeError
 from handprop.nn import backend as ops
-from handprop.nn import checks
+from handprop.nn import checks, kernels
 from handprop.nn.passes import INFERENCE, Pass
 
 #: an array of the network's namespace (NumPy, CuPy, ...)
@@ -350,16 +350,13 @@ class Dropout(Layer):
         if isinstance(key, int):
             mask = keep_mask(key, self.p, (masks.n, *X.shape[1:]), lo, hi)
         else:
-            mask = key[lo:hi]
-        # M = mask / (1 - p) and A = X * M, each one pass into a work array kept for the
-        # next batch of the same shape (no fresh arrays, no page faults per step)
+            mask = key[lo:hi, ...]
+        # M = mask / (1 - p) and A = X * M, into work arrays kept for the next batch of
+        # the same shape (no fresh arrays, no page faults per step)
         M = ctx.buffer(self, "M", X.shape, X.dtype)
-        # the scale as an array of X's dtype: a Python float times a boolean mask would
-        # compute in float64 (2.6x slower) before the cast into M
-        scale = xp.asarray(1.0 / (1.0 - self.p), dtype=X.dtype)
-        ops.multiply(ops.asarray(mask, xp), scale, out=M)
-        self._M = M
-        return ops.multiply(X, M, out=ctx.buffer(self, "A", X.shape, X.dtype))
+        A = ctx.buffer(self, "A", X.shape, X.dtype)
+        self._M, A = kernels.dropout(X, ops.asarray(mask, xp), 1.0 / (1.0 - self.p), M, A)
+        return A
 
     def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
         """dX = G * M / (1 - p)."""

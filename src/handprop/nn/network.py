@@ -47,6 +47,15 @@ INFERENCE_BYTES = 256 * 2**20
 MAX_INFERENCE_BATCH = 8192
 
 
+def make_loss(loss: str | Loss) -> Loss:
+    """The loss named ``loss`` (with its default settings), or ``loss`` itself."""
+    if isinstance(loss, Loss):
+        return loss
+    if loss not in LOSSES:
+        raise ShapeError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+    return LOSSES[loss]()
+
+
 def resolve_dtype(dtype: Any) -> np.dtype:
     """float32 or float64 from a name or a NumPy dtype; anything else is refused."""
     try:
@@ -79,7 +88,8 @@ class Network:
     ----------
     layers : list of Layer
     input_shape : tuple of int      shape of one sample, e.g. (784,)
-    loss : str                      a name in ``LOSSES``
+    loss : str or Loss              a name in ``LOSSES``, or a loss made with settings
+                                    (``SoftmaxCrossEntropy(smoothing=0.1)``)
     dtype : float32 (default) or float64
     meta : dict, optional           JSON-able facts saved with the model (class names, ...)
     params : ndarray, optional      a parameter vector to share instead of owning one
@@ -112,17 +122,15 @@ class Network:
         self,
         layers: Sequence[Layer],
         input_shape: Sequence[int],
-        loss: str = "cross_entropy",
+        loss: str | Loss = "cross_entropy",
         dtype: Any = np.float32,
         meta: dict[str, Any] | None = None,
         params: Array | None = None,
     ) -> None:
-        if loss not in LOSSES:
-            raise ShapeError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         self.layers: list[Layer] = list(layers)
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.loss_name = loss
-        self.loss: Loss = LOSSES[loss]()
+        self.loss: Loss = make_loss(loss)
+        self.loss_name = self.loss.kind
         self.dtype = resolve_dtype(dtype)
         self.meta: dict[str, Any] = dict(meta or {})
 
@@ -217,7 +225,7 @@ class Network:
         cls,
         spec: str | Sequence[int],
         activation: str | Sequence[str] = "sigmoid",
-        loss: str = "cross_entropy",
+        loss: str | Loss = "cross_entropy",
         init: str = "uniform",
         dtype: Any = np.float32,
         rng: np.random.Generator | int | None = 0,
@@ -246,8 +254,7 @@ class Network:
         for name in acts:
             if name not in ACTIVATIONS:
                 raise ShapeError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
-        if loss not in LOSSES:
-            raise ShapeError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+        out_act = make_loss(loss).output_activation
         layers: list[Layer] = []
         for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
             layers.append(Dense(d_in, d_out))
@@ -255,7 +262,6 @@ class Network:
                 layers.append(ACTIVATIONS[acts[i]]())
                 if drops[i] > 0:
                     layers.append(Dropout(drops[i]))
-        out_act = LOSSES[loss].output_activation
         if out_act is not None:
             layers.append(ACTIVATIONS[out_act]())
         net = cls(layers, (sizes[0],), loss=loss, dtype=dtype, meta=meta)
@@ -268,7 +274,7 @@ class Network:
         items: Sequence[str],
         input_shape: Sequence[int],
         n_classes: int,
-        loss: str = "cross_entropy",
+        loss: str | Loss = "cross_entropy",
         init: str = "he_normal",
         dtype: Any = np.float32,
         rng: np.random.Generator | int | None = 0,
@@ -277,9 +283,7 @@ class Network:
         """Build any network from a list of layer items, e.g. a small CNN on (1, 28, 28):
         ["conv 32 3", "relu", "maxpool 2", "conv 64 3", "relu", "maxpool 2",
         "dense 128", "relu", "dropout 0.5"]; the output layer is appended."""
-        if loss not in LOSSES:
-            raise ShapeError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-        layers = build_layers(items, input_shape, n_classes, loss)
+        layers = build_layers(items, input_shape, n_classes, make_loss(loss).kind)
         net = cls(layers, input_shape, loss=loss, dtype=dtype, meta=meta)
         net.init(init, rng)
         return net
@@ -308,12 +312,14 @@ class Network:
     # -- pass contexts -----------------------------------------------------------------
 
     def context(self, training: bool = False, **options: Any) -> Pass:
-        """A pass over this network: its array namespace, and in training its workspace;
-        ``options`` are the other fields of :class:`Pass` (``masks``, ``batch_sums``,
-        ``momentum``...). Without ``masks`` dropout keeps every unit."""
+        """A pass over this network: its array namespace, and in training its workspace
+        (or the ``work`` given: a CUDA graph's own); ``options`` are the other fields of
+        :class:`Pass` (``masks``, ``batch_sums``, ``momentum``...). Without ``masks``
+        dropout keeps every unit."""
         if not training and not options:
             return self._inference
-        return Pass(training, self.xp, self.work if training else None, **options)
+        work = options.pop("work", self.work if training else None)
+        return Pass(training, self.xp, work, **options)
 
     def dropout_keys(self) -> dict[int, int | Array]:
         """One batch's dropout masks: for each dropout layer (by index), the key of its

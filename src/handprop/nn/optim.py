@@ -2,9 +2,10 @@
 
 An optimizer sees two flat vectors of the same layout and nothing else; its state
 (velocity, moments) is flat vectors of that layout too, allocated once on the first
-step, so a checkpoint is a few flat arrays and no step allocates. Every update is
-written with ``out=`` and in-place operators; hyperparameters are cast to the vector's
-dtype once, so float32 stays float32.
+step, so a checkpoint is a few flat arrays and no step allocates. Every update is one
+formula of :mod:`handprop.nn.kernels`: ``out=`` and in-place passes on the CPU, one
+fused kernel on a GPU; hyperparameters are cast to the vector's dtype, so float32
+stays float32.
 
 L2 weight decay adds ``weight_decay * W`` to the gradient of the weights (the gradient
 of ``weight_decay / 2 * ||W||^2``), not of the biases: ``decay_mask`` marks the weights.
@@ -17,10 +18,9 @@ from typing import Any
 import numpy as np
 
 from handprop.nn import backend as ops
-from handprop.nn import checks
+from handprop.nn import checks, kernels
 from handprop.nn.backend import namespace
 from handprop.nn.layers import Array
-from handprop.nn.threads import rowwise
 
 
 class Optimizer:
@@ -29,7 +29,8 @@ class Optimizer:
 
     The optimizer owns the learning rate: ``lr`` is the base rate, and
     :meth:`set_epoch` sets the rate of an epoch, the base times the ``schedule``'s
-    factor (a :class:`~handprop.nn.Schedule`; none: the base throughout).
+    factor (a :class:`~handprop.nn.Schedule`; none: the base throughout). A per-step
+    schedule ("onecycle") sets it again before every step of the epoch.
     """
 
     kind: str = ""
@@ -48,14 +49,21 @@ class Optimizer:
         self.weight_decay = checks.nonnegative("weight decay", weight_decay)
         self.decay_mask = decay_mask
         self.t = 0  # steps taken
+        self.epoch, self.steps, self.taken = 1, 1, 0  # the epoch, its steps, taken of them
         self.state: dict[str, Array] = {}
         self._decay: Array | None = None  # weight_decay where decayed, else 0
         self._buf: Array | None = None  # the gradient with weight decay
         self._tmp: Array | None = None  # a second work vector, for Adam and RMSprop
 
-    def set_epoch(self, epoch: int) -> None:
-        """The learning rate of ``epoch`` (counted from 1): lr(epoch) = base * factor."""
-        factor = 1.0 if self.schedule is None else self.schedule.factor(epoch)
+    def set_epoch(self, epoch: int, steps: int = 1) -> None:
+        """The learning rate of ``epoch`` (counted from 1), which takes ``steps``
+        steps: lr(epoch) = base * factor (per-step schedules: of its first step)."""
+        self.epoch, self.steps, self.taken = epoch, max(steps, 1), 0
+        self._schedule_rate()
+
+    def _schedule_rate(self) -> None:
+        progress = self.taken / self.steps
+        factor = 1.0 if self.schedule is None else self.schedule.factor(self.epoch, progress)
         self.lr = self.base_lr * factor
 
     def _prepare(self, params: Array) -> None:
@@ -73,20 +81,24 @@ class Optimizer:
 
     def gradient(self, params: Array, grads: Array) -> Array:
         """grads plus the weight-decay term, in the work buffer (grads is not touched)."""
-        g = self._buf
-        if self._decay is not None:
-            ops.multiply(params, self._decay, out=g)
-            g += grads
-        else:
-            ops.copyto(g, grads)
-        return g
+        return kernels.decayed(params, grads, self._decay_term(), self._buf)
+
+    def _decay_term(self) -> Array | float:
+        """The weight-decay vector, or 0.0 without weight decay."""
+        return 0.0 if self._decay is None else self._decay
 
     def step(self, params: Array, grads: Array) -> None:
         self._prepare(params)
+        if self.schedule is not None and self.schedule.per_step:
+            self._schedule_rate()  # the rate of this step of the epoch
         self.t += 1
-        self._update(params, self.gradient(params, grads))
+        self.taken += 1
+        self._update(params, grads)
 
-    def _update(self, params: Array, g: Array) -> None:
+    def _update(self, params: Array, grads: Array) -> None:
+        """The update of ``params`` (and the state) from the gradient ``grads`` plus the
+        weight-decay term: one formula of :mod:`handprop.nn.kernels` (a few passes on
+        the CPU, one kernel on a GPU)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -132,9 +144,8 @@ class GD(Optimizer):
 
     kind = "gd"
 
-    def _update(self, params: Array, g: Array) -> None:
-        g *= self.lr
-        params -= g
+    def _update(self, params: Array, grads: Array) -> None:
+        kernels.gd_step(grads, self._decay_term(), self.lr, params, g=self._buf)
 
 
 class SGD(GD):
@@ -151,12 +162,9 @@ class Momentum(Optimizer):
         super().__init__(lr, **kw)
         self.momentum = checks.in_interval("momentum", float(momentum), 0, 1)
 
-    def _update(self, params: Array, g: Array) -> None:
-        v = self.state["velocity"]
-        v *= self.momentum
-        v += g
-        ops.multiply(v, self.lr, out=g)
-        params -= g
+    def _update(self, params: Array, grads: Array) -> None:
+        v, decay = self.state["velocity"], self._decay_term()
+        kernels.momentum_step(grads, decay, self.momentum, self.lr, params, v, g=self._buf)
 
 
 class Nesterov(Momentum):
@@ -165,14 +173,9 @@ class Nesterov(Momentum):
 
     kind = "nesterov"
 
-    def _update(self, params: Array, g: Array) -> None:
-        v = self.state["velocity"]
-        v *= self.momentum
-        v += g
-        g *= self.lr  # lr g
-        params -= g
-        ops.multiply(v, self.lr * self.momentum, out=g)  # lr mu v
-        params -= g
+    def _update(self, params: Array, grads: Array) -> None:
+        v, mu, lr = self.state["velocity"], self.momentum, self.lr
+        kernels.nesterov_step(grads, self._decay_term(), mu, lr, lr * mu, params, v, g=self._buf)
 
 
 class Adam(Optimizer):
@@ -193,26 +196,16 @@ class Adam(Optimizer):
         self.beta2 = checks.in_interval("beta2", float(beta2), 0, 1)
         self.eps = checks.positive("eps", float(eps))
 
-    def _update(self, params: Array, g: Array) -> None:
-        # elementwise only: a large vector (a CNN's 225k parameters) is cut into one
-        # block per thread, with the same result whatever the count
-        rowwise(self._update_block, params, g, self.state["m"], self.state["v"], self._tmp)
-
-    def _update_block(self, params: Array, g: Array, m: Array, v: Array, tmp: Array) -> None:
+    def _update(self, params: Array, grads: Array) -> None:
         b1, b2, t = self.beta1, self.beta2, self.t
-        ops.multiply(g, 1 - b1, out=tmp)
-        m *= b1
-        m += tmp  # m = b1 m + (1 - b1) g
-        ops.multiply(g, g, out=tmp)
-        tmp *= 1 - b2
-        v *= b2
-        v += tmp  # v = b2 v + (1 - b2) g^2
-        c2 = float(np.sqrt(1 - b2**t))
-        ops.sqrt(v, out=tmp)
-        tmp += self.eps * c2
-        ops.divide(m, tmp, out=tmp)
-        tmp *= self.lr * c2 / (1 - b1**t)
-        params -= tmp
+        c2 = float(np.sqrt(1 - b2**t))  # the bias corrections, in eps_t and lr_t
+        eps_t, lr_t = self.eps * c2, self.lr * c2 / (1 - b1**t)
+        m, v = self.state["m"], self.state["v"]
+        decay = self._decay_term()
+        kernels.adam_step(
+            grads, decay, b1, 1 - b1, b2, 1 - b2, eps_t, lr_t, params, m, v,
+            g=self._buf, tmp=self._tmp,
+        )  # fmt: skip
 
 
 class RMSprop(Optimizer):
@@ -227,17 +220,11 @@ class RMSprop(Optimizer):
         self.rho = checks.in_interval("rho", float(rho), 0, 1)
         self.eps = checks.positive("eps", float(eps))
 
-    def _update(self, params: Array, g: Array) -> None:
-        s, tmp = self.state["s"], self._tmp
-        ops.multiply(g, g, out=tmp)
-        tmp *= 1 - self.rho
-        s *= self.rho
-        s += tmp  # s = rho s + (1 - rho) g^2
-        ops.sqrt(s, out=tmp)
-        tmp += self.eps
-        g /= tmp
-        g *= self.lr
-        params -= g
+    def _update(self, params: Array, grads: Array) -> None:
+        s, rho, decay = self.state["s"], self.rho, self._decay_term()
+        kernels.rmsprop_step(
+            grads, decay, rho, 1 - rho, self.eps, self.lr, params, s, g=self._buf, tmp=self._tmp
+        )
 
 
 #: optimizer name -> class; config strings resolve through it

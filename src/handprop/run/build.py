@@ -30,6 +30,7 @@ from handprop.errors import ConfigError
 from handprop.nn import backend
 from handprop.run.callbacks import EarlyStopping
 from handprop.run.writer import HISTORY_COLUMNS, RESUME_FREE_FIELDS, RunWriter
+from handprop.scale.graphs import TrainingStep
 from handprop.scale.parallel import DataParallel, World
 
 #: the training set goes to the device once when it, and the estimate of what training
@@ -121,8 +122,15 @@ def load_split(cfg: RunConfig, progress: bool = True) -> Split:
     )
 
 
-def build_network(cfg: RunConfig, data: Split) -> nn.Network:
-    """The network the config describes, sized for the data, initialised from the seed."""
+def build_network(cfg: RunConfig, data: Split, loss: str | None = None) -> nn.Network:
+    """The network the config describes, sized for the data, initialised from the seed.
+
+    One output per name in ``data.class_names``. ``loss``: a loss of ``nn.LOSSES`` in
+    place of ``cfg.loss`` (``HandpropRegressor``'s "squared_error", whose real-valued
+    targets a run's dataset never has; its outputs are the targets)."""
+    if loss is None:  # the config's, with its label smoothing (cross-entropy's alone)
+        smoothed = cfg.label_smoothing > 0
+        loss = nn.SoftmaxCrossEntropy(cfg.label_smoothing) if smoothed else cfg.loss
     meta = {
         "dataset": cfg.dataset,
         "class_names": list(data.class_names),
@@ -136,7 +144,7 @@ def build_network(cfg: RunConfig, data: Split) -> nn.Network:
             cfg.layers,
             (1, *data.image_shape),  # grayscale images: one channel
             len(data.class_names),
-            loss=cfg.loss,
+            loss=loss,
             init=init,
             dtype=cfg.dtype,
             rng=np.random.default_rng(cfg.seed),
@@ -147,7 +155,7 @@ def build_network(cfg: RunConfig, data: Split) -> nn.Network:
         net = nn.Network.from_spec(
             spec,
             activation=list(cfg.activation),
-            loss=cfg.loss,
+            loss=loss,
             init=init,
             dtype=cfg.dtype,
             rng=np.random.default_rng(cfg.seed),
@@ -188,7 +196,12 @@ def build_optimizer(cfg: RunConfig, net: nn.Network) -> nn.Optimizer:
     elif cfg.optimizer == "rmsprop":
         kwargs.update(rho=cfg.rho, eps=cfg.eps)
     schedule = nn.Schedule(
-        cfg.schedule, cfg.epochs, gamma=cfg.gamma, step_size=cfg.step_size, warmup=cfg.warmup
+        cfg.schedule,
+        cfg.epochs,
+        gamma=cfg.gamma,
+        step_size=cfg.step_size,
+        warmup=cfg.warmup,
+        peak=cfg.onecycle_peak,
     )
     return nn.OPTIMIZERS[cfg.optimizer](cfg.learning_rate, schedule=schedule, **kwargs)
 
@@ -294,6 +307,8 @@ class Run:
     evaluated: bool = False  # whether this epoch is evaluated
     # given the parameters just before each epoch's last step (the diagnostics')
     before_last_step: Callable[[Any], None] | None = None
+    # each batch's passes and update: CUDA graphs of the passes on a GPU (cfg.graph)
+    step: TrainingStep | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -338,6 +353,7 @@ def build_run(cfg: RunConfig, run_dir: Path, progress: bool, world: World) -> Ru
         writer,
         EarlyStopping(cfg.patience),
         progress,
+        step=TrainingStep(model, opt, cfg.graph),
     )
 
 

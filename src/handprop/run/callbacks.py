@@ -1,7 +1,7 @@
 """The jobs at an epoch's end, one small class each, one method: ``on_epoch_end(run)``.
 
-:func:`handprop.run.fit.fit` calls the evaluations on evaluated epochs (their time
-counts as training time), then the records on every epoch. Each reads the
+:func:`handprop.run.fit.fit` calls the evaluations on evaluated epochs (reports: their
+time is not training time), then the records on every epoch. Each reads the
 :class:`~handprop.run.build.Run` and adds to its ``row``; the run-folder writer does
 nothing off MPI rank 0, so every rank runs the same callbacks. The checkpoints are
 :class:`handprop.run.checkpoint.Checkpoints`.
@@ -50,7 +50,8 @@ class RecordDiagnostics(Callback):
 
 
 class Evaluate(Callback):
-    """Training, test (and validation) accuracies, and the validation loss, into the row.
+    """Training and test accuracies into the row (the validation part's loss and
+    accuracy are training's: :func:`handprop.run.fit.validate`).
 
     Evaluation reads host arrays: predict_proba moves them batch by batch."""
 
@@ -61,9 +62,6 @@ class Evaluate(Callback):
             train_acc = model.accuracy(data.X_train, data.y_train)
         row["train_acc"] = train_acc
         row["test_acc"] = model.accuracy(data.X_test, data.y_test)
-        if data.y_val is not None:
-            row["val_loss"] = loss_value(run, data.X_val, data.y_val)
-            row["val_acc"] = model.accuracy(data.X_val, data.y_val)
 
 
 def loss_value(run: Run, X: np.ndarray, y: np.ndarray) -> float:
@@ -82,7 +80,7 @@ def loss_value(run: Run, X: np.ndarray, y: np.ndarray) -> float:
     return total / max(n, 1)
 
 
-class EarlyStopping(Callback):
+class EarlyStopping:
     """The parameters of the lowest validation loss, and when to stop looking for them.
 
     ``patience``: stop after this many evaluations without a lower validation loss

@@ -31,7 +31,8 @@ from handprop.config import RunConfig
 from handprop.errors import DivergenceError
 from handprop.nn import backend
 from handprop.run.build import Run, on_device
-from handprop.run.callbacks import Callback
+from handprop.run.callbacks import Callback, loss_value
+from handprop.scale.graphs import TrainingStep
 from handprop.scale.parallel import DataParallel
 
 
@@ -39,8 +40,9 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
     """Train ``run`` from ``run.epoch`` to ``cfg.epochs`` (or until early stopping).
 
     At each epoch's end, on evaluated epochs (every ``eval_every``, and the last) the
-    ``evaluations`` (diagnostics, accuracies, early stopping: timed as training), then
-    on every epoch the ``records`` (history, checkpoint, progress bar).
+    validation part's loss and the early-stopping decision on it (timed as training),
+    then the ``evaluations`` (accuracies, diagnostics: reports, not training, so not
+    timed), then on every epoch the ``records`` (history, checkpoint, progress bar).
     """
     cfg, net, opt = run.cfg, run.net, run.opt
     try:
@@ -49,27 +51,27 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
             while run.epoch < cfg.epochs and not run.stopping.stopped:
                 epoch = run.epoch + 1
                 start = time.perf_counter()
-                rng = np.random.default_rng([cfg.seed, epoch])  # the epoch's draws
-                net.set_rng(rng)  # dropout's masks
-                opt.set_epoch(epoch)  # the schedule's learning rate
-                loss, run.train_acc = run_epoch(
+                loss, run.train_acc = train_epoch(
                     run.model,
                     opt,
                     run.X_fit,
                     run.y_fit,
                     run.batch,
-                    rng,
-                    lambda loss, epoch=epoch: check_loss(loss, epoch, cfg),
+                    epoch,
+                    cfg,
                     run.augment,
                     run.before_last_step,
+                    run.step,
                 )
-                check_params(net, epoch, cfg)  # the last step's update has no loss yet
                 run.row = {"epoch": epoch, "loss": loss}
                 run.evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-                for callback in evaluations if run.evaluated else ():
-                    callback.on_epoch_end(run)
+                if run.evaluated and run.data.y_val is not None:
+                    validate(run)
+                    run.stopping.on_epoch_end(run)
                 run.seconds += time.perf_counter() - start
                 run.row["seconds"] = run.seconds
+                for callback in evaluations if run.evaluated else ():
+                    callback.on_epoch_end(run)
                 run.history.append(run.row)
                 run.epoch = epoch
                 for callback in records:
@@ -87,7 +89,49 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
         check_params(net, run.epoch, cfg)
 
 
+def validate(run: Run) -> None:
+    """The validation part's loss and accuracy into the epoch's row."""
+    data, row = run.data, run.row
+    row["val_loss"] = loss_value(run, data.X_val, data.y_val)
+    row["val_acc"] = run.model.accuracy(data.X_val, data.y_val)
+
+
 # -- one epoch ----------------------------------------------------------------------------
+
+
+def train_epoch(
+    model: DataParallel,
+    opt: nn.Optimizer,
+    X: np.ndarray,
+    y: np.ndarray,
+    batch: int,
+    epoch: int,
+    cfg: RunConfig,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    before_last_step: Callable[[Any], None] | None = None,
+    step: TrainingStep | None = None,
+) -> tuple[float, float | None]:
+    """Epoch ``epoch`` (counted from 1) of a run of ``cfg``: :func:`run_epoch` with the
+    epoch's draws (batch order, dropout's masks, augmentation) from a generator seeded
+    by (seed, epoch), the schedule's rate for it, and the parameters checked after it
+    (:func:`fit`'s epochs, and ``handprop.sklearn``'s)."""
+    rng = np.random.default_rng([cfg.seed, epoch])  # the epoch's draws
+    model.net.set_rng(rng)  # dropout's masks
+    opt.set_epoch(epoch, steps=math.ceil(y.shape[0] / batch))
+    result = run_epoch(
+        model,
+        opt,
+        X,
+        y,
+        batch,
+        rng,
+        lambda loss: check_loss(loss, epoch, cfg),
+        augment,
+        before_last_step,
+        step,
+    )
+    check_params(model.net, epoch, cfg)  # the last step's update has no loss yet
+    return result
 
 
 def run_epoch(
@@ -100,6 +144,7 @@ def run_epoch(
     check_loss: Callable[[float], None],
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     before_last_step: Callable[[Any], None] | None = None,
+    step: TrainingStep | None = None,
 ) -> tuple[float, float | None]:
     """One pass over (X, y): a gradient step per batch of ``batch`` rows.
 
@@ -107,8 +152,8 @@ def run_epoch(
     come in the order ``rng`` draws, each ``augment``-ed when given. ``check_loss``
     sees every batch's loss (and raises on a non-finite one); ``before_last_step``, if
     given, sees the parameters just before the epoch's last step. Returns the epoch's mean
-    loss and, when it comes for free (full batch, no dropout or batchnorm), the
-    training accuracy before the update.
+    loss and, when it comes for free (full batch, no dropout or batchnorm, class
+    labels), the training accuracy before the update.
 
     X and y are NumPy arrays, or, for a network on a device, arrays already there (the
     training set moved once); host arrays go to the device batch by batch. The order is
@@ -116,21 +161,28 @@ def run_epoch(
     the batches' losses are added up there and ``check_loss`` sees their mean once, at
     the end of the epoch: reading a loss makes the host wait for the device, which
     would otherwise run behind it, a step's kernels queued while the next is prepared.
+
+    Each step is ``step``'s (:class:`~handprop.scale.graphs.TrainingStep`: on a GPU,
+    CUDA graphs of its passes when the run's ``graph`` is "auto"); by default the
+    model's eager ``train_pass`` and ``opt.step``.
     """
+    step = TrainingStep(model, opt) if step is None else step
     n = y.shape[0]
     xp = model.net.xp
+    labels = model.net.loss.classifies  # class ids, else real-valued targets
     if batch >= n:
-        X, y = on_device(X, xp), on_device(y, xp, labels=True)
-        loss, out = model.train_pass(X, y)
+        X, y = on_device(X, xp), on_device(y, xp, labels=labels)
+        loss, out = step.train_pass(X, y)
         loss = float(loss)  # on a device: waits for it, once per epoch
         check_loss(loss)
         train_acc = None
         # dropout's masks and batchnorm's batch statistics: not the inference outputs
-        if not any(isinstance(layer, (nn.Dropout, nn.BatchNorm)) for layer in model.net.layers):
+        layers = model.net.layers
+        if labels and not any(isinstance(layer, (nn.Dropout, nn.BatchNorm)) for layer in layers):
             train_acc = model.count_correct(out, y) / n
         if before_last_step is not None:
             before_last_step(model.params)
-        opt.step(model.params, model.grads)
+        step.update()
         return loss, train_acc
     order = rng.permutation(n)
     on_host = backend.is_numpy(xp)
@@ -151,13 +203,13 @@ def run_epoch(
             xb = augment(backend.to_host(xb), rng)
         yb = y[idx] if host_y else xp.take(y, idx_there, axis=0)
         if not on_host:
-            xb, yb = on_device(xb, xp), on_device(yb, xp, labels=True)
-        loss, _ = model.train_pass(xb, yb)
+            xb, yb = on_device(xb, xp), on_device(yb, xp, labels=labels)
+        loss, _ = step.train_pass(xb, yb)
         if on_host:
             check_loss(loss)  # names the step; a device's losses are read once, below
         if before_last_step is not None and start + batch >= n:
             before_last_step(model.params)
-        opt.step(model.params, model.grads)
+        step.update()
         total = total + loss * len(idx)  # on a device: added up there, no wait per step
     if not on_host:
         total = float(total)

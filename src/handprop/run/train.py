@@ -160,9 +160,9 @@ def _lock(world: World, run_dir: Path) -> Any:
 
 
 def _with_epochs(cfg: RunConfig, epochs: int) -> RunConfig:
-    if cfg.schedule == "cosine":
+    if cfg.schedule in ("cosine", "onecycle"):
         raise ConfigError(
-            f"--epochs {epochs}: the cosine schedule is shaped by the number of epochs "
+            f"--epochs {epochs}: the {cfg.schedule} schedule is shaped by the number of epochs "
             f"({cfg.epochs}), so the epochs already trained would not fit another number"
         )
     return cfg.replace(epochs=epochs)
@@ -175,7 +175,7 @@ def _train(run: Run, checkpoint_seconds: float | None) -> RunResult:
     if data.val_idx is not None:
         indices["val_idx"] = data.val_idx
     run.writer.start(run.cfg, indices)
-    evaluations = [RecordDiagnostics(run), Evaluate(), run.stopping]
+    evaluations = [RecordDiagnostics(run), Evaluate()]
     checkpoints = Checkpoints(run, checkpoint_seconds)
     try:
         fit(run, evaluations, [WriteHistory(), checkpoints, Progress(run)])

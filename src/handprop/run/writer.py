@@ -45,8 +45,8 @@ RUN_FILES = (
 
 #: config fields a resumed run may change: where things are, not what is computed (the
 #: device computes the same numbers to float rounding: a run begun on a GPU may go on
-#: on the CPU, and the other way round)
-RESUME_FREE_FIELDS = ("name", "out", "data_dir", "device")
+#: on the CPU, and the other way round; so do CUDA graphs, on or off)
+RESUME_FREE_FIELDS = ("name", "out", "data_dir", "device", "graph")
 
 
 # -- file contents ----------------------------------------------------------------------

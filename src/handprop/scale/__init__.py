@@ -3,9 +3,12 @@
 :class:`DataParallel` (``parallel``) splits each batch of a plain
 :class:`~handprop.nn.Network` into row blocks over this process's threads and over MPI
 ranks, and sums their flat gradient vectors; ``mpi`` gives the world of ranks
-(mpi4py, imported only under ``mpiexec``). The maths stays in :mod:`handprop.nn`.
+(mpi4py, imported only under ``mpiexec``); :class:`TrainingStep` (``graphs``) takes a
+batch through its passes and the optimizer's update, on a GPU as CUDA graphs replayed.
+The maths stays in :mod:`handprop.nn`.
 """
 
+from handprop.scale.graphs import TrainingStep
 from handprop.scale.parallel import DataParallel, OneProcess, World
 
-__all__ = ["DataParallel", "OneProcess", "World"]
+__all__ = ["DataParallel", "OneProcess", "TrainingStep", "World"]

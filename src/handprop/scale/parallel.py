@@ -38,6 +38,7 @@ from handprop.nn.batchnorm import BatchNorm, BatchSums
 from handprop.nn.conv import Conv2D
 from handprop.nn.layers import Array
 from handprop.nn.network import Network
+from handprop.nn.passes import Workspace
 from handprop.nn.threads import bounds, get_threads, side_by_side, single_blas
 
 T = TypeVar("T")
@@ -184,7 +185,7 @@ class DataParallel:
         while len(self._shards) < count:
             layers = [type(layer)(**layer.get_config()) for layer in net.layers]
             self._shards.append(
-                Network(layers, net.input_shape, net.loss_name, net.dtype, params=net.params)
+                Network(layers, net.input_shape, net.loss, net.dtype, params=net.params)
             )
         return self._shards[:count]
 
@@ -198,16 +199,27 @@ class DataParallel:
 
     # -- training ---------------------------------------------------------------------
 
-    def train_pass(self, X: Array, y: Array) -> tuple[float, Array]:
+    def train_pass(
+        self,
+        X: Array,
+        y: Array,
+        keys: dict[int, int | Array] | None = None,
+        work: Workspace | None = None,
+    ) -> tuple[float, Array]:
         """Forward (training), loss and backward over the whole batch (X, y), every
         worker on its rows; fills ``grads`` with the batch's gradient on every rank.
 
-        Returns the batch's loss and the network's output for this rank's rows
-        (:meth:`rows`; all of them in a process that trains alone).
+        ``keys``: the batch's dropout masks (:meth:`Network.dropout_keys`), when the
+        caller has drawn them; by default drawn here. ``work``: the work arrays of an
+        unsplit pass, when not the network's own. (A CUDA graph's step gives both:
+        :mod:`handprop.scale.graphs`.) Returns the batch's loss and the network's
+        output for this rank's rows (:meth:`rows`; all of them in a process that trains
+        alone).
         """
         n = X.shape[0]
         lo, hi = self.rows(n)
-        keys = self.net.dropout_keys()  # the batch's masks, the same on every worker
+        if keys is None:  # the batch's masks, the same on every worker
+            keys = self.net.dropout_keys()
         split = self.split(hi - lo, training=True)
         if split is None:
             sums = self._batch_sums(1)  # batchnorm: the whole batch's, over the ranks
@@ -215,6 +227,7 @@ class DataParallel:
                 True,
                 masks=self.net.masks(keys, n, lo),
                 batch_sums=None if sums is None else sums.hook(0),
+                work=self.net.work if work is None else work,
             )
             with self._blas_for(hi - lo):
                 loss, out = self.net.train_pass(X[lo:hi, ...], y[lo:hi], count=n, ctx=ctx)

@@ -156,7 +156,7 @@ def grid_varied_parameters(grid: GridFolder) -> dict[str, list[tuple[Any, float,
 
 
 #: config fields that name or place a run without changing what it learns
-NOT_SETTINGS = frozenset({"name", "out", "data_dir", "device"})
+NOT_SETTINGS = frozenset({"name", "out", "data_dir", "device", "graph"})
 #: the config fields (and experiment CSV columns) each grid parameter spans; the split's
 #: sizes count as one setting, the data size, as in the original's "more data" row
 PARAMETER_FIELDS: dict[str, frozenset[str]] = {
