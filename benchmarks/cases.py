@@ -65,6 +65,7 @@ TARGETS = {
     "rss": Target("<=", 300, "MB"),
     "cnn": Target("<=", 1.0),
     "time_to_99": Target("<=", 1.0),
+    "time_to_99_ranks": Target("<=", 1.0),
     "time_to_99_acc": Target(">=", 99.0, "%"),
     "time_to_99_each": Target(">=", 98.9, "%"),
     "time_to_99_s": Target("<=", 10.0, "s"),
@@ -81,6 +82,8 @@ TARGET_LABELS = {
     "cnn": "CNN training epoch time / PyTorch's at its best thread count (autograd, Adam)",
     "time_to_99": "experiments/fast99.toml's training time (train_run's train_seconds, median "
     "over the seeds) / PyTorch-CPU's on the same recipe at its best thread count",
+    "time_to_99_ranks": "the same over 2 MPI ranks (mpiexec -n 2 handprop train: processes, "
+    "one thread each) / PyTorch-CPU's",
     "time_to_99_acc": "fast99: mean test accuracy over the seeds (issue 30)",
     "time_to_99_each": "fast99: every seed's test accuracy (issue 30)",
     "time_to_99_s": "fast99: training time, median over the seeds (issue 30)",
@@ -946,7 +949,8 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
     timed = parts.timed
 
     def step() -> None:
-        A, ctx = Xs, net.training_context(len(Xs))  # this batch's dropout masks
+        ctx = net.training_context(len(Xs))  # this batch's dropout masks
+        A = net.layer_input(Xs, ctx)  # images batch-last, as the network's passes take them
         for i, layer in zip(net.passes, net.steps, strict=True):  # the network's own steps
             A = timed(f"forward  {pass_name(net, i)}", lambda L=layer, A=A: L.forward(A, ctx))
         _, G = timed("loss     softmax CE", lambda: net.loss(A, ys, count=BATCH))
@@ -983,37 +987,27 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
 
 
 def conv_parts(net: Any, X: np.ndarray, reps: int) -> str:
-    """im2col, the three GEMMs and col2im of each batched convolution, timed alone."""
+    """im2col, the three GEMMs and col2im of each convolution, timed alone."""
     from handprop.nn import conv as conv_mod
     from handprop.nn.threads import single_blas
 
     lines = ["Convolutions split (same shapes, each part alone):", ""]
     lines += ["| layer | part | median ms |", "|---|---|---|"]
-    A = X
+    A = net.layer_input(X)  # (c, h, w, n), as the layers take it
     for i, layer in enumerate(net.layers):
         if isinstance(layer, conv_mod.Conv2D):
             k, s, p = layer.k, layer.stride, layer.pad
             c_out, patch = layer.c_out, layer.c_in * k * k
-            if getattr(layer, "batched", lambda: False)():
-                cols = conv_mod.im2col_cn(A, k, s, p)[0]
-                W = layer.W.reshape(c_out, patch)
-                Gc = np.ones((c_out, cols.shape[1]), A.dtype)
-                fns = {
-                    "im2col": lambda A=A, k=k, s=s, p=p: conv_mod.im2col_cn(A, k, s, p),
-                    "GEMM forward W @ cols": lambda W=W, c=cols: W @ c,
-                    "GEMM dW^T = cols @ G.T": lambda G=Gc, c=cols: c @ G.T,
-                    "GEMM dcols = W.T @ G": lambda W=W, G=Gc: W.T @ G,
-                    "col2im": lambda c=cols, A=A, k=k, s=s, p=p: conv_mod.col2im_cn(
-                        c, A.shape, k, s, p
-                    ),
-                }
-            else:
-                cols = conv_mod.im2col(A, k, s, p)[0]
-                W = layer.W.reshape(c_out, patch)
-                fns = {
-                    "im2col (per image)": lambda A=A, k=k, s=s, p=p: conv_mod.im2col(A, k, s, p),
-                    "GEMMs forward (per image)": lambda W=W, c=cols: np.matmul(W, c),
-                }
+            cols = conv_mod.im2col(A, k, s, p)[0]
+            W = layer.W.reshape(c_out, patch)
+            G = np.ones((c_out, cols.shape[1]), A.dtype)
+            fns = {
+                "im2col": lambda A=A, k=k, s=s, p=p: conv_mod.im2col(A, k, s, p),
+                "GEMM forward W @ cols": lambda W=W, c=cols: W @ c,
+                "GEMM dW = G @ cols.T": lambda G=G, c=cols: G @ c.T,
+                "GEMM dcols = W.T @ G": lambda W=W, G=G: W.T @ G,
+                "col2im": lambda c=cols, A=A, k=k, s=s, p=p: conv_mod.col2im(c, A.shape, k, s, p),
+            }
             with single_blas():
                 t = time_side_by_side(fns, reps, warmup=1, settle=0.0)
             for name, values in t.items():
@@ -1101,6 +1095,42 @@ def fast99_handprop(cfg: Any) -> Trained:
     return Trained(result.train_seconds, float(result.accuracy), result.final_loss, n_train)
 
 
+#: MPI ranks of the time_to_99 case's second handprop side (processes instead of threads)
+FAST99_RANKS = 2
+
+
+def mpiexec_path() -> str | None:
+    """The mpiexec beside this interpreter (the ``mpi`` extra's), when mpi4py is there
+    to use it; else None."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else None
+
+
+def fast99_ranks(cfg: Any, mpiexec: str, ranks: int, folder: str) -> Trained:
+    """``cfg`` through ``mpiexec -n RANKS handprop train``: each rank a process with one
+    thread, every batch split over the ranks. Its training time and test accuracy, read
+    from the run's metrics.json."""
+    from handprop.config import to_toml
+
+    config = Path(folder) / f"{cfg.name}.toml"
+    config.write_text(to_toml(cfg))
+    handprop = Path(sys.executable).parent / "handprop"  # the console script
+    command = [mpiexec, "-n", str(ranks), str(handprop), "train"]
+    command += [str(config), "--out", folder, "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"handprop over {ranks} MPI ranks, seed {cfg.seed}: {done.stderr}")
+    metrics = json.loads((Path(folder) / cfg.name / "metrics.json").read_text())
+    n_train = (metrics.get("split") or {}).get("train")
+    return Trained(
+        float(metrics["train_seconds"]), float(metrics["accuracy"]), metrics["final_loss"], n_train
+    )
+
+
 def fast99_torch(torch: Any, cfg: Any, data: Any, threads: int) -> tuple[Trained, float]:
     """``cfg``'s recipe in PyTorch on ``threads`` threads, on ``data`` (handprop's loaded
     split, the arrays train_run trains on); and how far its outputs are from handprop's
@@ -1179,8 +1209,12 @@ def case_time_to_99(ctx: Context) -> CaseResult:
     first: dict[int, Trained] = {}  # the first seed's PyTorch run on each thread count
     chosen, diffs = counts[0], []
     data_key, data = object(), None  # the PyTorch side's split, loaded once per split
+    mpiexec = mpiexec_path() if threads >= FAST99_RANKS else None
+    hr: list[Trained] = []  # handprop over MPI ranks
     with tempfile.TemporaryDirectory(prefix="handprop-bench-") as out:
         base = cfg.replace(data_dir=str(ctx.data_dir), out=out)
+        ranks_out = Path(out) / "ranks"
+        ranks_out.mkdir()
         seeds = [base.seed + k for k in range(n_seeds)]
         for k, seed in enumerate(seeds):
             seed_cfg = base.replace(seed=seed, name=f"fast99-seed{seed}")
@@ -1188,6 +1222,9 @@ def case_time_to_99(ctx: Context) -> CaseResult:
             for side in sides:
                 if side == "handprop":
                     hp.append(fast99_handprop(seed_cfg))
+                    if mpiexec is not None:
+                        time.sleep(SETTLE_SECONDS)
+                        hr.append(fast99_ranks(seed_cfg, mpiexec, FAST99_RANKS, str(ranks_out)))
                 elif not why:
                     key = (
                         "standard" if seed_cfg.split == "standard" else seed_cfg.resolved_split_seed
@@ -1209,8 +1246,33 @@ def case_time_to_99(ctx: Context) -> CaseResult:
                         trained = first[chosen]
                     pt.append(trained)
                 time.sleep(SETTLE_SECONDS)
+    no_ranks = "" if mpiexec else f"needs mpi4py and {FAST99_RANKS} cores (.[mpi])"
     res.rows += fast99_rows(ctx, cfg, seeds, hp, pt, why, first, chosen, diffs, load_before)
+    res.rows += fast99_ranks_rows(seeds, hr, pt, no_ranks)
     return res
+
+
+def fast99_ranks_rows(
+    seeds: list[int], hr: list[Trained], pt: list[Trained], why: str
+) -> list[Row]:
+    """The time_to_99 row of handprop over MPI ranks against PyTorch."""
+    case, n = "time_to_99", len(seeds)
+    metric = f"train s over {FAST99_RANKS} MPI ranks, median of {n} seed(s)"
+    if not hr:
+        return [Row(case, metric, None, FAST99_REFERENCE, note=f"skipped: {why}")]
+    accuracy = ", ".join(f"{100 * r.accuracy:.2f}" for r in hr)
+    note = (
+        f"mpiexec -n {FAST99_RANKS} handprop train, one thread per rank; train_seconds per "
+        f"seed {seconds_list(hr)} s; test accuracy per seed {accuracy}% (mean "
+        f"{100 * np.mean([r.accuracy for r in hr]):.2f}%)"
+    )
+    pt_s = median([r.seconds for r in pt]) if pt else None
+    target = TARGETS["time_to_99_ranks"] if pt else None
+    return [
+        Row.compare(
+            case, metric, median([r.seconds for r in hr]), FAST99_REFERENCE, pt_s, target, note
+        )
+    ]
 
 
 def fast99_rows(
@@ -1260,7 +1322,7 @@ def fast99_rows(
         rows = [
             Row.compare(
                 case,
-                f"train s, median of {n} {seed_word}",
+                f"train s on threads, median of {n} {seed_word}",
                 hp_s,
                 FAST99_REFERENCE,
                 pt_s,

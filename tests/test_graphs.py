@@ -337,7 +337,7 @@ def test_cublas_called_directly_computes_what_cupy_matmul_computes(cupy_xp, dtyp
     Wm, cols, Gc = r(5, 12), r(12, 30), r(5, 30)
     W1, cols3, G3 = r(4, 9), r(3, 9, 25), r(3, 4, 25)
     products = [
-        (X, W), (X.T, S.T), (G, W.T), (Wm, cols), (cols, Gc.T), (Wm.T, Gc),
+        (X, W), (X.T, S.T), (G, W.T), (Wm, cols), (Gc, cols.T), (cols, Gc.T), (Wm.T, Gc),
         (W1, cols3), (G3, cupy.transpose(cols3, (0, 2, 1))), (W1.T, G3),
     ]  # fmt: skip
     tol = 1e-5 if dtype == "float32" else 1e-12

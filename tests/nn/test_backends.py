@@ -23,23 +23,32 @@ from handprop.nn import (
     save,
 )
 from handprop.nn.activations import ACTIVATIONS
+from handprop.nn.layers import batch_last
 from handprop.nn.passes import Masks, Pass, Workspace
 
 
 def pinned_mask(kind, shape):
-    """The dropout layer's keep-mask, pinned for every pass (None for other kinds)."""
-    return np.random.default_rng(1).random(shape) >= 0.4 if kind == "dropout" else None
+    """The dropout layer's keep-mask (sample-first ``shape``), pinned for every pass
+    (None for other kinds)."""
+    return np.random.default_rng(1).random(shape) >= 0.4 if kind.startswith("dropout") else None
 
 
-# (layer factory, input shape): every kind of layer, conv in both of its layouts
+def layer_input(X):
+    """A sample-first batch as the layer takes it: images (n, c, h, w) batch-last."""
+    return batch_last(X) if X.ndim == 4 else X
+
+
+# (layer factory, sample-first input shape (n, ...)): every kind of layer. An image
+# batch (n, c, h, w) goes to the layer batch-last, (c, h, w, n), as a network hands it on
 LAYERS = {
     "dense": (lambda rng: Dense(5, 3), (4, 5)),
     **{name: (lambda rng, cls=cls: cls(), (3, 2, 4)) for name, cls in ACTIVATIONS.items()},
     "dropout": (lambda rng: Dropout(0.4), (3, 6)),
+    "dropout_images": (lambda rng: Dropout(0.4), (3, 2, 3, 4)),
     "flatten": (lambda rng: Flatten(), (2, 2, 3, 3)),
-    "conv_per_image": (lambda rng: Conv2D(2, 3, 3, stride=1, pad=1), (2, 2, 5, 5)),
-    "conv_batched": (lambda rng: Conv2D(4, 3, 3, stride=2, pad=1), (2, 4, 6, 6)),
-    "conv_batched_stride1": (lambda rng: Conv2D(4, 2, 3, stride=1, pad=0), (2, 4, 5, 5)),
+    "conv_pad": (lambda rng: Conv2D(2, 3, 3, stride=1, pad=1), (2, 2, 5, 5)),
+    "conv_stride2": (lambda rng: Conv2D(4, 3, 3, stride=2, pad=1), (2, 4, 6, 6)),
+    "conv_stride1": (lambda rng: Conv2D(4, 2, 3, stride=1, pad=0), (2, 4, 5, 5)),
     "maxpool": (lambda rng: MaxPool2D(2), (2, 3, 4, 5)),
     "maxpool_overlapping": (lambda rng: MaxPool2D(3, stride=1), (2, 2, 5, 5)),
     "avgpool": (lambda rng: AvgPool2D(2), (2, 3, 4, 4)),
@@ -55,7 +64,8 @@ def test_every_layer_passes_a_gradient_check_on_every_backend(kind, xp, rng):
     if kind.startswith("maxpool"):  # ties have no derivative: distinct values
         X = rng.permutation(X.size).reshape(shape) / X.size
     mask = pinned_mask(kind, shape)
-    errors = gradcheck_layer(make(np.random.default_rng(1)), X, rng=2, xp=xp, mask=mask)
+    layer = make(np.random.default_rng(1))
+    errors = gradcheck_layer(layer, layer_input(X), rng=2, xp=xp, mask=mask)
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -74,11 +84,11 @@ def test_every_layer_computes_what_numpy_computes(kind, xp, rng):
         mask = pinned_mask(kind, shape)
         masks = None if mask is None else Masks({id(layer): mask}, shape[0])
         ctx = Pass(training=True, xp=space, work=Workspace(), masks=masks)
-        A = layer.forward(backend.asarray(X, space), ctx)
+        A = layer.forward(backend.asarray(layer_input(X), space), ctx)
         G = backend.asarray(np.cos(np.arange(np.prod(A.shape))).reshape(tuple(A.shape)), space)
         dX = layer.backward(G, ctx)
         grads = backend.to_host(net.grads) if net is not None else np.zeros(0)
-        inference = layer.forward(backend.asarray(X, space), Pass(xp=space))
+        inference = layer.forward(backend.asarray(layer_input(X), space), Pass(xp=space))
         results.append([backend.to_host(a) for a in (A, dX, inference)] + [grads])
     for ours, theirs in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)

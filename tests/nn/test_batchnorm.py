@@ -15,6 +15,7 @@ from handprop.nn import (
     save,
 )
 from handprop.nn.batchnorm import BatchSums
+from handprop.nn.layers import batch_last
 from handprop.nn.passes import Pass, Workspace
 from handprop.nn.spec import parse_layer_item
 from handprop.scale import DataParallel
@@ -33,9 +34,14 @@ def make(items, shape, seed=0, rng=None):
     return net
 
 
+def layer_input(X):
+    """X (n, d) as it is; images (n, c, h, w) batch-last (c, h, w, n), as a layer gets them."""
+    return batch_last(X) if X.ndim == 4 else X
+
+
 @pytest.mark.parametrize("shape", [(9, 5), (4, 3, 5, 6)], ids=["dense", "conv"])
 def test_the_layer_passes_a_gradient_check(shape, rng):
-    X = rng.normal(1.5, 2.0, size=shape)
+    X = layer_input(rng.normal(1.5, 2.0, size=shape))
     errors = gradcheck_layer(BatchNorm(shape[1]), X, rng=1)
     assert max(errors.values()) < 1e-8, errors
     assert errors["running_mean"] == errors["running_var"] == 0  # not trained: dL = 0
@@ -90,10 +96,15 @@ def test_running_averages_follow_pytorch_and_serve_inference(rng):
 
 def test_a_conv_layer_is_normalized_per_channel(rng):
     bn = Network.from_layers(["batchnorm"], (2, 3, 4), 2, dtype=np.float64).layers[0]
-    X = rng.normal(3.0, 2.0, size=(5, 2, 3, 4))
-    out = bn.forward(X, Pass(training=True))
-    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-12)
-    np.testing.assert_allclose(out.var(axis=(0, 2, 3)), 1, rtol=1e-4)  # eps 1e-5
+    X = rng.normal(3.0, 2.0, size=(5, 2, 3, 4)) * [[[[1.0]], [[3.0]]]]  # (n, c, h, w)
+    X[:, 1] += 4.0  # channels far apart: a per-channel mean and variance, not a shared one
+    out = bn.forward(batch_last(X), Pass(training=True))  # (c, h, w, n)
+    assert out.shape == (2, 3, 4, 5)
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0, atol=1e-12)
+    np.testing.assert_allclose(out.var(axis=(1, 2, 3)), 1, rtol=1e-4)  # eps 1e-5
+    mean = X.mean(axis=(0, 2, 3), keepdims=True)
+    want = (X - mean) / np.sqrt(X.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, batch_last(want), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -195,8 +206,8 @@ def bn_passes(layer, X, G, xp, batch_sums=None):
 @pytest.mark.parametrize("shape", [(9, 5), (4, 5, 3, 6)], ids=["dense", "conv"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_batchnorm_gives_numpys_numbers_on_any_namespace(shape, dtype, xp, rng):
-    X = rng.normal(1.5, 2.0, size=shape).astype(dtype)
-    G = rng.normal(size=shape).astype(dtype)
+    X = layer_input(rng.normal(1.5, 2.0, size=shape).astype(dtype))
+    G = layer_input(rng.normal(size=shape).astype(dtype))
     ours = bn_passes(bn_on(xp, shape[1], dtype), X, G, xp)
     want = bn_passes(bn_on(np, shape[1], dtype), X, G, np)
     tol = 1e-12 if dtype == np.float64 else 1e-5
@@ -208,14 +219,16 @@ def test_batchnorm_gives_numpys_numbers_on_any_namespace(shape, dtype, xp, rng):
 def test_ranks_share_the_statistics_on_any_namespace(xp, rng, thread_ranks):
     """Two MPI ranks (threads here), each one BatchNorm on its rows, arrays of ``xp``:
     their sums go through the host to the world's Allreduce and back."""
-    X, G = rng.normal(size=(7, 3, 4, 4)), rng.normal(size=(7, 3, 4, 4))
+    X, G = batch_last(rng.normal(size=(7, 3, 4, 4))), batch_last(rng.normal(size=(7, 3, 4, 4)))
     want = bn_passes(bn_on(np, 3, np.float64), X, G, np)
-    world, halves, results = thread_ranks(2), [slice(0, 3), slice(3, 7)], {}
+    # each rank's images: its part of the last axis of the batch-last (c, h, w, n) arrays
+    world, halves, results = thread_ranks(2), [np.s_[..., 0:3], np.s_[..., 3:7]], {}
 
     def rank(r: int) -> None:
         layer = bn_on(xp, 3, np.float64)
         sums = BatchSums(1, world.rank(r)).hook(0)  # one shard: the sums go over the ranks
-        results[r] = bn_passes(layer, X[halves[r]], G[halves[r]], xp, batch_sums=sums)
+        mine = [np.ascontiguousarray(A[halves[r]]) for A in (X, G)]  # as a shard gets them
+        results[r] = bn_passes(layer, *mine, xp, batch_sums=sums)
 
     world.run(rank)
     assert sorted(results) == [0, 1]

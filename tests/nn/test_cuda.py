@@ -85,42 +85,55 @@ def dense_dX(buf):
     return G, W.T, dX
 
 
-def conv_batched(buf):  # W_mat @ cols, cols @ Gc^T, W_mat^T @ Gc: three layouts
+# Conv2D on batch-last images: Z (c_out, ho wo n) = W_mat (c_out, c_in k k) @ cols
+# (c_in k k, ho wo n), with G (c_out, ho wo n) as Z; the weight gradient in either
+# orientation (G @ cols^T, or cols @ G^T then a transposing copy), dcols = W_mat^T @ G
+def conv_forward(buf):
     Wm, at = carve(buf, 0, (5, 12))
     cols, at = carve(buf, at, (12, 30))
-    Zc, _ = carve(buf, at, (5, 30))
-    return Wm, cols, Zc
+    Z, _ = carve(buf, at, (5, 30))
+    return Wm, cols, Z
+
+
+def conv_dW(buf):
+    G, at = carve(buf, 0, (5, 30))
+    cols, at = carve(buf, at, (12, 30))
+    dW, _ = carve(buf, at, (5, 12))
+    return G, cols.T, dW
 
 
 def conv_dWt(buf):
     cols, at = carve(buf, 0, (12, 30))
-    Gc, at = carve(buf, at, (5, 30))
+    G, at = carve(buf, at, (5, 30))
     dWt, _ = carve(buf, at, (12, 5))
-    return cols, Gc.T, dWt
+    return cols, G.T, dWt
 
 
 def conv_dcols(buf):
     Wm, at = carve(buf, 0, (5, 12))
-    Gc, at = carve(buf, at, (5, 30))
+    G, at = carve(buf, at, (5, 30))
     dcols, _ = carve(buf, at, (12, 30))
-    return Wm.T, Gc, dcols
+    return Wm.T, G, dcols
 
 
-def per_image_forward(buf):  # one W_mat for every image of the batch
+# strided batches of products (cublas<t>gemmStridedBatched), one matrix shared by the
+# batch or a matrix each, transposed or not: layouts plan_gemm plans (no layer's
+# product is batched since Conv2D lost its per-image path)
+def batch_shared_first(buf):  # one matrix for every matrix of the batch
     Wm, at = carve(buf, 0, (4, 9))
     cols, at = carve(buf, at, (3, 9, 25))
     Z, _ = carve(buf, at, (3, 4, 25))
     return Wm, cols, Z
 
 
-def per_image_dW(buf):
+def batch_transposed_second(buf):
     G, at = carve(buf, 0, (3, 4, 25))
     cols, at = carve(buf, at, (3, 9, 25))
     dW, _ = carve(buf, at, (3, 4, 9))
     return G, np.transpose(cols, (0, 2, 1)), dW
 
 
-def per_image_dcols(buf):
+def batch_shared_transposed_first(buf):
     Wm, at = carve(buf, 0, (4, 9))
     G, at = carve(buf, at, (3, 4, 25))
     dcols, _ = carve(buf, at, (3, 9, 25))
@@ -152,12 +165,13 @@ CASES = [
     dense_forward,
     dense_dW,
     dense_dX,
-    conv_batched,
+    conv_forward,
+    conv_dW,
     conv_dWt,
     conv_dcols,
-    per_image_forward,
-    per_image_dW,
-    per_image_dcols,
+    batch_shared_first,
+    batch_transposed_second,
+    batch_shared_transposed_first,
     column_major_out,
     padded_rows,
     degenerate,

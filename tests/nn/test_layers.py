@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from handprop.nn import ACTIVATIONS, Dense, Flatten, Sigmoid, gradcheck_layer
+from handprop.nn.layers import batch_first, batch_last, batch_size
 from handprop.nn.passes import Masks, Pass, Workspace
 
 
@@ -36,7 +37,7 @@ def test_dense_backward_matches_central_differences(d_in, d_out, n, rng):
 
 
 def test_flatten_round_trips_shape(rng):
-    X = rng.normal(size=(3, 2, 4, 5))
+    X = batch_last(rng.normal(size=(3, 2, 4, 5)))  # images arrive batch-last: (c, h, w, n)
     layer = Flatten()
     assert layer.output_shape((2, 4, 5)) == (40,)
     ctx = training()
@@ -44,6 +45,43 @@ def test_flatten_round_trips_shape(rng):
     assert Y.shape == (3, 40)
     assert layer.backward(Y, ctx).shape == X.shape
     assert gradcheck_layer(layer, X, rng)["X"] < 1e-6
+    # any other input (n, ...): reshaped as it is
+    X3 = rng.normal(size=(3, 4, 5))
+    Y3 = layer.forward(X3, ctx)
+    np.testing.assert_array_equal(Y3, X3.reshape(3, 20))
+    np.testing.assert_array_equal(layer.backward(Y3, ctx), X3)
+
+
+def test_batch_last_and_batch_first_move_the_sample_axis(rng):
+    X = rng.normal(size=(5, 3, 4, 2))  # (n, c, h, w)
+    B = batch_last(X)
+    assert B.shape == (3, 4, 2, 5) and B.flags.c_contiguous
+    np.testing.assert_array_equal(B, np.transpose(X, (1, 2, 3, 0)))
+    for i in range(5):  # image i is B[..., i]
+        np.testing.assert_array_equal(B[..., i], X[i])
+    back = batch_first(B)
+    assert back.shape == X.shape
+    np.testing.assert_array_equal(back, X)
+    np.testing.assert_array_equal(batch_last(batch_first(B)), B)
+    assert batch_last(X.astype(np.float32)).dtype == np.float32
+    assert batch_size(B) == 5  # 4-D: batch-last
+    assert batch_size(rng.normal(size=(7, 3))) == 7  # else the first axis
+    assert batch_size(rng.normal(size=(6, 2, 3))) == 6
+
+
+def test_flatten_of_batch_last_images_gives_the_sample_first_rows(rng):
+    """Each row of Flatten's output is one image in (c, h, w) order: the rows of the
+    sample-first (n, c, h, w) batch reshaped; backward gives back a batch-last gradient."""
+    Xs = rng.normal(size=(4, 3, 2, 5))  # (n, c, h, w)
+    layer, ctx = Flatten(), training()
+    Y = layer.forward(batch_last(Xs), ctx)
+    assert Y.shape == (4, 30)
+    np.testing.assert_array_equal(Y, Xs.reshape(4, 30))
+    np.testing.assert_array_equal(layer.forward(batch_last(Xs)), Xs.reshape(4, 30))  # inference
+    Gs = rng.normal(size=(4, 30))
+    dX = layer.backward(Gs, ctx)
+    assert dX.shape == (3, 2, 5, 4)
+    np.testing.assert_array_equal(dX, batch_last(Gs.reshape(4, 3, 2, 5)))
 
 
 def test_dense_worked_example():
@@ -175,3 +213,39 @@ def test_dropout_training_pass_against_the_mask_by_hand(dtype, rng):
         scale = dtype(1 / 0.75)
         np.testing.assert_allclose(A, X * mask * scale, rtol=1e-6)
         np.testing.assert_allclose(dX, G * mask * scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_on_batch_last_images_uses_the_sample_first_mask_transposed(dtype, rng):
+    """Dropout on images (c, h, w, n): the mask is drawn (or pinned) for the sample-first
+    shape (n, c, h, w) as for any other input, and used moved to (c, h, w, n)."""
+    from handprop.nn import Dropout
+    from handprop.nn.layers import keep_mask
+
+    layer = Dropout(0.3)
+    scale = dtype(1 / 0.7)
+    for _ in range(2):  # the second pass reuses the work arrays of the first
+        Xs = rng.normal(size=(4, 3, 5, 2)).astype(dtype)  # (n, c, h, w)
+        Gs = rng.normal(size=Xs.shape).astype(dtype)
+        mask = rng.random(Xs.shape) >= 0.3  # pinned: sample-first
+        ctx = training(layer, mask=mask)
+        A = layer.forward(batch_last(Xs), ctx)
+        dX = layer.backward(batch_last(Gs), ctx)
+        assert A.shape == dX.shape == (3, 5, 2, 4) and A.dtype == dX.dtype == dtype
+        np.testing.assert_allclose(A, batch_last(Xs * mask * scale), rtol=1e-6)
+        np.testing.assert_allclose(dX, batch_last(Gs * mask * scale), rtol=1e-6)
+    # a drawn mask: rows [6, 10) of a batch of 12 under one key, the sample-first rows
+    key = int(np.random.default_rng(0).integers(2**63))
+    Xs = np.ones((4, 3, 5, 2))
+    A = layer.forward(batch_last(Xs), training(layer, key=key, n=12, lo=6))
+    want = keep_mask(key, 0.3, (12, 3, 5, 2), 6, 10)
+    np.testing.assert_array_equal(A != 0, batch_last(want))
+    np.testing.assert_allclose(A, batch_last(want / 0.7), rtol=1e-12)
+
+
+def test_dropout_on_batch_last_images_passes_a_gradient_check_with_a_pinned_mask(rng):
+    from handprop.nn import Dropout
+
+    X = batch_last(rng.normal(size=(3, 2, 4, 4)))  # (c, h, w, n) = (2, 4, 4, 3)
+    mask = rng.uniform(size=(3, 2, 4, 4)) >= 0.4  # sample-first (n, c, h, w)
+    assert gradcheck_layer(Dropout(0.4), X, rng, mask=mask)["X"] < 1e-6

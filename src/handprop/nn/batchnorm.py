@@ -1,8 +1,9 @@
 """Batch normalization (Ioffe & Szegedy 2015), forward and backward by hand.
 
 One class for both kinds of input: dense activations (n, d) are normalized per
-feature, convolution maps (n, c, h, w) per channel, over the batch and every position
-(the statistics of channel j come from all n*h*w of its values).
+feature, convolution maps (c, h, w, n) (an image batch, stored batch-last: see
+:mod:`handprop.nn.conv`) per channel, over the batch and every position (the statistics
+of channel j come from all h*w*n of its values).
 
 Where the running statistics live
 ---------------------------------
@@ -81,7 +82,7 @@ class BatchNorm(Layer):
 
     Parameters
     ----------
-    c : int            features (dense input (n, c)) or channels (image input (n, c, h, w))
+    c : int            features (dense input (n, c)) or channels (image input (c, h, w, n))
     momentum : float   weight of the batch in the running averages, in (0, 1]
     eps : float        added to the variance before the square root, > 0
 
@@ -144,8 +145,8 @@ class BatchNorm(Layer):
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
         xp = ctx.xp
 
-        def each(v: Array) -> Array:  # a (c,) vector against X: (c, 1, 1) for images
-            return v if X.ndim == 2 else xp.reshape(v, (self.c, 1, 1))
+        def each(v: Array) -> Array:  # a (c,) vector against X: (c, 1, 1, 1) for images
+            return v if X.ndim == 2 else xp.reshape(v, (self.c, 1, 1, 1))
 
         if not ctx.training:
             scale = self.gamma / xp.sqrt(self.running_var + self.eps)  # (c,)
@@ -153,7 +154,7 @@ class BatchNorm(Layer):
             Z = X * each(scale)
             Z += each(shift)
             return Z
-        local = X.shape[0] * math.prod(X.shape[2:])  # values per feature in these rows
+        local = math.prod(X.shape) // self.c  # values per feature in these rows
         sums, m = _total_and_count(ctx, _sum(X), local)
         mean = xp.astype(sums / max(m, 1), X.dtype)
         # x - mu is kept for backward (x_hat = (x - mu) / sigma is never stored)
@@ -179,8 +180,8 @@ class BatchNorm(Layer):
         """dx = (gamma / (m sigma)) (m G - sum G - x_hat sum(G x_hat)) (see the class)."""
         xp = ctx.xp
 
-        def each(v: Array) -> Array:  # a (c,) vector against G: (c, 1, 1) for images
-            return v if G.ndim == 2 else xp.reshape(v, (self.c, 1, 1))
+        def each(v: Array) -> Array:  # a (c,) vector against G: (c, 1, 1, 1) for images
+            return v if G.ndim == 2 else xp.reshape(v, (self.c, 1, 1, 1))
 
         xc, inv, scale, m = self._xc, self._inv, self._scale, self._m
         sum_g = _sum(G)  # this shard's dbeta
@@ -215,23 +216,25 @@ def _total_and_count(ctx: Pass, sums: Array, count: int) -> tuple[Array, float]:
 
 
 def _sum(A: Array) -> Array:
-    """The sum over everything but axis 1 (per feature/channel): (c,) float64. Each
-    row's positions are summed in A's dtype (pairwise), the rows in float64."""
+    """The sum per feature of rows (n, d), or per channel of an image batch (c, h, w,
+    n): (c,) float64. Each sample's positions are summed in A's dtype, the samples in
+    float64."""
     xp = ops.namespace(A)
-    n, c = A.shape[:2]
-    per_row = A if A.ndim == 2 else xp.sum(xp.reshape(A, (n, c, -1)), axis=2)
-    return xp.sum(per_row, axis=0, dtype=xp.float64)
+    if A.ndim == 2:
+        return xp.sum(A, axis=0, dtype=xp.float64)
+    c, n = A.shape[0], A.shape[-1]
+    per_sample = xp.sum(xp.reshape(A, (c, -1, n)), axis=1)  # (c, n)
+    return xp.sum(per_sample, axis=1, dtype=xp.float64)
 
 
 def _dot(A: Array, B: Array) -> Array:
-    """The sum of A * B over everything but axis 1: (c,) float64, rows added in float64."""
+    """The sum of A * B per feature or channel (as :func:`_sum`): (c,) float64."""
     xp = ops.namespace(A)
-    n, c = A.shape[:2]
     if A.ndim == 2:
-        per_row = A * B
-    else:
-        per_row = ops.row_dots(xp.reshape(A, (n, c, -1)), xp.reshape(B, (n, c, -1)))
-    return xp.sum(per_row, axis=0, dtype=xp.float64)
+        return xp.sum(A * B, axis=0, dtype=xp.float64)
+    c, n = A.shape[0], A.shape[-1]
+    per_sample = ops.position_dots(xp.reshape(A, (c, -1, n)), xp.reshape(B, (c, -1, n)))
+    return xp.sum(per_sample, axis=1, dtype=xp.float64)
 
 
 class BatchSums:

@@ -1,19 +1,29 @@
-"""Convolution and pooling on batch-first images (n, c, h, w), backward passes by hand.
+"""Convolution and pooling, backward passes by hand, on image batches stored batch-last.
 
-Conv2D is lowered to matrix products (im2col): for every image, each k x k x c_in patch
-of the padded input becomes a column of ``cols[i]`` (c_in * k * k, h_out * w_out), and the
-convolution is ``W_mat @ cols[i]`` with ``W_mat`` (c_out, c_in * k * k), one BLAS product
-per image of the batch. The columns are laid out so that both the output and the copies
-keep the images' own (channel, row, column) order: ``cols`` is filled by k * k strided
-slice copies whose inner rows are contiguous, and the output is already (n, c_out, h_out,
-w_out), with no transpose. The backward pass is two more products and col2im, the
-scatter-add of patch gradients back onto the overlapping input positions, done as the
-k * k strided additions that mirror the copies.
+Layout: between image layers, a batch of n images of c channels of h x w values is one
+array (c, h, w, n), the sample index last (the layout of cuda-convnet). The network
+turns its input (n, c, h, w) around once (:func:`~handprop.nn.layers.batch_last`) and
+``Flatten`` turns the last maps back into rows (n, c h w). In this layout the values
+under one window offset (i, j) of every window of every image are the strided slice
+``X[:, i::s, j::s, :]`` (:func:`offset`), whose inner run is n contiguous values, and
+with stride 1 a whole row of w_out n values: col2im and the pools loop over the k * k
+window offsets, each offset one long NumPy pass, and im2col is one copy of a strided
+view (:func:`windows`). In the sample-first layout (n, c, h, w) those runs were w_out
+(12 for a 24 x 24 map) values long, and a convolution's product had to be transposed on
+its way in and out (fast99.toml's training step on 128 images, one thread: 22 ms
+before, 15.5 ms with this layout).
+
+Conv2D is lowered to one matrix product for the whole batch (im2col): each k x k x c_in
+patch of the padded input becomes a column of ``cols`` (c_in k k, h_out w_out n), and
+the convolution is ``W_mat @ cols`` with ``W_mat`` (c_out, c_in k k), whose result is
+already the output (c_out, h_out, w_out, n). The backward pass is two more products and
+col2im, the scatter-add of the patch gradients back onto the overlapping input
+positions, done as the k * k strided additions that mirror the copies.
 
 Everything here is written against the array API standard (``xp`` is the namespace of
-the arrays: NumPy, CuPy, array-api-strict...): strided slices, ``xp.reshape`` and
-``xp.permute_dims``; the copies and products that NumPy runs fastest into an existing
-array go through :mod:`handprop.nn.backend` (``out=``).
+the arrays: NumPy, CuPy, array-api-strict...): strided slices and ``xp.reshape``; the
+copies and products that NumPy runs fastest into an existing array go through
+:mod:`handprop.nn.backend` (``out=``).
 """
 
 from __future__ import annotations
@@ -37,35 +47,36 @@ def out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 def grid(i: int, j: int, ho: int, wo: int, stride: int) -> tuple[slice, ...]:
     """The index of the input element at offset (i, j) of every window: ``X[grid(...)]``
-    is an (n, c, ho, wo) strided view of X (n, c, h, w). Each slice stops just after
-    its last element (the standard leaves stops past the end unspecified)."""
+    is a (c, ho, wo, n) strided view of X (c, h, w, n). Each slice stops just after its
+    last element (the standard leaves stops past the end unspecified)."""
     return (
-        slice(None),
         slice(None),
         slice(i, i + stride * (ho - 1) + 1, stride),
         slice(j, j + stride * (wo - 1) + 1, stride),
+        slice(None),
     )
 
 
 def offset(X: Array, i: int, j: int, ho: int, wo: int, stride: int) -> Array:
-    """View (n, c, ho, wo) of the input element at offset (i, j) of every window."""
+    """View (c, ho, wo, n) of the input element at offset (i, j) of every window."""
     return X[grid(i, j, ho, wo, stride)]
 
 
-def padded(X: Array, pad: int) -> Array:
-    """X (n, c, h, w) with ``pad`` zeros on each side of its rows and columns (X itself
-    when pad is 0): a zero array with X copied into its middle, as ``np.pad`` does it."""
+def padded(X: Array, pad: int, out: Array | None = None) -> Array:
+    """X (c, h, w, n) with ``pad`` zeros on each side of its rows and columns (X itself
+    when pad is 0), into ``out`` (c, h + 2 pad, w + 2 pad, n) when given."""
     if not pad:
         return X
-    n, c, h, w = X.shape
-    Xp = ops.namespace(X).zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=X.dtype)
-    Xp[:, :, pad : pad + h, pad : pad + w] = X
-    return Xp
-
-
-def _channel_first(A: Array) -> Array:
-    """View (c, n, ...) of A (n, c, ...): the first two axes swapped."""
-    return ops.namespace(A).permute_dims(A, (1, 0, *range(2, A.ndim)))
+    c, h, w, n = X.shape
+    if out is None:
+        out = ops.namespace(X).zeros((c, h + 2 * pad, w + 2 * pad, n), dtype=X.dtype)
+    else:  # a work array from an earlier pass: only its border must be zeroed
+        out[:, :pad, ...] = 0
+        out[:, pad + h :, ...] = 0
+        out[:, pad : pad + h, :pad, :] = 0
+        out[:, pad : pad + h, pad + w :, :] = 0
+    ops.copyto(out[:, pad : pad + h, pad : pad + w, :], X)
+    return out
 
 
 def _view(A: Array, shape: tuple[int, ...]) -> Array:
@@ -74,133 +85,83 @@ def _view(A: Array, shape: tuple[int, ...]) -> Array:
     return ops.namespace(A).reshape(A, shape, copy=False)
 
 
-def im2col(X: Array, k: int, stride: int, pad: int, out: Array | None = None) -> tuple:
-    """cols (n, c * k * k, h_out * w_out): column (y, x) of cols[i] is the patch under
-    output y, x, its rows in (channel, ki, kj) order, the order of W's last three axes."""
-    xp = ops.namespace(X)
-    n, c, h, w = X.shape
-    ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    Xp = padded(X, pad)
-    cols = xp.empty((n, c, k, k, ho, wo), dtype=X.dtype) if out is None else out
-    cols = xp.reshape(cols, (n, c, k, k, ho, wo))
-    for i in range(k):
-        for j in range(k):
-            cols[:, :, i, j, ...] = offset(Xp, i, j, ho, wo, stride)
-    return xp.reshape(cols, (n, c * k * k, ho * wo)), ho, wo
+def windows(Xp: Array, k: int, ho: int, wo: int, stride: int) -> Array | None:
+    """The view (c, k, k, h_out, w_out, n) of the padded input Xp (c, h, w, n) whose
+    element [ch, ki, kj, y, x, i] is Xp[ch, y stride + ki, x stride + kj, i]: every
+    window of every image, without a copy, as strides over Xp's memory (NumPy and
+    CuPy; None in a namespace without ``as_strided``)."""
+    tricks = getattr(ops.namespace(Xp), "lib", None)
+    as_strided = getattr(getattr(tricks, "stride_tricks", None), "as_strided", None)
+    if as_strided is None:
+        return None
+    c, _, _, n = Xp.shape
+    sc, sh, sw, sn = Xp.strides
+    shape = (c, k, k, ho, wo, n)
+    return as_strided(Xp, shape, (sc, sh, sw, stride * sh, stride * sw, sn))
 
 
-def col2im(dcols: Array, shape: tuple[int, int, int, int], k: int, stride: int, pad: int) -> Array:
-    """Adjoint of im2col: sum each patch gradient back onto the input (n, c, h, w)."""
-    xp = ops.namespace(dcols)
-    n, c, h, w = shape
-    ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    D = xp.reshape(dcols, (n, c, k, k, ho, wo))
-    dXp = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dcols.dtype)
-    for i in range(k):
-        for j in range(k):
-            # window offset (i, j) of every output position lands on a strided grid
-            dXp[grid(i, j, ho, wo, stride)] += D[:, :, i, j, ...]
-    return dXp[:, :, pad : pad + h, pad : pad + w] if pad else dXp
-
-
-def im2col_cn(
+def im2col(
     X: Array, k: int, stride: int, pad: int, out: Array | None = None, work: Array | None = None
 ) -> tuple:
-    """The whole batch's columns as one matrix (c * k * k, n * h_out * w_out).
+    """cols (c k k, h_out w_out n) of X (c, h, w, n), and h_out, w_out.
 
-    Row (channel, ki, kj), column (image, y, x): the input element under window offset
-    (ki, kj) of output (y, x) of that image. One product ``W_mat @ cols`` then convolves
-    the whole batch at once.
-
-    A strided copy runs one inner loop per row of w_out elements, and for a small image
-    (13 x 13 in the reference CNN) the loop overhead costs more than the copying. So
-    for each column offset kj the input's columns kj .. kj + w_out are first copied
-    once into ``work`` (c, n, h, w_out) (k such copies with short rows); each of the
-    k * k copies into ``cols`` then reads whole (h_out, w_out) planes of it, whose rows
-    follow each other in memory, and runs as one long loop per image and channel."""
+    Row (channel, ki, kj), column (y, x, image): the input element under window offset
+    (ki, kj) of output (y, x) of that image, so that ``W_mat @ cols`` convolves the
+    whole batch. It is one copy of the padded input's :func:`windows` view (into
+    ``work`` when given), or k * k strided copies, one per window offset, where the
+    namespace has no strided views; into ``out`` when given."""
     xp = ops.namespace(X)
-    n, c, h, w = X.shape
+    c, h, w, n = X.shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    Xp = padded(X, pad)
-    hp = h + 2 * pad
-    cols = xp.empty((c, k, k, n, ho, wo), dtype=X.dtype) if out is None else out
-    cols = xp.reshape(cols, (c, k, k, n, ho, wo))
-    if stride != 1:
+    Xp = padded(X, pad, work)
+    cols = xp.empty((c, k, k, ho, wo, n), dtype=X.dtype) if out is None else out
+    cols = xp.reshape(cols, (c, k, k, ho, wo, n))
+    view = windows(Xp, k, ho, wo, stride)
+    if view is not None:
+        ops.copyto(cols, view)
+    else:
         for i in range(k):
             for j in range(k):
-                ops.copyto(cols[:, i, j, ...], _channel_first(offset(Xp, i, j, ho, wo, stride)))
-        return xp.reshape(cols, (c * k * k, n * ho * wo)), ho, wo
-    Xj = xp.empty((c, n, hp, wo), dtype=X.dtype) if work is None else work
-    for j in range(k):
-        ops.copyto(Xj, _channel_first(Xp[:, :, :, j : j + wo]))
-        for i in range(k):
-            ops.copyto(cols[:, i, j, ...], Xj[:, :, i : i + ho, :])
-    return xp.reshape(cols, (c * k * k, n * ho * wo)), ho, wo
+                ops.copyto(cols[:, i, j, ...], offset(Xp, i, j, ho, wo, stride))
+    return xp.reshape(cols, (c * k * k, ho * wo * n)), ho, wo
 
 
-def col2im_cn(
+def col2im(
     dcols: Array,
     shape: tuple[int, int, int, int],
     k: int,
     stride: int,
     pad: int,
-    acc: Array | None = None,
     out: Array | None = None,
-    work: Array | None = None,
 ) -> Array:
-    """Adjoint of :func:`im2col_cn`: dX (n, c, h, w) from dcols (c k k, n h_out w_out).
+    """Adjoint of :func:`im2col`: dX (c, h, w, n) from dcols (c k k, h_out w_out n).
 
-    The additions run on a channel-first (c, n, h + 2 pad, w + 2 pad) accumulator
-    (``acc``, overwritten) and one transposing copy at the end gives (n, c, h, w)
-    (into ``out`` when given). With stride 1 they mirror :func:`im2col_cn`: for each
-    column offset kj, the k row offsets are summed in ``work`` (c, n, h + 2 pad, w_out)
-    in long loops over whole planes, then added to the accumulator's columns
-    kj .. kj + w_out (k passes of short rows instead of k * k)."""
+    Each window offset's rows of dcols are added back onto the input positions they
+    were copied from, in a padded (c, h + 2 pad, w + 2 pad, n) sum (``out`` when given);
+    dX is its middle."""
     xp = ops.namespace(dcols)
-    n, c, h, w = shape
+    c, h, w, n = shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
-    D = xp.reshape(dcols, (c, k, k, n, ho, wo))
-    hp, wp = h + 2 * pad, w + 2 * pad
-    if acc is None:
-        acc = xp.empty((c, n, hp, wp), dtype=dcols.dtype)
-    if stride != 1:
-        acc[...] = 0
-        for i in range(k):
-            for j in range(k):
-                acc[grid(i, j, ho, wo, stride)] += D[:, i, j, ...]
-    else:
-        S = xp.empty((c, n, hp, wo), dtype=dcols.dtype) if work is None else work
+    D = xp.reshape(dcols, (c, k, k, ho, wo, n))
+    shape_p = (c, h + 2 * pad, w + 2 * pad, n)
+    dXp = xp.zeros(shape_p, dtype=dcols.dtype) if out is None else out
+    if out is not None:
+        dXp[...] = 0
+    for i in range(k):
         for j in range(k):
-            ops.copyto(S[:, :, :ho, :], D[:, 0, j, ...])
-            S[:, :, ho:, :] = 0
-            for i in range(1, k):
-                S[:, :, i : i + ho, :] += D[:, i, j, ...]
-            if j == 0:
-                ops.copyto(acc[:, :, :, :wo], S)
-                acc[:, :, :, wo:] = 0
-            else:
-                acc[:, :, :, j : j + wo] += S
-    dX = xp.empty(shape, dtype=dcols.dtype) if out is None else out
-    ops.copyto(dX, _channel_first(acc[:, :, pad : pad + h, pad : pad + w]))
-    return dX
-
-
-#: a convolution whose patch (c_in k k) has at least this many values runs the whole
-#: batch as one product (:meth:`Conv2D.batched`); a smaller one runs a product per image
-BATCHED_MIN_PATCH = 32
+            # window offset (i, j) of every output position lands on a strided grid
+            dXp[grid(i, j, ho, wo, stride)] += D[:, i, j, ...]
+    return dXp[:, pad : pad + h, pad : pad + w, :] if pad else dXp
 
 
 class Conv2D(Layer):
-    """Z[i, o] = sum_c W[o, c] (*) X[i, c] + b[o]  (cross-correlation, as in every framework).
+    """Z[o] = sum_c W[o, c] (*) X[c] + b[o]  (cross-correlation, as in every framework).
 
-    X: (n, c_in, h, w)   W: (c_out, c_in, k, k)   b: (c_out,)   Z: (n, c_out, h_out, w_out)
+    X: (c_in, h, w, n)   W: (c_out, c_in, k, k)   b: (c_out,)   Z: (c_out, h_out, w_out, n)
 
-    The whole batch is one product: ``W_mat (c_out, c_in k k) @ cols (c_in k k, n ho wo)``
-    (:func:`im2col_cn`), whose (c_out, n, ho wo) result one transposing copy (with the
-    bias added on the way) turns into (n, c_out, ho, wo). The backward pass is two
-    products of the same size, ``dW^T = cols @ G_c^T`` and ``dcols = W_mat^T @ G_c``, and
-    :func:`col2im_cn`. One large product runs at several times the speed of a product
-    per image (64 x 288 by 288 x 121 for the reference CNN's second convolution).
+    The whole batch is one product, ``Z = W_mat @ cols + b`` with W_mat (c_out, c_in k k)
+    and cols (c_in k k, h_out w_out n) (:func:`im2col`); the backward pass is two
+    products of the same size and :func:`col2im`.
     """
 
     kind = "conv2d"
@@ -249,120 +210,61 @@ class Conv2D(Layer):
 
     def work_size(self, input_shape: tuple[int, ...]) -> int:
         """The largest two work arrays alive at once in an inference pass: the columns
-        (c_in k k per output position) and the channel-first product, then that product
-        and the output."""
+        (c_in k k per output position) and the output."""
         c_out, ho, wo = self.output_shape(input_shape)
-        return (max(self.c_in * self.k * self.k, c_out) + c_out) * ho * wo
-
-    def batched(self) -> bool:
-        """Whether this layer convolves the batch as one product (else one per image).
-
-        The batched layout pays two transposing copies of the output-sized arrays (Z
-        and G, c_out values per output position) to make every product one large one;
-        they cost about one pass per c_in k k multiply-adds, which a small patch (the
-        first layer of an MNIST CNN: 1 x 3 x 3) cannot repay, while per-image products
-        of a small patch run near full speed anyway."""
-        return self.c_in * self.k * self.k >= BATCHED_MIN_PATCH
+        return (self.c_in * self.k * self.k + c_out) * ho * wo
 
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
-        if not self.batched():
-            return self._forward_per_image(X, ctx)
         xp = ctx.xp
-        n = X.shape[0]
-        _, ho, wo = self.output_shape(X.shape[1:])
-        patch, m = self.c_in * self.k * self.k, n * ho * wo
-        buf = ctx.buffer(self, "cols", (patch, m), X.dtype) if ctx.training else None
-        work = self._work(ctx, X.shape, X.dtype) if ctx.training else None
-        cols, ho, wo = im2col_cn(X, self.k, self.stride, self.pad, out=buf, work=work)
+        c, h, w, n = X.shape
+        _, ho, wo = self.output_shape((c, h, w))
+        patch, m = self.c_in * self.k * self.k, ho * wo * n
+        cols, Z, Xp = None, None, None
+        if ctx.training:  # work arrays kept from batch to batch
+            cols = ctx.buffer(self, "cols", (patch, m), X.dtype)
+            Z = ctx.buffer(self, "Z", (self.c_out, m), X.dtype)
+            Xp = self._padded(ctx, X.shape, X.dtype)
+        cols, ho, wo = im2col(X, self.k, self.stride, self.pad, out=cols, work=Xp)
         W_mat = xp.reshape(self.W, (self.c_out, patch))
-        Zc = ctx.buffer(self, "Zc", (self.c_out, m), X.dtype) if ctx.training else None
-        Zc = ops.matmul(W_mat, cols, out=Zc)  # (c_out, n ho wo)
+        Z = ops.matmul(W_mat, cols, out=Z)  # (c_out, h_out w_out n)
+        Z += xp.reshape(self.b, (self.c_out, 1))
         if ctx.training:
             self._cols, self._shape = cols, X.shape
-            Z = ctx.buffer(self, "Z", (n, self.c_out, ho, wo), X.dtype)
-        else:
-            del cols  # inference: free the columns before the output exists
-            Z = xp.empty((n, self.c_out, ho, wo), dtype=X.dtype)
-        Zc = xp.reshape(Zc, (self.c_out, n, ho, wo))
-        bias = xp.reshape(self.b, (1, self.c_out, 1, 1))
-        return ops.add(_channel_first(Zc), bias, out=Z)
+        return xp.reshape(Z, (self.c_out, ho, wo, n))
 
     def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array | None:
-        """G (n, c_out, ho, wo) -> dX (n, c_in, h, w).
+        """G (c_out, h_out, w_out, n) -> dX (c_in, h, w, n).
 
-        With G_c (c_out, n ho wo) the channel-first G:  dW_mat = G_c cols^T,
-        db = row sums of G_c,  dcols = W_mat^T G_c,  dX = col2im(dcols).
+        With G_mat (c_out, h_out w_out n) the same values:  dW_mat = G_mat cols^T,
+        db = row sums of G_mat,  dcols = W_mat^T G_mat,  dX = col2im(dcols).
         """
-        if not self.batched():
-            return self._backward_per_image(G, ctx, need_input_grad)
         xp = ctx.xp
-        n, _, ho, wo = G.shape
-        patch, m = self._cols.shape
-        Gc = ctx.buffer(self, "Gc", (self.c_out, n, ho, wo), G.dtype)
-        ops.copyto(Gc, _channel_first(G))
-        Gc = xp.reshape(Gc, (self.c_out, m))
-        # dW_mat^T = cols G_c^T, then a small transposing copy: OpenBLAS runs this
-        # orientation faster than G_c cols^T (3.5 against 4.0 ms for the reference
-        # CNN's second convolution on 64 images, one thread, under both kernels)
+        patch = self._cols.shape[0]
+        G_mat = xp.reshape(G, (self.c_out, -1))
+        # dW_mat^T = cols G_mat^T, then a small transposing copy: OpenBLAS runs this
+        # orientation 15-30% faster than G_mat cols^T (fast99's and cnn_deep's
+        # convolutions on 64 images, one thread, under both kernels)
         dWt = ops.matmul(
-            self._cols, Gc.T, out=ctx.buffer(self, "dWt", (patch, self.c_out), G.dtype)
+            self._cols, G_mat.T, out=ctx.buffer(self, "dWt", (patch, self.c_out), G.dtype)
         )
         ops.copyto(_view(self.dW, (self.c_out, patch)), dWt.T)
-        ops.sum(Gc, axis=1, out=self.db)
+        ops.sum(G_mat, axis=1, out=self.db)
         if not need_input_grad:
             return None
         W_mat = xp.reshape(self.W, (self.c_out, patch))
-        dcols = ops.matmul(W_mat.T, Gc, out=ctx.buffer(self, "dcols", (patch, m), G.dtype))
-        n, c, h, w = self._shape
-        acc = ctx.buffer(self, "acc", (c, n, h + 2 * self.pad, w + 2 * self.pad), G.dtype)
-        dX = ctx.buffer(self, "dX", self._shape, G.dtype)
-        work = self._work(ctx, self._shape, G.dtype)
-        return col2im_cn(
-            dcols, self._shape, self.k, self.stride, self.pad, acc=acc, out=dX, work=work
-        )
+        dcols = ops.matmul(W_mat.T, G_mat, out=ctx.buffer(self, "dcols", self._cols.shape, G.dtype))
+        dXp = self._padded(ctx, self._shape, G.dtype, "dXp")
+        return col2im(dcols, self._shape, self.k, self.stride, self.pad, out=dXp)
 
-    def _work(self, ctx: Pass, shape: tuple[int, ...], dtype: Any) -> Array:
-        """The (c_in, n, h + 2 pad, w_out) work array of im2col_cn and col2im_cn."""
-        n, c, h, w = shape
-        wo = out_size(w, self.k, self.stride, self.pad)
-        return ctx.buffer(self, "work", (c, n, h + 2 * self.pad, wo), dtype)
-
-    def _forward_per_image(self, X: Array, ctx: Pass) -> Array:
-        """Z[i] = W_mat @ cols[i], one product per image, already (c_out, ho wo)."""
-        xp = ctx.xp
-        n = X.shape[0]
-        _, ho, wo = self.output_shape(X.shape[1:])
-        patch = self.c_in * self.k * self.k
-        buf = ctx.buffer(self, "cols_i", (n, patch, ho * wo), X.dtype) if ctx.training else None
-        cols, ho, wo = im2col(X, self.k, self.stride, self.pad, out=buf)
-        W_mat = xp.reshape(self.W, (self.c_out, patch))
-        out = ctx.buffer(self, "Z", (n, self.c_out, ho * wo), X.dtype) if ctx.training else None
-        Z = ops.matmul(W_mat, cols, out=out)
-        Z += self.b[:, None]
-        if ctx.training:
-            self._cols, self._shape = cols, X.shape
-        return xp.reshape(Z, (n, self.c_out, ho, wo))
-
-    def _backward_per_image(self, G: Array, ctx: Pass, need_input_grad: bool) -> Array | None:
-        """dW_mat = sum_i G_i cols_i^T,  dcols_i = W_mat^T G_i,  dX = col2im(dcols)."""
-        xp = ctx.xp
-        n = G.shape[0]
-        G_mat = xp.reshape(G, (n, self.c_out, -1))  # (n, c_out, ho wo)
-        patch = self._cols.shape[1]
-        per_image = ops.matmul(
-            G_mat,
-            xp.permute_dims(self._cols, (0, 2, 1)),
-            out=ctx.buffer(self, "dW_i", (n, self.c_out, patch), G.dtype),
-        )
-        ops.sum(xp.reshape(per_image, (n, *self.dW.shape)), axis=0, out=self.dW)
-        ops.sum(G_mat, axis=(0, 2), out=self.db)
-        if not need_input_grad:
+    def _padded(
+        self, ctx: Pass, shape: tuple[int, ...], dtype: Any, name: str = "Xp"
+    ) -> Array | None:
+        """A (c_in, h + 2 pad, w + 2 pad, n) work array, for the padded input or the
+        padded sum of col2im (the first is None without padding: X itself is used)."""
+        c, h, w, n = shape
+        if not self.pad and name == "Xp":
             return None
-        W_mat = xp.reshape(self.W, (self.c_out, patch))
-        dcols = ops.matmul(
-            W_mat.T, G_mat, out=ctx.buffer(self, "dcols_i", self._cols.shape, G.dtype)
-        )
-        return col2im(dcols, self._shape, self.k, self.stride, self.pad)
+        return ctx.buffer(self, name, (c, h + 2 * self.pad, w + 2 * self.pad, n), dtype)
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
         from handprop.nn.init import INITIALIZERS
@@ -422,19 +324,19 @@ class _Pool2D(Layer):
 
     def offsets(self, X: Array, ho: int, wo: int):
         """(o, view) for each window offset o = i k + j: X's element at (i, j) of every
-        window, an (n, c, ho, wo) strided view."""
+        window, a (c, ho, wo, n) strided view."""
         for i in range(self.k):
             for j in range(self.k):
                 yield i * self.k + j, offset(X, i, j, ho, wo, self.stride)
 
     def _clear(self, dX: Array, ho: int, wo: int) -> bool:
-        """Zero dX (n, c, h, w) where the windows' gradients will not overwrite it, and
+        """Zero dX (c, h, w, n) where the windows' gradients will not overwrite it, and
         say whether the windows are disjoint (each position gets at most one write, so
         the per-offset parts can be written, not added)."""
         k, s = self.k, self.stride
         if s == k:  # the windows tile the input: only its uncovered edge needs zeros
-            dX[:, :, ho * k :, :] = 0
-            dX[:, :, :, wo * k :] = 0
+            dX[:, ho * k :, ...] = 0
+            dX[:, :, wo * k :, :] = 0
         else:
             dX[...] = 0
         return s >= k
@@ -456,8 +358,8 @@ class MaxPool2D(_Pool2D):
 
     Ties go to the first maximum in row-major order within the window, so the gradient
     is deterministic and a window passes back exactly one G value. The maximum is found
-    by visiting the k * k window offsets as strided slices of X (each an
-    (n, c, h_out, w_out) view); training also keeps which offset won each window (one
+    by visiting the k * k window offsets as strided slices of X (c, h, w, n) (each a
+    (c, h_out, w_out, n) view); training also keeps which offset won each window (one
     byte per output value).
 
     A ReLU just before a max pool gives the same values and gradients after it, on
@@ -470,7 +372,7 @@ class MaxPool2D(_Pool2D):
     onnx_op = "MaxPool"
 
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
-        _, ho, wo = self.output_shape(X.shape[1:])
+        c, ho, wo = self.output_shape(X.shape[:3])
         if not ctx.training:
             slices = self.offsets(X, ho, wo)
             A = ops.copy(next(slices)[1])  # offset 0 holds the maximum until beaten
@@ -478,7 +380,7 @@ class MaxPool2D(_Pool2D):
                 ops.maximum(A, V, out=A)
             return A
         xp = ctx.xp
-        shape = (X.shape[0], X.shape[1], ho, wo)
+        shape = (c, ho, wo, X.shape[3])
         A = ctx.buffer(self, "A", shape, X.dtype)
         arg = ctx.buffer(self, "arg", shape, xp.uint8)
         beats = ctx.buffer(self, "beats", shape, xp.bool)
@@ -491,14 +393,14 @@ class MaxPool2D(_Pool2D):
     def _forward_block(
         self, xp: Any, X: Array, A: Array, arg: Array, beats: Array, claim: Array, plane: Array
     ) -> None:
-        slices = self.offsets(X, A.shape[2], A.shape[3])
+        slices = self.offsets(X, A.shape[1], A.shape[2])
         ops.copyto(A, next(slices)[1])
         arg[...] = 0
         for o, V in slices:
             # the strided view is first copied into a contiguous plane: NumPy compares
-            # and takes maxima of contiguous float32 arrays several times faster than of
-            # strided ones (for a 2 x 2 pool, 0.04 ms against 0.2-0.5 ms per pass over
-            # 64 x 32 x 13 x 13 values), and the copy costs about one strided pass.
+            # and takes maxima of contiguous float32 arrays faster than of strided ones,
+            # and the copy costs about one strided pass (fast99's first pool, 64 images,
+            # one thread: 0.50 ms with the copies, 0.67 ms without)
             ops.copyto(plane, V)
             # strictly greater: an equal value later keeps the first maximum. The
             # offsets come in increasing order, so "arg = o where V beats A" is
@@ -513,7 +415,7 @@ class MaxPool2D(_Pool2D):
         """dX[window max] = G; every other position of the window gets 0."""
         dX = ctx.buffer(self, "dX", self._shape, G.dtype)
         at = ctx.buffer(self, "at", G.shape, ctx.xp.bool)
-        _, _, ho, wo = G.shape
+        _, ho, wo, _ = G.shape
         disjoint = self._clear(dX, ho, wo)
         part = None if disjoint else ctx.buffer(self, "part", G.shape, G.dtype)
         arg = self._arg
@@ -558,7 +460,7 @@ class MaxPoolReLU:
 class AvgPool2D(_Pool2D):
     """A = mean over each k x k window.  dA/dX = 1 / k^2 on every position of it.
 
-    Like MaxPool2D, it visits the k * k window offsets as strided (n, c, h_out, w_out)
+    Like MaxPool2D, it visits the k * k window offsets as strided (c, h_out, w_out, n)
     views of X. The sum is taken row by row of the window (each row's k values in
     order, then the rows' sums in order: the order in which NumPy's ``mean`` adds a
     window's values) and divided by k^2."""
@@ -568,9 +470,9 @@ class AvgPool2D(_Pool2D):
     onnx_op = "AveragePool"
 
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
-        _, ho, wo = self.output_shape(X.shape[1:])
+        c, ho, wo = self.output_shape(X.shape[:3])
         k, s = self.k, self.stride
-        shape = (X.shape[0], X.shape[1], ho, wo)
+        shape = (c, ho, wo, X.shape[3])
         if ctx.training:
             self._shape = X.shape
         A = ctx.buffer(self, "A", shape, X.dtype)
@@ -590,7 +492,7 @@ class AvgPool2D(_Pool2D):
         k = self.k
         share = ops.multiply(G, 1.0 / (k * k), out=ctx.buffer(self, "share", G.shape, G.dtype))
         dX = ctx.buffer(self, "dX", self._shape, G.dtype)
-        _, _, ho, wo = G.shape
+        _, ho, wo, _ = G.shape
         disjoint = self._clear(dX, ho, wo)
         for _, V in self.offsets(dX, ho, wo):  # V is a view into dX
             if disjoint:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from handprop.nn.backend import asarray, copyto, namespace, to_host
-from handprop.nn.layers import Array, Layer
+from handprop.nn.layers import Array, Layer, batch_size
 from handprop.nn.network import Network
 from handprop.nn.params import ParamLayout
 from handprop.nn.passes import Masks, Pass, Workspace
@@ -102,7 +102,8 @@ def gradcheck_layer(
     matching ``d<name>``. Returns the relative error for "X" and every parameter name.
     ``xp``: the array namespace the layer computes in (the differences are taken on
     host copies of X and the parameters, which are moved there for every evaluation).
-    ``mask``: a dropout layer's keep-mask, the same for every evaluation.
+    ``mask``: a dropout layer's keep-mask, the same for every evaluation. X is in the
+    layer's layout (an image layer's: (c, h, w, n)); a mask has its samples first.
     """
     rng = np.random.default_rng(rng)
     X = np.array(X, dtype=np.float64)
@@ -115,7 +116,7 @@ def gradcheck_layer(
     here = asarray(params, xp) if xp is not np else params
     grads = xp.zeros_like(here)
     layer.bind(layout.views(here, 0), layout.views(grads, 0))
-    masks = None if mask is None else Masks({id(layer): mask}, X.shape[0])
+    masks = None if mask is None else Masks({id(layer): mask}, batch_size(X))
     ctx = Pass(training=True, xp=xp, work=Workspace(), masks=masks)
 
     def forward() -> Array:

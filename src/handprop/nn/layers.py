@@ -1,4 +1,6 @@
-"""The layer protocol and the affine (Dense) and Flatten layers."""
+"""The layer protocol, the affine (Dense), Flatten and Dropout layers, and the layout of
+a batch: rows (n, ...) everywhere but between image layers, where a batch of images is
+(c, h, w, n), the sample index last (see :mod:`handprop.nn.conv`)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,31 @@ from handprop.nn.passes import INFERENCE, Pass
 
 #: an array of the network's namespace (NumPy, CuPy, ...)
 Array = Any
+
+
+def batch_size(A: Array) -> int:
+    """The number of samples in a batch: the last axis of an image batch (c, h, w, n),
+    the first of any other."""
+    return A.shape[-1] if A.ndim == 4 else A.shape[0]
+
+
+def batch_last(X: Array, out: Array | None = None) -> Array:
+    """Images (n, c, h, w) as an image batch (c, h, w, n): a C-ordered copy (into
+    ``out`` when given)."""
+    return _transposed(X, (1, 2, 3, 0), out)
+
+
+def batch_first(A: Array, out: Array | None = None) -> Array:
+    """An image batch (c, h, w, n) as images (n, c, h, w): a C-ordered copy."""
+    return _transposed(A, (3, 0, 1, 2), out)
+
+
+def _transposed(A: Array, axes: tuple[int, ...], out: Array | None) -> Array:
+    view = ops.namespace(A).permute_dims(A, axes)
+    if out is None:
+        return ops.copy(view)
+    ops.copyto(out, view)
+    return out
 
 
 @dataclass(frozen=True)
@@ -262,7 +289,9 @@ class Dense(Layer):
 
 
 class Flatten(Layer):
-    """Reshape (n, ...) -> (n, prod(...)); backward restores the input shape."""
+    """Each sample's values as one row: (n, ...) -> (n, prod(...)); backward restores the
+    input's shape. An image batch (c, h, w, n) becomes rows (n, c h w) in (channel, row,
+    column) order, those of the images (n, c, h, w) reshaped: one transposing copy."""
 
     kind = "flatten"
 
@@ -273,13 +302,23 @@ class Flatten(Layer):
         return (prod(input_shape),)  # Python ints: exact however large
 
     def forward(self, X: Array, ctx: Pass = INFERENCE) -> Array:
+        xp = ctx.xp
         if ctx.training:
             self._shape = X.shape
-        return ctx.xp.reshape(X, (X.shape[0], -1))
+        if X.ndim != 4:
+            return xp.reshape(X, (X.shape[0], -1))
+        c, h, w, n = X.shape
+        rows = ctx.buffer(self, "rows", (n, c, h, w), X.dtype) if ctx.training else None
+        return xp.reshape(batch_first(X, out=rows), (n, -1))
 
     def backward(self, G: Array, ctx: Pass, need_input_grad: bool = True) -> Array:
-        """dX = G reshaped to the input's shape."""
-        return ctx.xp.reshape(G, self._shape)
+        """dX = G reshaped to the input's shape (and layout)."""
+        xp = ctx.xp
+        if len(self._shape) != 4:
+            return xp.reshape(G, self._shape)
+        c, h, w, n = self._shape
+        dX = ctx.buffer(self, "dX", self._shape, G.dtype)
+        return batch_last(xp.reshape(G, (n, c, h, w)), out=dX)
 
 
 #: the number of values a dropout mask's random draw takes (16-bit integers)
@@ -327,7 +366,9 @@ class Dropout(Layer):
     its rows of that batch's mask, so a run is the same on any number of threads or
     ranks. A gradient check pins a mask instead. Masks are drawn on the host and moved
     to the pass's namespace, so every backend draws the same masks. A training pass
-    without masks (batchnorm recalibration, the page's saliency) keeps every unit.
+    without masks (batchnorm recalibration, the page's saliency) keeps every unit. On an
+    image batch (c, h, w, n) the mask is drawn for the images (n, c, h, w) and turned
+    batch-last: the same mask whatever the layout.
     """
 
     kind = "dropout"
@@ -346,11 +387,15 @@ class Dropout(Layer):
         xp, masks = ctx.xp, ctx.masks
         # this worker's rows [lo, lo + m) of the batch's mask: drawn from its key, or
         # those rows of a pinned mask
-        key, lo, hi = masks.key(self), masks.lo, masks.lo + X.shape[0]
+        images = X.ndim == 4  # (c, h, w, n): the mask is drawn (n, c, h, w), then turned
+        sample = X.shape[:3] if images else X.shape[1:]
+        key, lo, hi = masks.key(self), masks.lo, masks.lo + batch_size(X)
         if isinstance(key, int):
-            mask = keep_mask(key, self.p, (masks.n, *X.shape[1:]), lo, hi)
+            mask = keep_mask(key, self.p, (masks.n, *sample), lo, hi)
         else:
             mask = key[lo:hi, ...]
+        if images:
+            mask = batch_last(mask)
         # M = mask / (1 - p) and A = X * M, into work arrays kept for the next batch of
         # the same shape (no fresh arrays, no page faults per step)
         M = ctx.buffer(self, "M", X.shape, X.dtype)

@@ -25,7 +25,7 @@ from handprop.nn import backend
 from handprop.nn.activations import ACTIVATIONS, ReLU
 from handprop.nn.conv import MaxPool2D, MaxPoolReLU
 from handprop.nn.init import INITIALIZERS
-from handprop.nn.layers import Array, Dense, Dropout, Layer
+from handprop.nn.layers import Array, Dense, Dropout, Layer, batch_first, batch_last
 from handprop.nn.losses import LOSSES, Loss
 from handprop.nn.params import ParamLayout
 from handprop.nn.passes import Masks, Pass, Workspace
@@ -455,10 +455,27 @@ class Network:
             ctx = self.training_context(X.shape[0]) if training else self._inference
         if ctx.training:
             self._last = ctx
-        A = self.here(X)
+        A = self.layer_input(self.here(X), ctx)
         for step in self.steps:
             A = step.forward(A, ctx)
         return A
+
+    def layer_input(self, X: Array, ctx: Pass | None = None) -> Array:
+        """X (n, *input_shape) as the first layer takes it: images (n, c, h, w) as an
+        image batch (c, h, w, n), the layout of the layers that follow
+        (:mod:`handprop.nn.conv`); any other input as it is."""
+        if X.ndim != 4:
+            return X
+        ctx = self._inference if ctx is None else ctx
+        n, c, h, w = X.shape
+        out = ctx.buffer(self, "X", (c, h, w, n), X.dtype) if ctx.training else None
+        return batch_last(X, out=out)
+
+    @staticmethod
+    def sample_first(A: Array) -> Array:
+        """A layer's output with its samples first: an image batch (c, h, w, n) as
+        (n, c, h, w) (a copy); rows (n, ...) as they are."""
+        return batch_first(A) if A.ndim == 4 else A
 
     def backward(self, G: Array, input_grad: bool = False, ctx: Pass | None = None) -> Array | None:
         """Backpropagate G = dL/d(output) through the layers, last to first; fills
@@ -472,7 +489,7 @@ class Network:
         stop = 0 if input_grad else self._stop
         for at in range(len(self.steps) - 1, stop - 1, -1):
             G = self.steps[at].backward(G, ctx, input_grad or at > stop)
-        return G if input_grad else None
+        return self.sample_first(G) if input_grad else None
 
     def train_pass(
         self, X: Array, y: Array, count: int | None = None, ctx: Pass | None = None

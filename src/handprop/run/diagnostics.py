@@ -160,15 +160,16 @@ class Diagnostics:
         """The outputs of every watched activation layer on X, in inference mode."""
         wanted = {w.act_index for w in self.layers if w.act_index is not None}
         outputs: dict[int, np.ndarray] = {}
-        A = self.net.here(X)  # on the network's device
-        ctx = self.net.context()  # an inference pass in the network's namespace
+        net = self.net
+        A = net.layer_input(net.here(X))  # on the network's device, in its layout
+        ctx = net.context()  # an inference pass in the network's namespace
         with np.errstate(over="ignore", invalid="ignore"):
-            for i, layer in enumerate(self.net.layers):
+            for i, layer in enumerate(net.layers):
                 if not wanted - outputs.keys():
                     break
                 A = layer.forward(A, ctx)
                 if i in wanted:
-                    outputs[i] = to_host(A)
+                    outputs[i] = to_host(net.sample_first(A))
         return outputs
 
     def measure(self, epoch: int, X: np.ndarray) -> list[dict[str, Any]]:

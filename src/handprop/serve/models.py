@@ -137,10 +137,10 @@ def _first_layer(net: Network, X: np.ndarray) -> dict[str, Any] | None:
     i = _first_param_layer(net)
     layer = net.layers[i]
     last = i + 1 if i + 1 < len(net.layers) and net.layers[i + 1].is_activation else i
-    A = X
+    A = net.layer_input(X)
     for step in net.layers[: last + 1]:
         A = step.forward(A)  # inference: nothing is kept on the layers
-    A = np.asarray(A[0], dtype=np.float64)
+    A = np.asarray(net.sample_first(A)[0], dtype=np.float64)
     activation = net.layers[last].kind if last != i else "identity"
     view = layer.first_layer_view
     if view == "units":  # the most active outputs, each with its input weights
