@@ -143,9 +143,10 @@ def col2im(
     c, h, w, n = shape
     ho, wo = out_size(h, k, stride, pad), out_size(w, k, stride, pad)
     D = xp.reshape(dcols, (c, k, k, ho, wo, n))
-    shape_p = (c, h + 2 * pad, w + 2 * pad, n)
-    dXp = xp.zeros(shape_p, dtype=dcols.dtype) if out is None else out
-    if out is not None:
+    if out is None:
+        dXp = xp.zeros((c, h + 2 * pad, w + 2 * pad, n), dtype=dcols.dtype)
+    else:  # a work array from an earlier pass
+        dXp = out
         dXp[...] = 0
     for i in range(k):
         for j in range(k):
@@ -223,7 +224,7 @@ class Conv2D(Layer):
         if ctx.training:  # work arrays kept from batch to batch
             cols = ctx.buffer(self, "cols", (patch, m), X.dtype)
             Z = ctx.buffer(self, "Z", (self.c_out, m), X.dtype)
-            Xp = self._padded(ctx, X.shape, X.dtype)
+            Xp = self._padded(ctx, "Xp", X.shape, X.dtype) if self.pad else None
         cols, ho, wo = im2col(X, self.k, self.stride, self.pad, out=cols, work=Xp)
         W_mat = xp.reshape(self.W, (self.c_out, patch))
         Z = ops.matmul(W_mat, cols, out=Z)  # (c_out, h_out w_out n)
@@ -253,17 +254,13 @@ class Conv2D(Layer):
             return None
         W_mat = xp.reshape(self.W, (self.c_out, patch))
         dcols = ops.matmul(W_mat.T, G_mat, out=ctx.buffer(self, "dcols", self._cols.shape, G.dtype))
-        dXp = self._padded(ctx, self._shape, G.dtype, "dXp")
+        dXp = self._padded(ctx, "dXp", self._shape, G.dtype)
         return col2im(dcols, self._shape, self.k, self.stride, self.pad, out=dXp)
 
-    def _padded(
-        self, ctx: Pass, shape: tuple[int, ...], dtype: Any, name: str = "Xp"
-    ) -> Array | None:
-        """A (c_in, h + 2 pad, w + 2 pad, n) work array, for the padded input or the
-        padded sum of col2im (the first is None without padding: X itself is used)."""
+    def _padded(self, ctx: Pass, name: str, shape: tuple[int, ...], dtype: Any) -> Array:
+        """The work array ``name`` (c_in, h + 2 pad, w + 2 pad, n) for an input of
+        ``shape`` (c_in, h, w, n): the padded input, or col2im's padded sum."""
         c, h, w, n = shape
-        if not self.pad and name == "Xp":
-            return None
         return ctx.buffer(self, name, (c, h + 2 * self.pad, w + 2 * self.pad, n), dtype)
 
     def init_params(self, scheme: str, rng: np.random.Generator) -> None:
