@@ -229,3 +229,63 @@ def test_the_optimizer_owns_the_learning_rate_and_its_schedule():
     plain = OPTIMIZERS["sgd"](0.5)
     plain.set_epoch(7)
     assert plain.lr == 0.5
+
+
+# -- subnormal state ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, exact_from", [(np.float32, -77), (np.float64, -915)])
+def test_flush_subnormal_zeroes_subnormals_and_keeps_every_other_value(dtype, exact_from, rng):
+    from handprop.nn.kernels import flush_subnormal
+
+    info = np.finfo(dtype)
+    subnormal = np.array([info.smallest_subnormal, -info.smallest_subnormal, info.tiny / 3])
+    a = subnormal.astype(dtype)
+    flush_subnormal(a)
+    np.testing.assert_array_equal(a, 0)
+    # from 2^exact_from up (and 0), to the bit; between, by at most 2^(exact_from - 24)
+    x = rng.choice([-1, 1], size=20000) * np.exp2(rng.uniform(exact_from, 60, size=20000))
+    x = np.append(x, [0.0, np.exp2(exact_from), -np.exp2(exact_from)]).astype(dtype)
+    kept = x.copy()
+    flush_subnormal(kept)
+    np.testing.assert_array_equal(kept, x)
+    x = np.exp2(rng.uniform(np.log2(info.tiny), exact_from, size=20000)).astype(dtype)
+    moved = x.copy()
+    flush_subnormal(moved)
+    assert np.max(np.abs(moved - x)) <= np.exp2(exact_from - 24)
+
+
+@pytest.mark.parametrize("kind", ["adam", "momentum", "nesterov", "rmsprop"])
+def test_state_of_parameters_without_gradient_never_goes_subnormal(kind, rng, monkeypatch):
+    """A dead unit's state decays by a factor each step; it never reaches the subnormal
+    numbers (where a CPU computes slowly), and the parameters move exactly as they do
+    when the state is left to go subnormal."""
+    from handprop.nn import kernels
+
+    settings = {"adam": {"beta1": 0.7, "beta2": 0.9}}
+    tiny = np.finfo(np.float32).tiny
+    gradients = []
+    for step in range(1500):  # 0.9^1500 = 1e-69: every factor takes the state that far
+        g = np.zeros(64, np.float32)
+        if step < 5:  # every unit learns a little, then half of them never again
+            g[:] = rng.normal(size=64)
+        elif step % 2:
+            g[:32] = rng.normal(size=32) * 1e-3
+        gradients.append(g)
+    p0 = rng.normal(size=64).astype(np.float32)
+
+    def train() -> tuple[np.ndarray, int, float]:
+        """The parameters after the steps, how many steps left some state subnormal,
+        and the largest state of a dead unit at the end."""
+        opt, p, steps = OPTIMIZERS[kind](0.01, **settings.get(kind, {})), p0.copy(), 0
+        for g in gradients:
+            opt.step(p, g.copy())
+            steps += any(np.any((s != 0) & (np.abs(s) < tiny)) for s in opt.state.values())
+        return p, steps, max(float(np.max(np.abs(s[32:]))) for s in opt.state.values())
+
+    flushed, subnormal_steps, dead = train()
+    assert subnormal_steps == 0 and dead < 1e-36
+    monkeypatch.setattr(kernels, "flush_subnormal", lambda a: None)
+    unflushed, subnormal_steps, _ = train()
+    assert subnormal_steps > 100  # what the flush is there for
+    np.testing.assert_array_equal(flushed, unflushed)
