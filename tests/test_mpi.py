@@ -106,9 +106,8 @@ def params(run_dir: Path) -> np.ndarray:
         return f["params"]
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_n_ranks_reach_the_serial_parameters(tmp_path, mpiexec, name):
-    cfg = config(tmp_path, name)
+def train_serial(tmp_path: Path, cfg: Path) -> str:
+    """``handprop train CFG --out serial`` in one process, which must succeed; its stderr."""
     serial = subprocess.run(
         [*HANDPROP, "train", str(cfg), "--out", "serial", "-q"],
         cwd=tmp_path,
@@ -117,6 +116,13 @@ def test_n_ranks_reach_the_serial_parameters(tmp_path, mpiexec, name):
         timeout=120,
     )
     assert serial.returncode == 0, serial.stderr
+    return serial.stderr
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_n_ranks_reach_the_serial_parameters(tmp_path, mpiexec, name):
+    cfg = config(tmp_path, name)
+    train_serial(tmp_path, cfg)
     expected = params(tmp_path / "serial" / name)
     for n in (1, 2, 3):
         code, out, err = mpiexec(
@@ -129,6 +135,25 @@ def test_n_ranks_reach_the_serial_parameters(tmp_path, mpiexec, name):
         scale = np.abs(expected).max()
         assert np.abs(got - expected).max() <= 1e-5 * scale, (n, np.abs(got - expected).max())
         assert sorted(p.name for p in (tmp_path / f"n{n}").iterdir()) == [name]
+
+
+def test_each_rank_splits_its_rows_over_worker_processes(tmp_path, mpiexec, monkeypatch):
+    """Two threads a rank: each rank's block of a CNN's batch goes to its own worker
+    processes (the batch is large enough to split), and batchnorm's sums travel from
+    the workers to their rank, then over the ranks."""
+    monkeypatch.setenv("HANDPROP_THREADS", "2")
+    monkeypatch.delenv("HANDPROP_WORKERS", raising=False)
+    cfg = tmp_path / "wide.toml"
+    cfg.write_text(
+        DATA + 'layers = ["conv 64 3 pad=1", "batchnorm", "relu", "conv 64 3 pad=1", '
+        '"batchnorm", "relu", "maxpool 2", "dense 10", "relu"]\noptimizer = "momentum"\n'
+        "learning_rate = 0.01\nbatch_size = 128\nepochs = 1\n"
+    )
+    assert "could not start" not in train_serial(tmp_path, cfg)
+    code, _, err = mpiexec("-n", "2", *HANDPROP, "train", str(cfg), "--out", "n2", "-q").finish()
+    assert code == 0 and "could not start" not in err, err
+    expected, got = params(tmp_path / "serial" / "wide"), params(tmp_path / "n2" / "wide")
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, mpiexec):

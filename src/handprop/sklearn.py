@@ -398,7 +398,9 @@ class HandpropEstimator(BaseEstimator):
             X, Y, X_val, Y_val = X[fit_idx], Y[fit_idx], X[val_idx], Y[val_idx]
         batch = len(Y) if cfg.batch_size is None else min(cfg.batch_size, len(Y))
         model.check_memory(batch, state_vectors=len(opt.state_names))  # as build_run does
-        with np.errstate(over="ignore", invalid="ignore"):
+        # closing: the model's worker processes, if any, end with the training (the next
+        # fit starts them again)
+        with contextlib.closing(model), np.errstate(over="ignore", invalid="ignore"):
             for _ in range(epochs):
                 if self._stopping.stopped:
                     break

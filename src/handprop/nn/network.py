@@ -94,6 +94,9 @@ class Network:
     meta : dict, optional           JSON-able facts saved with the model (class names, ...)
     params : ndarray, optional      a parameter vector to share instead of owning one
                                     (the shards of :class:`~handprop.scale.DataParallel` do)
+    grads : ndarray, optional       a vector to write the gradient into instead of one of
+                                    its own (a worker process's shard writes into memory
+                                    it shares: :mod:`handprop.scale.processes`)
 
     Attributes
     ----------
@@ -126,6 +129,7 @@ class Network:
         dtype: Any = np.float32,
         meta: dict[str, Any] | None = None,
         params: Array | None = None,
+        grads: Array | None = None,
     ) -> None:
         self.layers: list[Layer] = list(layers)
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -160,12 +164,15 @@ class Network:
         )
         if params is None:
             params = np.zeros(self.layout.size, dtype=self.dtype)
-        elif params.shape != (self.layout.size,) or params.dtype != self.dtype:
-            raise ShapeError(
-                f"shared parameters must be a ({self.layout.size},) {self.dtype} vector, "
-                f"got {params.shape} {params.dtype}"
-            )
-        self._bind(params, backend.namespace(params).zeros_like(params))
+        for name, vector in (("parameters", params), ("gradients", grads)):
+            if vector is not None and (
+                vector.shape != (self.layout.size,) or vector.dtype != self.dtype
+            ):
+                raise ShapeError(
+                    f"shared {name} must be a ({self.layout.size},) {self.dtype} vector, "
+                    f"got {vector.shape} {vector.dtype}"
+                )
+        self._bind(params, backend.namespace(params).zeros_like(params) if grads is None else grads)
         shape, self.macs = self.input_shape, 0
         for layer in self.layers:
             self.macs += layer.macs(shape)

@@ -10,7 +10,9 @@ releases the GIL inside matrix products and ufunc loops, so the threads truly ru
 the same time; but each thread takes the GIL back between two passes, and where a step
 is many short passes (a small CNN's: about a hundred per shard) the threads wait on
 each other there: fast99.toml's epoch ran 1.4 times faster on two threads than on
-one, and 1.9 times faster over two MPI ranks (processes, no shared lock).
+one, and 1.9 times faster over two MPI ranks (processes, no shared lock). So a
+convolutional network's training shards run in worker processes instead
+(:mod:`handprop.scale.processes`); these threads keep the rest.
 
 The thread count defaults to the number of cores this process may use;
 :func:`set_threads` (or the ``HANDPROP_THREADS`` variable) lowers it, as experiment
@@ -31,8 +33,10 @@ import numpy as np
 
 from handprop.errors import ConfigError
 
-#: below this many elements an elementwise pass stays on one thread (dispatch ~50 us)
-MIN_PARALLEL = 200_000
+#: below this many elements an elementwise pass stays on one thread: the hand-off costs
+#: more than it saves (Adam's step on 2 cores, caches cold: 212k parameters, 0.57 ms on
+#: one thread, 0.75 ms on two; 400k, 1.34 and 1.06 ms; 1.6M, 5.6 and 3.4 ms)
+MIN_PARALLEL = 300_000
 
 T = TypeVar("T")
 
@@ -80,8 +84,9 @@ def bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges.tolist()))
 
 
-def _inline(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` with this thread marked as running a shard."""
+def as_shard(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with this thread marked as running a shard: its elementwise
+    passes stay on this thread."""
     before = getattr(_local, "inline", False)
     _local.inline = True
     try:
@@ -99,9 +104,9 @@ def side_by_side(fn: Callable[..., T], arg_lists: Sequence[Sequence[Any]]) -> li
     if len(arg_lists) == 1:
         return [fn(*arg_lists[0])]
     assert _pool is not None and len(arg_lists) <= _threads
-    futures = [_pool.submit(_inline, fn, *args) for args in arg_lists[1:]]
+    futures = [_pool.submit(as_shard, fn, *args) for args in arg_lists[1:]]
     try:
-        first = _inline(fn, *arg_lists[0])
+        first = as_shard(fn, *arg_lists[0])
     finally:
         rest = [f.exception() for f in futures]  # waits for every call to end
     for exc in rest:

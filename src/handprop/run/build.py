@@ -337,6 +337,7 @@ def build_run(cfg: RunConfig, run_dir: Path, progress: bool, world: World) -> Ru
     batch = n if cfg.batch_size is None else min(cfg.batch_size, n)
     model.check_memory(batch, state_vectors=len(opt.state_names))
     X_fit, y_fit = place_training_data(data, net, opt, batch, augment is not None)
+    model.prepare(batch, X_fit)  # a CNN's worker processes start here, not in its first step
     columns = HISTORY_COLUMNS if data.y_val is None else (*HISTORY_COLUMNS, "val_loss", "val_acc")
     writer = RunWriter(run_dir, columns, writes=world.rank == 0)
     return Run(

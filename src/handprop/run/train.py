@@ -178,7 +178,8 @@ def _train(run: Run, checkpoint_seconds: float | None) -> RunResult:
     evaluations = [RecordDiagnostics(run), Evaluate()]
     checkpoints = Checkpoints(run, checkpoint_seconds)
     try:
-        fit(run, evaluations, [WriteHistory(), checkpoints, Progress(run)])
+        with contextlib.closing(run.model):  # its worker processes, if any, end with fit
+            fit(run, evaluations, [WriteHistory(), checkpoints, Progress(run)])
     except DivergenceError as exc:
         return fail(run, checkpoints, "diverged", str(exc))
     except MemoryError:

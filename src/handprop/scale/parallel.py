@@ -4,7 +4,9 @@ One batch, many workers, the same numbers as one worker:
 
 1. **rows**: the batch's rows [0, n) are cut into near-equal blocks: one per MPI rank
    (``world``), then this rank's block into one per thread (when the block has work
-   enough to gain, see ``MIN_SHARD_MACS``);
+   enough to gain, see ``MIN_SHARD_MACS``); a convolutional network's training shards
+   1.. run in worker processes of this rank's own (:mod:`handprop.scale.processes`:
+   Python's lock would keep its threads waiting), shard 0 on this thread;
 2. **random streams**: the network draws one key per dropout layer and batch from its
    generator, the same on every worker, and each worker's pass carries its rows of the
    batch (:class:`~handprop.nn.passes.Masks`), of which each dropout layer draws its
@@ -14,18 +16,20 @@ One batch, many workers, the same numbers as one worker:
    whole batch's n, into a flat gradient vector of its own (a thread's shard is a copy
    of the layers that shares the parameter vector), with batchnorm's statistics summed
    over the whole batch (:class:`~handprop.nn.batchnorm.BatchSums`);
-4. **reduce**: the flat gradient vectors are summed, in process over the threads
-   (``np.add``), then over the ranks by one in-place Allreduce of ``grads``; the loss
-   rides in a second, one-number reduce.
+4. **reduce**: the flat gradient vectors are summed, in process over the threads or
+   worker processes (``np.add``, in shard order), then over the ranks by one in-place
+   Allreduce of ``grads``; the loss rides in a second, one-number reduce.
 
 Every rank then holds the whole batch's gradient in ``grads`` and steps its optimizer
-identically. Threads and ranks are one mechanism with two reduces. The MPI side lives
+identically. Threads, worker processes and ranks are one mechanism: shards of rows,
+and sums. The MPI side lives
 in :mod:`handprop.scale.mpi` (which gives ``world``); this module needs only NumPy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -39,9 +43,11 @@ from handprop.nn.conv import Conv2D
 from handprop.nn.layers import Array
 from handprop.nn.network import Network
 from handprop.nn.passes import Workspace
-from handprop.nn.threads import bounds, get_threads, side_by_side, single_blas
+from handprop.nn.threads import as_shard, bounds, get_threads, side_by_side, single_blas
+from handprop.scale.processes import Workers, worker_kind
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: a batch is split over threads when each shard's forward pass has at least this many
 #: multiply-adds (below it the hand-off between threads costs more than it saves) ...
@@ -119,6 +125,11 @@ class DataParallel:
         self._two = np.zeros(2, dtype=np.float64)  # the loss and the stop flag, reduced
         self._convolutional = any(isinstance(layer, Conv2D) for layer in net.layers)
         self._batchnorm = any(isinstance(layer, BatchNorm) for layer in net.layers)
+        # worker processes for a CNN's training shards (:mod:`handprop.scale.processes`):
+        # started when first needed; False once they could not start (threads instead)
+        self._workers: Workers | bool | None = None
+        if self._convolutional:
+            worker_kind()  # a HANDPROP_WORKERS that names neither is refused now
 
     # -- what optimizers and gradient checks see: the network's ------------------------
 
@@ -255,13 +266,19 @@ class DataParallel:
         split: list[tuple[int, int]],
         keys: dict[int, int | Array],
     ) -> tuple[float, Array]:
-        """Each thread's shard through forward, loss and backward in one hand-off, on its
-        rows of the batch's masks and, for batchnorm, the whole batch's statistics (shard
-        0 alone moves the running averages the shards share); the shards' gradient
-        vectors summed into ``grads``."""
+        """Each shard through forward, loss and backward, on its rows of the batch's masks
+        and, for batchnorm, the whole batch's statistics (shard 0 alone moves the running
+        averages the shards share): each on a thread, or, for a CNN, shard 0 here and the
+        others in worker processes; the shards' gradient vectors summed into ``grads``,
+        in shard order."""
         out = np.empty((X.shape[0], *self.net.output_shape), dtype=self.net.dtype)
-        shards = self.shards(len(split))
-        sums = self._batch_sums(len(shards))
+        workers = self._workers_for(split, X)
+        if workers is None:
+            shards = self.shards(len(split))
+            sums = self._batch_sums(len(shards))
+        else:  # batchnorm's sums: the workers' parts come to shard 0 and the totals go back
+            shards = self.shards(1)
+            sums = BatchSums(1, workers.relay(self.world)) if self._batchnorm else None
 
         def run(k: int, a: int, b: int) -> float:
             shard = shards[k]
@@ -274,11 +291,68 @@ class DataParallel:
             loss, out[a:b] = shard.train_pass(X[a:b], y[a:b], count=n, ctx=ctx)
             return loss
 
-        losses = self._on_threads(run if sums is None else sums.guard(run), split)
-        np.add(shards[0].grads, shards[1].grads, out=self.net.grads)
-        for shard in shards[2:]:
-            self.net.grads += shard.grads
+        if workers is None:
+            losses = self._on_threads(run if sums is None else sums.guard(run), split)
+            grads = [shard.grads for shard in shards]
+        else:
+            try:  # shard 0 on this thread while the workers run the others
+                workers.send(self.net.params, X, y, n, lo, split, keys)
+                with single_blas():
+                    losses = [as_shard(run, 0, *split[0]), *workers.gather(out, split)]
+            except BaseException:  # a step half done: its workers are in no state to reuse
+                self.close()
+                raise
+            grads = [shards[0].grads, *workers.grads]
+        np.add(grads[0], grads[1], out=self.net.grads)
+        for more in grads[2:]:
+            self.net.grads += more
         return float(sum(losses)), out
+
+    def _workers_for(self, split: list[tuple[int, int]], X: Array) -> Workers | None:
+        """The worker processes for this batch's shards 1.. (started, or started anew
+        for a larger batch), or None to run every shard on a thread: a dense network
+        (few long passes, which the threads run well), ``HANDPROP_WORKERS=threads``, or
+        workers that could not start (said once, as a logged warning)."""
+        if not self._convolutional or self._workers is False or worker_kind() == "threads":
+            return None
+        rows = max(b - a for a, b in split[1:])
+        if isinstance(self._workers, Workers):
+            if self._workers.fits(len(split), rows, X):
+                return self._workers
+            self.close()
+        workers: Workers | None = None
+        try:
+            workers = Workers(self.net, len(split), rows, X)
+            why = workers.ready()
+        except OSError as exc:  # no interpreter to start, no room for the shared memory
+            why = f"{exc.strerror or exc}"
+        if why is not None:
+            if workers is not None:
+                workers.close()
+            log.warning(
+                "handprop: worker processes could not start (%s); the shards of each "
+                "batch run on threads",
+                why,
+            )
+            self._workers = False
+            return None
+        self._workers = workers
+        return workers
+
+    def prepare(self, batch: int, X: Array) -> None:
+        """Start now what training on batches of ``batch`` rows like ``X``'s will use
+        (a CNN's worker processes, about 0.15 s), as an MPI job's processes start
+        before its training: a run's training time does not count it."""
+        lo, hi = self.rows(batch)
+        split = self.split(hi - lo, training=True)
+        if split is not None:
+            self._workers_for(split, X)
+
+    def close(self) -> None:
+        """End the worker processes, if any (they are started again when needed)."""
+        if isinstance(self._workers, Workers):
+            self._workers.close()
+            self._workers = None
 
     def _batch_sums(self, parties: int) -> BatchSums | None:
         """The reduction that gives ``parties`` shards' batchnorm layers the whole
