@@ -169,6 +169,28 @@ def test_workers_that_cannot_start_leave_the_shards_to_threads(
         caplog.clear()
 
 
+def test_a_network_that_cannot_be_sent_to_a_worker_trains_on_threads(split_all, rng, caplog):
+    """A layer class of the user's own that a worker could not import (here a local
+    one, which does not even pickle): the shards stay on threads, said once."""
+    from handprop.nn import ReLU
+
+    class Mine(ReLU):
+        pass
+
+    net = cnn()
+    layers = [Mine() if isinstance(layer, ReLU) else layer for layer in net.layers]
+    mine = Network(layers, net.input_shape, net.loss, net.dtype)
+    mine.params[...] = net.params
+    split_all(2)
+    model = DataParallel(mine)
+    X, y = rng.normal(size=(10, 2, 8, 8)), rng.integers(0, 3, size=10)
+    with caplog.at_level(logging.WARNING, logger="handprop.scale.parallel"):
+        loss = loss_of(model, X, y)
+    assert model._workers is False
+    assert "its network cannot be sent to a worker" in caplog.text
+    assert loss == loss_of(DataParallel(cnn()), X, y)
+
+
 def test_handprop_workers_names_processes_or_threads(monkeypatch):
     monkeypatch.delenv("HANDPROP_WORKERS", raising=False)
     assert worker_kind() == "processes"

@@ -44,7 +44,7 @@ from handprop.nn.layers import Array
 from handprop.nn.network import Network
 from handprop.nn.passes import Workspace
 from handprop.nn.threads import as_shard, bounds, get_threads, side_by_side, single_blas
-from handprop.scale.processes import Workers, worker_kind
+from handprop.scale.processes import Workers, WorkerStartError, worker_kind
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -326,6 +326,8 @@ class DataParallel:
             why = workers.ready()
         except OSError as exc:  # no interpreter to start, no room for the shared memory
             why = f"{exc.strerror or exc}"
+        except WorkerStartError as exc:
+            why = str(exc)
         if why is not None:
             if workers is not None:
                 workers.close()

@@ -104,6 +104,19 @@ class WorkerExitError(HandpropError):
     """A worker process ended in the middle of a step."""
 
 
+class WorkerStartError(HandpropError):
+    """Worker processes cannot be started for this network."""
+
+
+def _import_path() -> str:
+    """Python that makes a worker import this handprop: nothing when this process found
+    it on the interpreter's own path (the worker will too), else its folder first."""
+    root = Path(__file__).resolve().parents[2]
+    if any(entry and Path(entry).resolve() == root for entry in sys.path):
+        return ""
+    return f"import sys; sys.path.insert(0, {str(root)!r}); "
+
+
 def _layout(sizes: list[tuple[str, int]]) -> tuple[dict[str, tuple[int, int]], int]:
     """Byte offsets of named blocks of ``sizes`` bytes, each aligned; and the total."""
     offsets, at = {}, 0
@@ -162,7 +175,7 @@ class Workers:
             _view(self.memory, self.offsets[f"grads{k}"], net.dtype) for k in range(1, count)
         ]
         self.inputs = [_view(self.memory, self.offsets[f"X{k}"], X.dtype) for k in range(1, count)]
-        spec = {
+        spec = {  # sent to each worker (pickled: layers of a class it can import)
             "layers": [(type(layer), layer.get_config()) for layer in net.layers],
             "input_shape": net.input_shape,
             "loss": net.loss,
@@ -192,14 +205,12 @@ class Workers:
         errors = tempfile.TemporaryFile(prefix="handprop-worker-stderr-")  # noqa: SIM115
         self._errors.append(errors)
         env = dict(os.environ)
-        # the handprop this process runs, whether installed or not; one BLAS thread
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[name] = "1"
+            env[name] = "1"  # one BLAS thread, as a shard runs
         env["HANDPROP_THREADS"] = "1"
         code = (
-            f"from handprop.scale.processes import serve; serve({k}, {theirs.fileno()}, {self._fd})"
+            f"{_import_path()}from handprop.scale.processes import serve; "
+            f"serve({k}, {theirs.fileno()}, {self._fd})"
         )
         try:
             proc = subprocess.Popen(
@@ -215,8 +226,12 @@ class Workers:
         self.procs.append(proc)
         conn = Connection(ours.detach())
         self.conns.append(conn)
-        with contextlib.suppress(OSError):  # it ended already: ready() says why
+        try:
             conn.send(spec)
+        except OSError:  # it ended already: ready() says why
+            pass
+        except Exception as exc:  # a layer of the user's own that does not pickle
+            raise WorkerStartError(f"its network cannot be sent to a worker ({exc})") from None
 
     def ready(self) -> str | None:
         """Wait until every worker has built its network: None, or why one could not."""
@@ -448,4 +463,12 @@ class _Shard:
         return ("done", loss, out)
 
 
-__all__ = ["WORKER_KINDS", "Relay", "WorkerExitError", "Workers", "serve", "worker_kind"]
+__all__ = [
+    "WORKER_KINDS",
+    "Relay",
+    "WorkerExitError",
+    "WorkerStartError",
+    "Workers",
+    "serve",
+    "worker_kind",
+]
