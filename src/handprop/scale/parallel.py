@@ -22,8 +22,8 @@ One batch, many workers, the same numbers as one worker:
 
 Every rank then holds the whole batch's gradient in ``grads`` and steps its optimizer
 identically. Threads, worker processes and ranks are one mechanism: shards of rows,
-and sums. The MPI side lives
-in :mod:`handprop.scale.mpi` (which gives ``world``); this module needs only NumPy.
+and sums. The MPI side lives in :mod:`handprop.scale.mpi` (which gives ``world``), the
+worker processes in :mod:`handprop.scale.processes`; this module needs only NumPy.
 """
 
 from __future__ import annotations
