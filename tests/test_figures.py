@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import handprop.analysis.figures as figures
 import handprop.analysis.figures.writing as figure_writing
+from handprop import nn
 from handprop.analysis.figures import pixel_size, png_bytes, write_figures
 from handprop.errors import ConfigError, DataError
 from handprop.run.reader import GridFolder, LayerDiagnostics, Predictions, RunFolder
@@ -59,6 +60,9 @@ def size_of(kind: str, run: RunFolder) -> tuple[int, int]:
     if kind == "misclassified":
         P = run.predictions
         return pixel_size(kind, figures.misclassified_rows(int((P.y_true != P.y_pred).sum())))
+    if kind == "first_layer":
+        images, _ = figures.first_layer_images(nn.load(run.path / "model.npz"))
+        return pixel_size(kind, figures.first_layer_rows(len(images)))
     return pixel_size(kind)
 
 
@@ -218,9 +222,13 @@ def test_first_layer_of_a_cnn_and_of_an_mlp(tmp_path):
     images, what = figures.first_layer_images(mlp)
     assert images.shape == (32, 8, 8) and "32 of 40 hidden units" in what
     np.testing.assert_array_equal(images[5], mlp.layers[0].W[:, 5].reshape(8, 8))
-    for net in (cnn, mlp):
+    # as many rows as the images fill: 6 filters one row, 32 units the full four
+    for net, rows in ((cnn, 1), (mlp, 4)):
         data = png_bytes(figures.first_layer_figure(net))
-        assert png_dimensions(data) == pixel_size("first_layer")
+        assert figures.first_layer_rows(len(figures.first_layer_images(net)[0])) == rows
+        assert png_dimensions(data) == pixel_size("first_layer", rows)
+    assert pixel_size("first_layer", 4) == pixel_size("first_layer")  # the full grid
+    assert [figures.first_layer_rows(n) for n in (1, 8, 9, 16, 32, 64)] == [1, 1, 2, 2, 4, 4]
 
 
 def test_first_layer_without_image_shaped_weights_is_skipped(tmp_path, images):

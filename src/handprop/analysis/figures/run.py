@@ -39,6 +39,7 @@ from handprop.analysis.figures.style import (
     _loss_axis,
     _no_data,
     _tick_rotation,
+    first_layer_rows,
     misclassified_rows,
 )
 from handprop.errors import DataError
@@ -272,8 +273,9 @@ def first_layer_figure(net: Any) -> Figure:
     W, what = first_layer_images(net)
     vmax = float(np.abs(W).max()) or 1.0
     norm = Normalize(-vmax, vmax)
-    with _figure("first_layer") as fig:
-        axes = fig.subplots(FIRST_LAYER_ROWS, FIRST_LAYER_COLS)
+    rows = first_layer_rows(len(W))
+    with _figure("first_layer", rows) as fig:
+        axes = fig.subplots(rows, FIRST_LAYER_COLS, squeeze=False)
         for ax in axes.flat:
             ax.set_axis_off()
         image = None

@@ -92,11 +92,20 @@ MISCLASSIFIED_ROWS, MISCLASSIFIED_COLS = 4, 8
 #: height in inches of one row of the misclassified grid, and of its title
 MISCLASSIFIED_ROW_HEIGHT, MISCLASSIFIED_TITLE_HEIGHT = 1.9, 0.5
 FIRST_LAYER_ROWS, FIRST_LAYER_COLS = 4, 8
+#: height in inches of one row of the first layer's weight images, and of its title
+FIRST_LAYER_ROW_HEIGHT, FIRST_LAYER_TITLE_HEIGHT = 1.4, 0.8
 TOP_PAIRS = 10
 #: a bar's count label: its font size as a share of the bar's height, and its bounds (pt)
 BAR_LABEL_FILL, BAR_LABEL_SIZES = 0.75, (6.0, 9.0)
 #: grid accuracy panels label their points with run names up to this many runs
 MAX_POINT_LABELS = 12
+
+
+def first_layer_rows(n_images: int) -> int:
+    """Rows of the first layer's grid for ``n_images`` weight images: as many as they
+    fill, at most FIRST_LAYER_ROWS (a 16-filter convolution: 2 rows, no empty band)."""
+    shown = min(n_images, FIRST_LAYER_ROWS * FIRST_LAYER_COLS)
+    return max(1, math.ceil(shown / FIRST_LAYER_COLS))
 
 
 def misclassified_rows(n_wrong: int) -> int:
@@ -109,12 +118,15 @@ def misclassified_rows(n_wrong: int) -> int:
 def _size(kind: str, rows: int | None = None) -> tuple[float, float]:
     if kind == "misclassified" and rows is not None:
         return SIZES[kind][0], MISCLASSIFIED_TITLE_HEIGHT + rows * MISCLASSIFIED_ROW_HEIGHT
+    if kind == "first_layer" and rows is not None:
+        return SIZES[kind][0], FIRST_LAYER_TITLE_HEIGHT + rows * FIRST_LAYER_ROW_HEIGHT
     return SIZES[kind]
 
 
 def pixel_size(kind: str, rows: int | None = None) -> tuple[int, int]:
     """(width, height) in pixels of the figures of ``kind`` (a key of ``SIZES``); for
-    "misclassified", ``rows`` of errors (:func:`misclassified_rows`) set the height."""
+    "misclassified", ``rows`` of errors (:func:`misclassified_rows`) set the height, and
+    for "first_layer" the rows of weight images (:func:`first_layer_rows`)."""
     w, h = _size(kind, rows)
     return round(w * DPI), round(h * DPI)
 
