@@ -161,7 +161,6 @@ class Workers:
     def __init__(self, net: Network, count: int, rows: int, X: np.ndarray) -> None:
         self.count, self.rows = count, rows
         self.sample, self.x_dtype = tuple(X.shape[1:]), X.dtype
-        self.n_params, self.dtype = net.n_params, net.dtype
         x_bytes = rows * int(np.prod(self.sample, dtype=np.int64)) * X.dtype.itemsize
         g_bytes = net.n_params * net.dtype.itemsize
         blocks = [("params", g_bytes)]
