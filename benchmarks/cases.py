@@ -1097,7 +1097,7 @@ def fast99_unmirrored(cfg: Any) -> str:
         return f"optimizer {cfg.optimizer!r}: the PyTorch side mirrors adam only"
     if cfg.device != "cpu":
         return f"device {cfg.device!r}: this case compares CPUs"
-    if cfg.augment_shift or cfg.augment_rotate or cfg.augment_elastic_alpha:
+    if cfg.augments:
         return "augmentation (drawn from handprop's epoch generator) has no PyTorch mirror"
     if cfg.validation:
         return "a validation part (validated every epoch, early stopping) is not mirrored"

@@ -115,6 +115,9 @@ def test_a_uniform_displacement_moves_the_image_bilinearly(rng):
         ),
         ({"max_shift": -1}, "augment_shift must be an integer >= 0"),
         ({"max_degrees": 181.0}, "augment_rotate must be in [0, 180] degrees, got 181.0"),
+        ({"max_scale": 1.0}, "augment_scale must be in [0, 1) (a fraction), got 1.0"),
+        ({"max_scale": -0.1}, "augment_scale must be in [0, 1)"),
+        ({"max_scale": float("nan")}, "augment_scale must be in [0, 1)"),
         ({"elastic_alpha": -1.0}, "augment_elastic_alpha must be a finite number >= 0, got -1.0"),
         ({"elastic_alpha": float("inf")}, "augment_elastic_alpha must be a finite number >= 0"),
     ],
@@ -133,6 +136,63 @@ def test_settings_within_the_image_pass():
     check_augment((8, 8), 7, 180.0, 34.0, 8.0)
     check_augment((28, 28), 2, 10.0, 34.0, 4.0)
     check_augment((8, 8), 0, 0.0, 0.0, 1e6)  # alpha 0: sigma is not used
+    check_augment((28, 28), max_scale=0.999)
+
+
+# -- changes of size ---------------------------------------------------------------------
+
+
+def test_a_scale_moves_each_pixel_away_from_the_centre_by_its_factor():
+    from handprop.data.augment import sources
+
+    n, h, w = 3, 9, 7
+    scale = np.array([0.5, 1.0, 2.0])
+    zero = np.zeros(n)
+    src_y, src_x = sources(n, h, w, zero, zero, None, scale)
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    for k in range(n):  # output pixel p is read at centre + (p - centre) / scale
+        np.testing.assert_allclose(src_y[k], cy + (yy - cy) / scale[k])
+        np.testing.assert_allclose(src_x[k], cx + (xx - cx) / scale[k])
+    # with a turn and a shift: scaled, turned, then moved, as the docstring says
+    theta, dy, dx = np.array([0.3, -1.0, 2.0]), np.array([1, 0, -2]), np.array([0, 2, 1])
+    src_y, src_x = sources(n, h, w, dy, dx, theta, scale)
+    ys, xs = (yy - cy) / scale[:, None, None], (xx - cx) / scale[:, None, None]
+    cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
+    np.testing.assert_allclose(src_y, cos * ys - sin * xs + cy - dy[:, None, None])
+    np.testing.assert_allclose(src_x, sin * ys + cos * xs + cx - dx[:, None, None])
+
+
+def test_an_enlarged_image_shows_its_point_farther_out():
+    X = np.zeros((2, 1, 9, 9))
+    X[:, 0, 4, 6] = 1.0  # 2 pixels right of the centre (4, 4)
+    out = warp(X, np.zeros(2), np.zeros(2), None, np.array([1.5, 0.5]))
+    assert out[0, 0, 4, 7] == 1.0  # 1.5 x 2 = 3 pixels out
+    assert out[1, 0, 4, 5] == 1.0  # 0.5 x 2 = 1 pixel out
+    assert out[0, 0, 4, 6] == pytest.approx(1 / 3)  # read at 4.67: a third of the point
+
+
+def test_turning_the_scale_on_keeps_the_other_draws():
+    """The factors are drawn after the shifts and angles and before the elastic field,
+    so a config without augment_scale keeps the batches it had, and one with it moves
+    each image as before, only resized."""
+    from handprop.data.augment import augment, moves
+
+    plain = moves(np.random.default_rng(4), 5, 2, 10.0)
+    sized = moves(np.random.default_rng(4), 5, 2, 10.0, 0.1)
+    for a, b in zip(plain[:3], sized[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert plain[3] is None
+    assert np.all(np.abs(sized[3] - 1) <= 0.1) and len(np.unique(sized[3])) == 5
+    X = np.random.default_rng(5).random((5, 1, 12, 12))
+    np.testing.assert_array_equal(  # max_scale 0 is the augmentation without it
+        augment(X, np.random.default_rng(6), 2, 10.0, 3.0, 2.0, max_scale=0.0),
+        augment(X, np.random.default_rng(6), 2, 10.0, 3.0, 2.0),
+    )
+    assert not np.array_equal(
+        augment(X, np.random.default_rng(6), 2, 10.0, 3.0, 2.0, max_scale=0.1),
+        augment(X, np.random.default_rng(6), 2, 10.0, 3.0, 2.0),
+    )
 
 
 def test_the_smoothing_kernel_is_bounded_by_the_image():

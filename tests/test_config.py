@@ -818,7 +818,7 @@ def test_the_real_fields_are_all_there():
     assert {"learning_rate", "momentum", "weight_decay", "dropout", "validation"} <= set(
         REAL_FIELDS
     )
-    assert {"augment_rotate", "augment_elastic_alpha", "augment_elastic_sigma"} <= set(REAL_FIELDS)
+    assert {"augment_rotate", "augment_scale", "augment_elastic_alpha"} <= set(REAL_FIELDS)
 
 
 @pytest.mark.parametrize("name", REAL_FIELDS)
@@ -838,6 +838,18 @@ def test_no_number_field_takes_nan_or_inf(name, value):
     base = parse_toml_config(MINIMAL_TOML, "r.toml")
     with pytest.raises(ConfigError, match=rf"^override: {name} must be .*, got {value}"):
         base.replace(**{name: float(value)})
+
+
+def test_a_change_of_size_is_a_fraction_below_one_and_needs_batches():
+    text = MINIMAL_TOML + "batch_size = 10\naugment_scale = "
+    cfg = parse_toml_config(text + "0.15\n", "r.toml")
+    assert cfg.augment_scale == 0.15 and cfg.augments
+    assert not parse_toml_config(MINIMAL_TOML, "r.toml").augments
+    with pytest.raises(ConfigError, match=r"augment_scale must be a number in \[0, 1\), got 1"):
+        parse_toml_config(text + "1\n", "r.toml")
+    per_batch = r"^r\.toml line 7: augmentation is applied per mini-batch; set batch_size"
+    with pytest.raises(ConfigError, match=per_batch):
+        parse_toml_config(MINIMAL_TOML + "augment_scale = 0.1\n", "r.toml")
 
 
 def test_a_rotation_of_180_degrees_is_the_most_there_is():

@@ -51,9 +51,10 @@ DIGITS = DIGITS_CONFIG.replace("epochs = 60\neval_every = 20", "epochs = 12\neva
 
 
 ADAM = 'optimizer = "adam"\nlearning_rate = 0.01\nbatch_size = 64\n'
-AUGMENT = {  # every kind at once: shifts, rotations, elastic distortions
+AUGMENT = {  # every kind at once: shifts, rotations, changes of size, elastic distortions
     "augment_shift": 1,
     "augment_rotate": 15.0,
+    "augment_scale": 0.1,
     "augment_elastic_alpha": 2.0,
     "augment_elastic_sigma": 2.0,
 }

@@ -92,10 +92,10 @@ class HandpropEstimator(BaseEstimator):
         The schedule then spans ``n_iter_ + epochs`` epochs: fits of k and k epochs give
         one fit of 2k's parameters for the schedules that ignore the span (constant,
         step, exponential, warm-up), not for cosine or onecycle.
-    augment_shift, augment_rotate, augment_elastic_alpha, augment_elastic_sigma :
-        the command line's random shifts (pixels), rotations (degrees) and elastic
-        distortions of each mini-batch of images (needs ``batch_size`` and images:
-        X of shape (n, h, w), or ``image_shape``)
+    augment_shift, augment_rotate, augment_scale, augment_elastic_alpha, augment_elastic_sigma :
+        the command line's random shifts (pixels), rotations (degrees), changes of size
+        (a fraction) and elastic distortions of each mini-batch of images (needs
+        ``batch_size`` and images: X of shape (n, h, w), or ``image_shape``)
     init : str         the weights' initialisation ("glorot_uniform", as MLPClassifier;
         "uniform", the original's; "he_normal", ...)
     random_state : int, RandomState or None    the run's seed
@@ -129,6 +129,7 @@ class HandpropEstimator(BaseEstimator):
         warm_start: bool = False,
         augment_shift: int = 0,
         augment_rotate: float = 0.0,
+        augment_scale: float = 0.0,
         augment_elastic_alpha: float = 0.0,
         augment_elastic_sigma: float = 4.0,
         init: str = "glorot_uniform",
@@ -153,6 +154,7 @@ class HandpropEstimator(BaseEstimator):
         self.warm_start = warm_start
         self.augment_shift = augment_shift
         self.augment_rotate = augment_rotate
+        self.augment_scale = augment_scale
         self.augment_elastic_alpha = augment_elastic_alpha
         self.augment_elastic_sigma = augment_elastic_sigma
         self.init = init
@@ -194,6 +196,7 @@ class HandpropEstimator(BaseEstimator):
             patience=self.n_iter_no_change if self.early_stopping else None,
             augment_shift=self.augment_shift,
             augment_rotate=self.augment_rotate,
+            augment_scale=self.augment_scale,
             augment_elastic_alpha=self.augment_elastic_alpha,
             augment_elastic_sigma=self.augment_elastic_sigma,
             init=self.init,
@@ -324,7 +327,7 @@ class HandpropEstimator(BaseEstimator):
                 "layers (a CNN) needs images: X of shape (n, h, w) or (n, 1, h, w), "
                 f"or flat X with image_shape; got X of shape {X.shape}"
             )
-        if hw is None and (cfg.augment_shift or cfg.augment_rotate or cfg.augment_elastic_alpha):
+        if hw is None and cfg.augments:
             raise ValueError(
                 "augmentation needs images: X of shape (n, h, w) or (n, 1, h, w), or flat "
                 f"X with image_shape; got X of shape {X.shape}"

@@ -234,7 +234,7 @@ def defining_fields(config: dict[str, Any]) -> list[str]:
         names.append("gamma")
     if get("warmup"):
         names.append("warmup")
-    for name in ("weight_decay", "augment_shift", "augment_rotate"):
+    for name in ("weight_decay", "augment_shift", "augment_rotate", "augment_scale"):
         if get(name):
             names.append(name)
     if get("augment_elastic_alpha"):

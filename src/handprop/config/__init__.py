@@ -46,6 +46,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "ACTIVATION_NAMES",
+    "AUGMENT_MOVES",
     "DEVICE_NAMES",
     "DTYPE_NAMES",
     "INIT_NAMES",
@@ -100,6 +101,10 @@ from handprop.config.kinds import (  # the value kinds, and the names the regist
 )
 
 _SPEC_KEY = "handprop.config"
+
+#: the augmentation fields that each turn a move of the images on (elastic sigma only
+#: shapes the elastic one)
+AUGMENT_MOVES = ("augment_shift", "augment_rotate", "augment_scale", "augment_elastic_alpha")
 
 # --- the field table -----------------------------------------------------------------------
 
@@ -231,6 +236,9 @@ class RunConfig:
     augment_rotate: float = option(
         0.0, _real(0, 180, high_open=False), "largest random rotation in degrees"
     )
+    augment_scale: float = option(
+        0.0, _real(0, 1), "largest random change of size, a fraction (0.1: 0.9 to 1.1 times)"
+    )
     augment_elastic_alpha: float = option(
         0.0, _real(0, math.inf), "elastic distortion scale alpha in pixels (0: off)"
     )
@@ -270,6 +278,11 @@ class RunConfig:
                     values[per_layer] = _DEFAULTS[per_layer]
         given = {name: (name, value) for name, value in values.items()}
         return RunConfig(**_resolve(given, _Origin("override", text=True)))
+
+    @property
+    def augments(self) -> bool:
+        """Whether the mini-batches are augmented (any of the augment_* moves is on)."""
+        return any(getattr(self, name) for name in AUGMENT_MOVES)
 
     @property
     def resolved_split_seed(self) -> int:
@@ -401,11 +414,7 @@ def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
             f"{origin.at('label_smoothing')}: label smoothing smooths the cross-entropy's "
             f"targets; {origin.label('loss')} is {values['loss']!r}"
         )
-    augmented = [
-        name
-        for name in ("augment_shift", "augment_rotate", "augment_elastic_alpha")
-        if values[name]
-    ]
+    augmented = [name for name in AUGMENT_MOVES if values[name]]
     if augmented and values["batch_size"] is None:
         raise ConfigError(
             f"{origin.at(augmented[0])}: augmentation is applied per mini-batch; set batch_size too"

@@ -1,13 +1,14 @@
-"""Data augmentation for image mini-batches: small random shifts, rotations and
-elastic distortions.
+"""Data augmentation for image mini-batches: small random shifts, rotations, changes of
+size and elastic distortions.
 
-Each training image is moved by a random whole-pixel shift, turned by a random angle
-and, optionally, distorted elastically (Simard, Steinkraus & Platt 2003: a random
+Each training image is moved by a random whole-pixel shift, turned by a random angle,
+optionally enlarged or shrunk about its centre by a random factor and, optionally,
+distorted elastically (Simard, Steinkraus & Platt 2003: a random
 displacement field, uniform in [-1, 1] per pixel and axis, smoothed by a Gaussian of
 standard deviation sigma and scaled by alpha), all drawn from the epoch's seeded
 generator, so a run (and a resumed run, and every MPI rank) sees the same augmented
 batches every time. The output pixels are read from the input by bilinear
-interpolation, once for all three transformations; pixels that come from outside the
+interpolation, once for all the transformations; pixels that come from outside the
 image are 0 (background).
 
 :func:`check_augment` refuses settings that mean nothing for the images at hand (a shift
@@ -32,6 +33,7 @@ def check_augment(
     elastic_alpha: float = 0.0,
     elastic_sigma: float = 4.0,
     dataset: str | None = None,
+    max_scale: float = 0.0,
 ) -> None:
     """Refuse augmentation settings that mean nothing for images of ``image_shape``
     (..., h, w), naming the config field, the rule, the value and the image size (and
@@ -40,8 +42,9 @@ def check_augment(
     A shift of the image's side or more moves some images wholly out of the frame; a
     sigma beyond the side smooths the displacement field into one constant move, and its
     kernel, 4 sigma each way, would outgrow the image (a sigma of 1e6 asked for
-    gigabytes). Rotations beyond 180 degrees and negative or non-finite values are
-    refused by the config already, and here too for other callers. Sigma is checked
+    gigabytes). Rotations beyond 180 degrees, a change of size of 100% or more (a factor
+    of 0 or less) and negative or non-finite values are refused by the config already,
+    and here too for other callers. Sigma is checked
     only when the distortions are on (alpha > 0): otherwise it is not used.
 
     Raises
@@ -58,6 +61,8 @@ def check_augment(
         )
     if not 0 <= max_degrees <= 180:
         raise ConfigError(f"augment_rotate must be in [0, 180] degrees, got {max_degrees!r}")
+    if not 0 <= max_scale < 1:
+        raise ConfigError(f"augment_scale must be in [0, 1) (a fraction), got {max_scale!r}")
     if not (np.isfinite(elastic_alpha) and elastic_alpha >= 0):
         raise ConfigError(
             f"augment_elastic_alpha must be a finite number >= 0, got {elastic_alpha!r}"
@@ -69,19 +74,36 @@ def check_augment(
         )
 
 
-def shift_rotate(
-    X: np.ndarray, rng: np.random.Generator, max_shift: int = 0, max_degrees: float = 0.0
-) -> np.ndarray:
-    """A randomly shifted and rotated copy of images X (n, c, h, w).
-
-    Shifts are drawn uniformly from [-max_shift, max_shift] pixels per axis, angles
-    uniformly from [-max_degrees, max_degrees]. The output has X's dtype.
-    """
-    n = X.shape[0]
+def moves(
+    rng: np.random.Generator,
+    n: int,
+    max_shift: int = 0,
+    max_degrees: float = 0.0,
+    max_scale: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Random moves of n images: shifts (dy, dx) drawn uniformly from whole pixels in
+    [-max_shift, max_shift] per axis, angles (radians) uniformly from
+    [-max_degrees, max_degrees] degrees, and size factors uniformly from
+    [1 - max_scale, 1 + max_scale]; None for a move that is off. The draws come in
+    that order, each only when its move is on, so that turning on a later move leaves
+    the earlier ones' batches as they were."""
     dy = rng.integers(-max_shift, max_shift + 1, size=n) if max_shift else np.zeros(n)
     dx = rng.integers(-max_shift, max_shift + 1, size=n) if max_shift else np.zeros(n)
     theta = np.deg2rad(rng.uniform(-max_degrees, max_degrees, size=n)) if max_degrees else None
-    return warp(X, dy, dx, theta)
+    scale = rng.uniform(1.0 - max_scale, 1.0 + max_scale, size=n) if max_scale else None
+    return dy, dx, theta, scale
+
+
+def shift_rotate(
+    X: np.ndarray,
+    rng: np.random.Generator,
+    max_shift: int = 0,
+    max_degrees: float = 0.0,
+    max_scale: float = 0.0,
+) -> np.ndarray:
+    """A randomly shifted, rotated and resized copy of images X (n, c, h, w) (the draws
+    of :func:`moves`). The output has X's dtype."""
+    return warp(X, *moves(rng, X.shape[0], max_shift, max_degrees, max_scale))
 
 
 def augment(
@@ -91,18 +113,16 @@ def augment(
     max_degrees: float = 0.0,
     elastic_alpha: float = 0.0,
     elastic_sigma: float = 4.0,
+    max_scale: float = 0.0,
 ) -> np.ndarray:
-    """Images X (n, c, h, w) shifted, rotated (see :func:`shift_rotate`, whose draws
-    come first, so that without elastic distortions the batches are its own) and
-    elastically distorted (:func:`elastic_field`; alpha 0: none), in one resampling.
-    The output has X's dtype."""
+    """Images X (n, c, h, w) shifted, rotated and resized (see :func:`shift_rotate`,
+    whose draws come first, so that without elastic distortions the batches are its
+    own) and elastically distorted (:func:`elastic_field`; alpha 0: none), in one
+    resampling. The output has X's dtype."""
     if not elastic_alpha:
-        return shift_rotate(X, rng, max_shift, max_degrees)
+        return shift_rotate(X, rng, max_shift, max_degrees, max_scale)
     n, _, h, w = X.shape
-    dy = rng.integers(-max_shift, max_shift + 1, size=n) if max_shift else np.zeros(n)
-    dx = rng.integers(-max_shift, max_shift + 1, size=n) if max_shift else np.zeros(n)
-    theta = np.deg2rad(rng.uniform(-max_degrees, max_degrees, size=n)) if max_degrees else None
-    src_y, src_x = sources(n, h, w, dy, dx, theta)
+    src_y, src_x = sources(n, h, w, *moves(rng, n, max_shift, max_degrees, max_scale))
     ey, ex = elastic_field(rng, n, h, w, elastic_alpha, elastic_sigma)
     return bilinear(X, src_y + ey, src_x + ex)
 
@@ -154,17 +174,28 @@ def elastic(
 
 
 def warp(
-    X: np.ndarray, dy: np.ndarray, dx: np.ndarray, theta: np.ndarray | None = None
+    X: np.ndarray,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    theta: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Images X (n, c, h, w) turned by ``theta`` (radians; positive turns clockwise as
-    displayed with row 0 at the top) about their centre, then moved down by ``dy`` and
-    right by ``dx`` pixels; dy, dx and theta have shape (n,)."""
+    displayed with row 0 at the top) and enlarged by the factor ``scale`` (below 1:
+    shrunk) about their centre, then moved down by ``dy`` and right by ``dx`` pixels;
+    dy, dx, theta and scale have shape (n,)."""
     n, _, h, w = X.shape
-    return bilinear(X, *sources(n, h, w, dy, dx, theta))
+    return bilinear(X, *sources(n, h, w, dy, dx, theta, scale))
 
 
 def sources(
-    n: int, h: int, w: int, dy: np.ndarray, dx: np.ndarray, theta: np.ndarray | None
+    n: int,
+    h: int,
+    w: int,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    theta: np.ndarray | None,
+    scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where each output pixel of :func:`warp` comes from: (src_y, src_x), each (n, h, w)."""
     # for every output pixel, where it comes from in the input (inverse mapping)
@@ -172,13 +203,14 @@ def sources(
     cy, cx = (h - 1) / 2, (w - 1) / 2
     ys = yy[None] - cy  # (1, h, w) about the centre
     xs = xx[None] - cx
+    if scale is not None:  # a pixel r from the centre comes from r / scale
+        ys = ys / scale[:, None, None]
+        xs = xs / scale[:, None, None]
     if theta is not None:
         cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
-        src_y = cos * ys - sin * xs + cy - dy[:, None, None]
-        src_x = sin * ys + cos * xs + cx - dx[:, None, None]
-    else:
-        src_y = np.broadcast_to(yy[None] - dy[:, None, None], (n, h, w))
-        src_x = np.broadcast_to(xx[None] - dx[:, None, None], (n, h, w))
+        ys, xs = cos * ys - sin * xs, sin * ys + cos * xs
+    src_y = np.broadcast_to(ys + cy - dy[:, None, None], (n, h, w))
+    src_x = np.broadcast_to(xs + cx - dx[:, None, None], (n, h, w))
     return src_y, src_x
 
 

@@ -377,22 +377,24 @@ def shape_inputs(data: Split, shape: tuple[int, ...]) -> None:
 def make_augment(
     cfg: RunConfig, image_shape: tuple[int, ...]
 ) -> Callable[[np.ndarray, np.random.Generator], np.ndarray] | None:
-    """The mini-batch augmentation the config asks for (random shifts, rotations and
-    elastic distortions), its settings checked against the images' size; None for none."""
-    if not (cfg.augment_shift or cfg.augment_rotate or cfg.augment_elastic_alpha):
+    """The mini-batch augmentation the config asks for (random shifts, rotations, changes
+    of size and elastic distortions), its settings checked against the images' size;
+    None for none."""
+    if not cfg.augments:
         return None
     from handprop.data.augment import augment, check_augment
 
-    settings = (
-        cfg.augment_shift,
-        cfg.augment_rotate,
-        cfg.augment_elastic_alpha,
-        cfg.augment_elastic_sigma,
-    )
-    check_augment(image_shape, *settings, dataset=cfg.dataset)
+    settings = {
+        "max_shift": cfg.augment_shift,
+        "max_degrees": cfg.augment_rotate,
+        "max_scale": cfg.augment_scale,
+        "elastic_alpha": cfg.augment_elastic_alpha,
+        "elastic_sigma": cfg.augment_elastic_sigma,
+    }
+    check_augment(image_shape, **settings, dataset=cfg.dataset)
 
     def augment_batch(X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         images = X.reshape(len(X), 1, *image_shape)
-        return augment(images, rng, *settings).reshape(X.shape)
+        return augment(images, rng, **settings).reshape(X.shape)
 
     return augment_batch
