@@ -345,13 +345,13 @@ class HandpropEstimator(BaseEstimator):
             pixel_max=1.0,
             source="fit",
         )
-        net = build_network(cfg, data, loss=self._loss)
         # the model file's facts: no dataset, and image_shape only for images
-        net.meta = {"pixel_max": 1.0}
-        if net.loss.classifies:
-            net.meta["class_names"] = list(data.class_names)
+        meta: dict[str, Any] = {"pixel_max": 1.0}
+        if nn.LOSSES[self._loss].classifies:
+            meta["class_names"] = list(data.class_names)
         if hw is not None:
-            net.meta["image_shape"] = list(hw)
+            meta["image_shape"] = list(hw)
+        net = build_network(cfg, data, loss=self._loss, meta=meta)
         keep = (
             warm
             and hasattr(self, "network_")

@@ -122,22 +122,27 @@ def load_split(cfg: RunConfig, progress: bool = True) -> Split:
     )
 
 
-def build_network(cfg: RunConfig, data: Split, loss: str | None = None) -> nn.Network:
+def build_network(
+    cfg: RunConfig, data: Split, loss: str | None = None, meta: dict[str, Any] | None = None
+) -> nn.Network:
     """The network the config describes, sized for the data, initialised from the seed.
 
     One output per name in ``data.class_names``. ``loss``: a loss of ``nn.LOSSES`` in
     place of ``cfg.loss`` (``HandpropRegressor``'s "squared_error", whose real-valued
-    targets a run's dataset never has; its outputs are the targets)."""
+    targets a run's dataset never has; its outputs are the targets). ``meta``: the
+    model file's facts in place of the run's (its dataset, class names, image shape and
+    preparation; the estimator's data have no dataset)."""
     if loss is None:  # the config's, with its label smoothing (cross-entropy's alone)
         smoothed = cfg.label_smoothing > 0
         loss = nn.SoftmaxCrossEntropy(cfg.label_smoothing) if smoothed else cfg.loss
-    meta = {
-        "dataset": cfg.dataset,
-        "class_names": list(data.class_names),
-        "image_shape": list(data.image_shape),
-        "pixel_max": data.pixel_max,
-        "image_prep": data.image_prep,
-    }
+    if meta is None:
+        meta = {
+            "dataset": cfg.dataset,
+            "class_names": list(data.class_names),
+            "image_shape": list(data.image_shape),
+            "pixel_max": data.pixel_max,
+            "image_prep": data.image_prep,
+        }
     init = "he_uniform" if cfg.init == "pytorch" else cfg.init  # pytorch: redrawn below
     if cfg.layers is not None:
         net = nn.Network.from_layers(
