@@ -112,6 +112,29 @@ def test_a_larger_batch_starts_new_workers_and_close_ends_them(split_all, rng):
     model.close()
 
 
+def test_partial_fit_keeps_its_workers_and_fit_ends_them(split_all, workers_are, rng):
+    from handprop.sklearn import HandpropClassifier
+
+    split_all(2)
+    workers_are("processes")
+    X, y = rng.random((64, 8, 8)), rng.integers(0, 3, size=64)
+    clf = HandpropClassifier(
+        layers=["conv 4 3", "relu", "dense 6", "relu"],
+        optimizer="adam",
+        learning_rate=0.01,
+        batch_size=32,
+        epochs=2,
+        random_state=0,
+    )
+    clf.partial_fit(X, y, classes=[0, 1, 2])
+    first = worker_pids(clf._model)
+    clf.partial_fit(X, y)  # the next epoch on the same workers
+    assert worker_pids(clf._model) == first and not any(gone(pid) for pid in first)
+    assert clf.n_iter_ == 2
+    clf.fit(X, y)  # a new network: partial_fit's workers end, and fit's end with the fit
+    assert all(gone(pid) for pid in first) and clf._model._workers is None
+
+
 def test_a_worker_that_dies_is_one_line_and_the_next_step_starts_anew(split_all, rng):
     split_all(2)
     model = DataParallel(cnn())

@@ -311,7 +311,7 @@ class HandpropEstimator(BaseEstimator):
         with limit_threads(self._thread_count()), self._errors():
             if first:
                 self._start(X, targets(y), images)
-            self._train(X, self._encode(y), 1)
+            self._train(X, self._encode(y), 1, last=False)
 
     def _start(
         self, X: np.ndarray, targets: Any, images: tuple[int, int] | None, warm: bool = False
@@ -364,6 +364,8 @@ class HandpropEstimator(BaseEstimator):
             self._horizon = self.n_iter_ + cfg.epochs  # the schedule's epochs
         else:
             net.to(xp)
+            if hasattr(self, "_model"):  # partial_fit's workers, if any, end here
+                self._model.close()
             self._model, state = DataParallel(net), None
             self._horizon = cfg.epochs
             self.n_iter_, self.loss_curve_ = 0, []
@@ -388,8 +390,10 @@ class HandpropEstimator(BaseEstimator):
             cfg = cfg.replace(epochs=self._horizon)
         return build_optimizer(cfg, self.network_)
 
-    def _train(self, X: np.ndarray, Y: np.ndarray, epochs: int) -> None:
-        """``epochs`` more epochs, as :func:`handprop.run.fit.fit` runs them."""
+    def _train(self, X: np.ndarray, Y: np.ndarray, epochs: int, last: bool = True) -> None:
+        """``epochs`` more epochs, as :func:`handprop.run.fit.fit` runs them. ``last``:
+        this training is the fit's whole (False for ``partial_fit``, which is called
+        again: see :func:`_workers_kept`)."""
         cfg, net, opt, model = self.cfg_, self.network_, self.optimizer_, self._model
         self.n_threads_ = {"handprop": nn.get_threads(), "blas": blas_threads()}
         X = self._shaped(X)
@@ -401,9 +405,7 @@ class HandpropEstimator(BaseEstimator):
             X, Y, X_val, Y_val = X[fit_idx], Y[fit_idx], X[val_idx], Y[val_idx]
         batch = len(Y) if cfg.batch_size is None else min(cfg.batch_size, len(Y))
         model.check_memory(batch, state_vectors=len(opt.state_names))  # as build_run does
-        # closing: the model's worker processes, if any, end with the training (the next
-        # fit starts them again)
-        with contextlib.closing(model), np.errstate(over="ignore", invalid="ignore"):
+        with _workers_kept(model, not last), np.errstate(over="ignore", invalid="ignore"):
             for _ in range(epochs):
                 if self._stopping.stopped:
                     break
@@ -442,7 +444,7 @@ class HandpropEstimator(BaseEstimator):
         """The network as its architecture and host parameters, the optimizer as its
         state: a network holds its array namespace (a module), which pickle refuses."""
         state = self.__dict__.copy()
-        state.pop("_model", None)  # thread shards: rebuilt on loading
+        state.pop("_model", None)  # its threads and worker processes: made anew on loading
         if "network_" in state:
             net = state.pop("network_")
             state["_network"] = (net.architecture(), backend.to_host(net.params))
@@ -593,6 +595,20 @@ class HandpropRegressor(RegressorMixin, HandpropEstimator):
         """The targets' estimates, (n,) or (n, t) as y was in ``fit``."""
         out = self._outputs(X)
         return out.reshape(len(out), *self._y_shape)
+
+
+@contextlib.contextmanager
+def _workers_kept(model: DataParallel, kept: bool) -> Iterator[None]:
+    """The model's worker processes, if any, end with the training (``fit``: the next
+    fit starts them again), or, when ``kept`` (``partial_fit``), only if the training
+    fails: the next call steps on the same ones, and they end with the estimator."""
+    try:
+        yield
+    except BaseException:
+        model.close()  # a step cut short: no worker is left halfway through it
+        raise
+    if not kept:
+        model.close()
 
 
 # -- threads ----------------------------------------------------------------------------
