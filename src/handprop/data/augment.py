@@ -3,13 +3,12 @@ size and elastic distortions.
 
 Each training image is moved by a random whole-pixel shift, turned by a random angle,
 optionally enlarged or shrunk about its centre by a random factor and, optionally,
-distorted elastically (Simard, Steinkraus & Platt 2003: a random
-displacement field, uniform in [-1, 1] per pixel and axis, smoothed by a Gaussian of
-standard deviation sigma and scaled by alpha), all drawn from the epoch's seeded
-generator, so a run (and a resumed run, and every MPI rank) sees the same augmented
-batches every time. The output pixels are read from the input by bilinear
-interpolation, once for all the transformations; pixels that come from outside the
-image are 0 (background).
+distorted elastically (Simard, Steinkraus & Platt 2003: a random displacement field,
+uniform in [-1, 1] per pixel and axis, smoothed by a Gaussian of standard deviation
+sigma and scaled by alpha), all drawn from the epoch's seeded generator, so a run (and a
+resumed run, and every MPI rank) sees the same augmented batches every time. The output
+pixels are read from the input by bilinear interpolation, once for all the
+transformations; pixels that come from outside the image are 0 (background).
 
 :func:`check_augment` refuses settings that mean nothing for the images at hand (a shift
 that moves every image out of its frame, a sigma wider than the image), once, before
@@ -44,8 +43,8 @@ def check_augment(
     kernel, 4 sigma each way, would outgrow the image (a sigma of 1e6 asked for
     gigabytes). Rotations beyond 180 degrees, a change of size of 100% or more (a factor
     of 0 or less) and negative or non-finite values are refused by the config already,
-    and here too for other callers. Sigma is checked
-    only when the distortions are on (alpha > 0): otherwise it is not used.
+    and here too for other callers. Sigma is checked only when the distortions are on
+    (alpha > 0): otherwise it is not used.
 
     Raises
     ------
