@@ -94,15 +94,11 @@ def moves(
 
 
 def shift_rotate(
-    X: np.ndarray,
-    rng: np.random.Generator,
-    max_shift: int = 0,
-    max_degrees: float = 0.0,
-    max_scale: float = 0.0,
+    X: np.ndarray, rng: np.random.Generator, max_shift: int = 0, max_degrees: float = 0.0
 ) -> np.ndarray:
-    """A randomly shifted, rotated and resized copy of images X (n, c, h, w) (the draws
-    of :func:`moves`). The output has X's dtype."""
-    return warp(X, *moves(rng, X.shape[0], max_shift, max_degrees, max_scale))
+    """A randomly shifted and rotated copy of images X (n, c, h, w) (the draws of
+    :func:`moves`). The output has X's dtype."""
+    return warp(X, *moves(rng, X.shape[0], max_shift, max_degrees))
 
 
 def augment(
@@ -114,16 +110,16 @@ def augment(
     elastic_sigma: float = 4.0,
     max_scale: float = 0.0,
 ) -> np.ndarray:
-    """Images X (n, c, h, w) shifted, rotated and resized (see :func:`shift_rotate`,
-    whose draws come first, so that without elastic distortions the batches are its
-    own) and elastically distorted (:func:`elastic_field`; alpha 0: none), in one
-    resampling. The output has X's dtype."""
-    if not elastic_alpha:
-        return shift_rotate(X, rng, max_shift, max_degrees, max_scale)
+    """Images X (n, c, h, w) shifted, rotated and resized (:func:`moves`, whose draws
+    come first, so that without elastic distortions or resizing the batches are
+    :func:`shift_rotate`'s) and elastically distorted (:func:`elastic_field`; alpha 0:
+    none), in one resampling. The output has X's dtype."""
     n, _, h, w = X.shape
     src_y, src_x = sources(n, h, w, *moves(rng, n, max_shift, max_degrees, max_scale))
-    ey, ex = elastic_field(rng, n, h, w, elastic_alpha, elastic_sigma)
-    return bilinear(X, src_y + ey, src_x + ex)
+    if elastic_alpha:
+        ey, ex = elastic_field(rng, n, h, w, elastic_alpha, elastic_sigma)
+        src_y, src_x = src_y + ey, src_x + ex
+    return bilinear(X, src_y, src_x)
 
 
 def gaussian_matrix(size: int, sigma: float) -> np.ndarray:
@@ -208,9 +204,7 @@ def sources(
     if theta is not None:
         cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
         ys, xs = cos * ys - sin * xs, sin * ys + cos * xs
-    src_y = np.broadcast_to(ys + cy - dy[:, None, None], (n, h, w))
-    src_x = np.broadcast_to(xs + cx - dx[:, None, None], (n, h, w))
-    return src_y, src_x
+    return ys + cy - dy[:, None, None], xs + cx - dx[:, None, None]  # (n, h, w) each
 
 
 def bilinear(X: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray:

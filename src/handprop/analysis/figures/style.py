@@ -101,25 +101,34 @@ BAR_LABEL_FILL, BAR_LABEL_SIZES = 0.75, (6.0, 9.0)
 MAX_POINT_LABELS = 12
 
 
+#: the figures whose height follows their rows of images: (title, one row) in inches
+ROW_HEIGHTS = {
+    "misclassified": (MISCLASSIFIED_TITLE_HEIGHT, MISCLASSIFIED_ROW_HEIGHT),
+    "first_layer": (FIRST_LAYER_TITLE_HEIGHT, FIRST_LAYER_ROW_HEIGHT),
+}
+
+
+def _filled_rows(n_images: int, most: int, cols: int) -> int:
+    """Rows of ``cols`` that ``n_images`` fill: at least one, at most ``most``."""
+    return max(1, math.ceil(min(n_images, most * cols) / cols))
+
+
 def first_layer_rows(n_images: int) -> int:
     """Rows of the first layer's grid for ``n_images`` weight images: as many as they
     fill, at most FIRST_LAYER_ROWS (a 16-filter convolution: 2 rows, no empty band)."""
-    shown = min(n_images, FIRST_LAYER_ROWS * FIRST_LAYER_COLS)
-    return max(1, math.ceil(shown / FIRST_LAYER_COLS))
+    return _filled_rows(n_images, FIRST_LAYER_ROWS, FIRST_LAYER_COLS)
 
 
 def misclassified_rows(n_wrong: int) -> int:
     """Rows of the misclassified grid for ``n_wrong`` errors: as many as they fill (at
     least one, for the message that there are none), at most MISCLASSIFIED_ROWS."""
-    shown = min(n_wrong, MISCLASSIFIED_ROWS * MISCLASSIFIED_COLS)
-    return max(1, math.ceil(shown / MISCLASSIFIED_COLS))
+    return _filled_rows(n_wrong, MISCLASSIFIED_ROWS, MISCLASSIFIED_COLS)
 
 
 def _size(kind: str, rows: int | None = None) -> tuple[float, float]:
-    if kind == "misclassified" and rows is not None:
-        return SIZES[kind][0], MISCLASSIFIED_TITLE_HEIGHT + rows * MISCLASSIFIED_ROW_HEIGHT
-    if kind == "first_layer" and rows is not None:
-        return SIZES[kind][0], FIRST_LAYER_TITLE_HEIGHT + rows * FIRST_LAYER_ROW_HEIGHT
+    if rows is not None and kind in ROW_HEIGHTS:
+        title, row = ROW_HEIGHTS[kind]
+        return SIZES[kind][0], title + rows * row
     return SIZES[kind]
 
 
