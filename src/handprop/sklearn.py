@@ -173,7 +173,8 @@ class HandpropEstimator(BaseEstimator):
     def _config(self, dtype: np.dtype) -> RunConfig:
         """The estimator's parameters as a RunConfig: validated there, with its messages
         (ConfigError: made a ValueError, scikit-learn's type for a bad parameter, by
-        :meth:`_errors`)."""
+        :meth:`_errors`). Private: its ``loss`` is a run's, where the network is built
+        with the estimator's own (``_loss``)."""
         rs = self.random_state
         seed = rs if isinstance(rs, int | np.integer) and rs >= 0 else None
         if seed is None:  # None or a RandomState: one seed drawn from it
@@ -301,7 +302,7 @@ class HandpropEstimator(BaseEstimator):
         X, y, images = self._validate(X, y)
         with limit_threads(self._thread_count()), self._errors():
             self._start(X, self._targets(y), images, warm=self.warm_start)
-            self._train(X, self._encode(y), self.cfg_.epochs)
+            self._train(X, self._encode(y), self._cfg.epochs)
         return self
 
     def _partial_fit(self, X: Any, y: Any, targets: Callable[[np.ndarray], Any]) -> None:
@@ -355,7 +356,7 @@ class HandpropEstimator(BaseEstimator):
         keep = (
             warm
             and hasattr(self, "network_")
-            and cfg.device == self.cfg_.device
+            and cfg.device == self._cfg.device
             and self._same_targets(targets)
             and same_network(net, self.network_)
         )
@@ -369,7 +370,7 @@ class HandpropEstimator(BaseEstimator):
             self._model, state = DataParallel(net), None
             self._horizon = cfg.epochs
             self.n_iter_, self.loss_curve_ = 0, []
-        self.cfg_, self.network_ = cfg, net
+        self._cfg, self.network_ = cfg, net
         self._set_targets(targets)
         self.optimizer_ = self._optimizer()
         if state is not None and state.kind == self.optimizer_.kind:
@@ -385,7 +386,7 @@ class HandpropEstimator(BaseEstimator):
 
     def _optimizer(self) -> nn.Optimizer:
         """The config's optimizer, its schedule over ``_horizon`` epochs."""
-        cfg = self.cfg_
+        cfg = self._cfg
         if self._horizon != cfg.epochs:
             cfg = cfg.replace(epochs=self._horizon)
         return build_optimizer(cfg, self.network_)
@@ -394,7 +395,7 @@ class HandpropEstimator(BaseEstimator):
         """``epochs`` more epochs, as :func:`handprop.run.fit.fit` runs them. ``last``:
         this training is the fit's whole (False for ``partial_fit``, which is called
         again: see :func:`_workers_kept`)."""
-        cfg, net, opt, model = self.cfg_, self.network_, self.optimizer_, self._model
+        cfg, net, opt, model = self._cfg, self.network_, self.optimizer_, self._model
         self.n_threads_ = {"handprop": nn.get_threads(), "blas": blas_threads()}
         X = self._shaped(X)
         hw = net.meta.get("image_shape")
@@ -459,7 +460,7 @@ class HandpropEstimator(BaseEstimator):
         arch, params = network
         net = nn.Network.from_architecture(arch)
         net.params[...] = params
-        net.to(backend.device_namespace(self.cfg_.device))
+        net.to(backend.device_namespace(self._cfg.device))
         self.network_ = net
         self.optimizer_ = self._optimizer()
         self.optimizer_.load_state_dict(optimizer, net.params)
