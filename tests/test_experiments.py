@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from handprop.config import parse_toml_config, to_toml
-from handprop.errors import ConfigError
+from handprop.errors import ConfigError, Interrupted
 from handprop.grids.grid import read_grid, run_grid
 
 HEADER = "run_name,d,dtrain,dtest,m,alpha,epochs,dataset,eval_every"
@@ -55,9 +55,11 @@ def test_an_interrupted_grid_resumes(tmp_path, monkeypatch, ctrl_c_after_step):
     grid = write(tmp_path / "g.csv", "a,400,300,100,8,2.0,12,digits,4")
     rows = read_grid(grid)
     ctrl_c_after_step(5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stop:
         run_grid(rows, tmp_path / "out", progress=False)
     ctrl_c_after_step(None)
+    # the stop carries every row's summary, for the command line's table
+    assert [(s.name, s.status) for s in stop.value.outcome] == [("a", "interrupted")]
     resumed = []
     monkeypatch.setattr(
         "handprop.run.resume_run",

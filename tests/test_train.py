@@ -2,6 +2,7 @@
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from conftest import DIGITS_CONFIG
 from handprop import nn
 from handprop.config import parse_toml_config
+from handprop.errors import Interrupted
 from handprop.run import resume_run, train_run
 
 DIGITS = DIGITS_CONFIG
@@ -87,9 +89,12 @@ def test_interrupted_run_resumes_to_the_same_parameters(cfg, monkeypatch):
         real_step(self, params, grads)
 
     monkeypatch.setattr(nn.GD, "step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stop:
         train_run(cfg, default_name="cut", progress=False)
     run_dir = full.run_dir.parent / "cut"
+    # the stop carries the result, for the command line to say where to resume from
+    assert stop.value.signum == signal.SIGINT and stop.value.outcome.run_dir == run_dir
+    assert stop.value.outcome.status == "interrupted"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["epochs_completed"] == 25
     assert "--resume" in metrics["message"]

@@ -5,6 +5,11 @@ diverging run) is a subclass of :class:`HandpropError`; the command line catches
 prints its one-line message and exits non-zero. Anything else is a bug.
 """
 
+from __future__ import annotations
+
+import signal
+from typing import Any
+
 
 class HandpropError(Exception):
     """Base class of every error caused by user input rather than by a bug."""
@@ -47,12 +52,21 @@ class OutputError(HandpropError):
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP, handled like Ctrl-C: the run checkpoints and stops.
 
-    ``signum`` gives the exit status 128 + signum (143 for SIGTERM), as a shell reports.
+    ``signum`` gives the exit status 128 + signum (143 for SIGTERM), as a shell reports;
+    SIGINT's (130) for a Ctrl-C passed on with ``outcome``: what had been done when the
+    stop came (a run's result, a grid's summaries), for the command line to report.
     """
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, outcome: Any = None) -> None:
         super().__init__(signum)
-        self.signum = signum
+        self.signum = int(signum)
+        self.outcome = outcome
+
+    @classmethod
+    def after(cls, exc: KeyboardInterrupt, outcome: Any) -> Interrupted:
+        """The stop ``exc`` (a Ctrl-C, or Interrupted by a signal) again, carrying
+        ``outcome``: ``raise Interrupted.after(exc, result) from exc``."""
+        return cls(getattr(exc, "signum", signal.SIGINT), outcome)
 
 
 class ResourceError(HandpropError):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from handprop.cli import check_device_name, checkpoint_every, device_option
+from handprop.errors import Interrupted
 
 
 @click.command("experiments", short_help="Run every row of FILE.csv as a run of one grid.")
@@ -119,8 +120,8 @@ def command(
                     checkpoint_seconds=checkpoint_every,
                 )
     except KeyboardInterrupt as exc:
-        if hasattr(exc, "summaries"):
-            report(exc.summaries)
+        if isinstance(exc, Interrupted) and exc.outcome is not None:
+            report(exc.outcome)
         click.echo("handprop: interrupted; run the same command again to continue", err=True)
         raise
     report(summaries)

@@ -8,7 +8,7 @@ import click
 
 from handprop.cli import checkpoint_every, device_option, use_device
 from handprop.data.registry import DATASETS
-from handprop.errors import ConfigError, HandpropError
+from handprop.errors import ConfigError, HandpropError, Interrupted
 
 DATASET_NAMES = tuple(DATASETS)
 
@@ -117,7 +117,7 @@ def command(
                 world=world,
             )
     except KeyboardInterrupt as exc:
-        result = getattr(exc, "result", None)
+        result = exc.outcome if isinstance(exc, Interrupted) else None
         said = result.message if result is not None else "interrupted"
         if world.rank == 0:
             click.echo(f"\nhandprop: {said}", err=True)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from handprop.atomic import atomic_write_bytes
-from handprop.errors import ConfigError, HandpropError
+from handprop.errors import ConfigError, HandpropError, Interrupted
 from handprop.grids.grid import (
     GridRow,
     RunSummary,
@@ -429,8 +429,8 @@ def run_grid_on_cluster(
     the summaries in row order (as :func:`handprop.grids.grid.run_grid` does).
 
     Ctrl-C (or SIGTERM) cancels the rows not yet finished (running ones are reported
-    interrupted, queued ones cancelled), writes the summary and re-raises with the
-    summaries as ``exc.summaries``.
+    interrupted, queued ones cancelled), writes the summary and raises
+    :class:`~handprop.errors.Interrupted` carrying the summaries (its ``outcome``).
     """
     out, _ = make_or_adopt(out, GRID_MARKER)
     with GridLock(out):  # one process runs the grid at a time
@@ -510,9 +510,9 @@ def _run_grid_on_cluster(
             bar.close()
             for claim in claims.values():
                 claim.release()
-        exc.summaries = _in_order(rows, results)
-        write_summary(out, exc.summaries)
-        raise
+        summaries = _in_order(rows, results)
+        write_summary(out, summaries)
+        raise Interrupted.after(exc, summaries) from exc
     finally:
         bar.close()
         for claim in claims.values():

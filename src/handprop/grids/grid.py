@@ -413,7 +413,8 @@ def run_grid(
 
     ``out`` is made, or must be a grid folder handprop made. Ctrl-C (or SIGTERM)
     checkpoints the rows that are running, cancels the queued ones, writes the summary
-    of every row, and re-raises with the summaries as ``exc.summaries``.
+    of every row, and raises :class:`~handprop.errors.Interrupted` carrying the
+    summaries (its ``outcome``).
     """
     out, _ = make_or_adopt(out, GRID_MARKER)
     with GridLock(out):  # one process runs the grid at a time
@@ -446,9 +447,9 @@ def _run_grid(
         else:
             _run_pool(rows, out, jobs, checkpoint_seconds, done)
     except KeyboardInterrupt as exc:
-        exc.summaries = _in_order(rows, results)
-        write_summary(out, exc.summaries)
-        raise
+        summaries = _in_order(rows, results)
+        write_summary(out, summaries)
+        raise Interrupted.after(exc, summaries) from exc
     summaries = _in_order(rows, results)
     write_summary(out, summaries)
     return summaries

@@ -320,11 +320,13 @@ class Run:
         return self.writer.run_dir
 
 
-def build_run(cfg: RunConfig, run_dir: Path, progress: bool, world: World) -> Run:
+def build_run(cfg: RunConfig, place: Callable[[], Path], progress: bool, world: World) -> Run:
     """Config -> split, network, optimizer; checked and sized before any file is written.
 
     ``cfg.device`` is checked first (a GPU asked for and not usable is one
     :class:`~handprop.nn.backend.DeviceError` line, before any data is read).
+    ``place()`` gives the run folder, asked once all is checked: a new folder is made
+    only for a run that can start.
     """
     xp = backend.device_namespace(cfg.device)  # no GPU, no CuPy: refused now
     progress = progress and world.rank == 0
@@ -344,7 +346,7 @@ def build_run(cfg: RunConfig, run_dir: Path, progress: bool, world: World) -> Ru
     X_fit, y_fit = place_training_data(data, net, opt, batch, augment is not None)
     model.prepare(batch, X_fit)  # a CNN's worker processes start here, not in its first step
     columns = HISTORY_COLUMNS if data.y_val is None else (*HISTORY_COLUMNS, "val_loss", "val_acc")
-    writer = RunWriter(run_dir, columns, writes=world.rank == 0)
+    writer = RunWriter(place(), columns, writes=world.rank == 0)
     return Run(
         cfg,
         world,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from handprop.config import RunConfig, load_config
-from handprop.errors import ConfigError, DivergenceError
+from handprop.errors import ConfigError, DivergenceError, Interrupted
 from handprop.metrics import classification_metrics
 from handprop.nn.modelfile import model_bytes
 from handprop.run.build import Run, build_run, split_description
@@ -80,19 +80,23 @@ def train_run(
     ``world``: the MPI ranks training together (rank 0 makes and writes the folder).
 
     A diverged run is recorded in its folder and returned with status "diverged"; a
-    Ctrl-C (or SIGTERM) is recorded with a checkpoint and re-raised as
-    KeyboardInterrupt after the folder is consistent, so :func:`resume_run` can
+    Ctrl-C (or SIGTERM) is recorded with a checkpoint and raised again, as
+    :class:`~handprop.errors.Interrupted` carrying the result (its ``outcome``: the
+    checkpoint's message), after the folder is consistent, so :func:`resume_run` can
     continue it; so can a run killed outright, from its last periodic checkpoint.
     """
     world = world or OneProcess()
     if cfg.split_seed is None:  # config.toml records the split's seed, whatever seed becomes
         cfg = cfg.replace(split_seed=cfg.resolved_split_seed)
-    # the data and the network are checked (and sized) before any folder is made
-    run = build_run(cfg, Path(run_dir or "."), progress, world)
-    if run_dir is None and world.rank == 0:
-        run_dir = make_folder(cfg.out, cfg.name or default_name)
-    run.writer.run_dir = run_dir = Path(world.broadcast(run_dir))  # rank 0's, on every rank
-    with _lock(world, run_dir):
+
+    def place() -> Path:  # asked once the data and the network are checked (and sized)
+        made = run_dir
+        if made is None and world.rank == 0:
+            made = make_folder(cfg.out, cfg.name or default_name)
+        return Path(world.broadcast(made))  # rank 0's, on every rank
+
+    run = build_run(cfg, place, progress, world)
+    with _lock(world, run.run_dir):
         return _train(run, checkpoint_seconds)
 
 
@@ -145,7 +149,7 @@ def resume_run(
             cfg = _with_epochs(cfg, epochs)
         if device is not None and device != cfg.device:
             cfg = cfg.replace(device=device)
-        run = build_run(cfg, run_dir, progress, world)
+        run = build_run(cfg, lambda: run_dir, progress, world)
         if checkpoint.is_file():
             load_checkpoint(run)
         elif world.rank == 0:
@@ -198,8 +202,8 @@ def _train(run: Run, checkpoint_seconds: float | None) -> RunResult:
             f"interrupted after epoch {run.epoch}; continue with "
             f"`handprop train --resume {run.run_dir}`",
         )
-        exc.result = result  # for the command line to say where the checkpoint is
-        raise
+        # for the command line to say where the checkpoint is
+        raise Interrupted.after(exc, result) from exc
     try:
         return finish(run)
     except DivergenceError as exc:  # no model of NaNs is ever a run's result
