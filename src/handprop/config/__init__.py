@@ -32,7 +32,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -444,7 +444,7 @@ def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
 
 def _resolve(given: dict[str, tuple[str, Any]], origin: _Origin) -> dict[str, Any]:
     """field name -> (key used, raw value)  ->  field name -> validated value."""
-    origin.keys = {name: key for name, (key, _) in given.items()}
+    origin = replace(origin, keys={name: key for name, (key, _) in given.items()})
     values: dict[str, Any] = {}
     missing = []
     for name, default in _DEFAULTS.items():

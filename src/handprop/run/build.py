@@ -284,9 +284,12 @@ def place_training_data(
 class Run:
     """One run's state: what the builders made, and how far training has got.
 
-    :func:`~handprop.run.fit.fit` advances ``epoch``, ``seconds``, ``history`` and
-    ``row`` (the current epoch's history row); the callbacks read them and add to
-    ``row``. ``X_fit``, ``y_fit``: the training set as :func:`~handprop.run.fit.run_epoch`
+    How far is written by the run's own methods alone: :func:`~handprop.run.fit.fit`
+    opens each epoch's history row (``row``, :meth:`begin_epoch`), adds its time
+    (:meth:`add_seconds`) and closes it into ``history`` (:meth:`end_epoch`); the
+    callbacks read the run and :meth:`record` values into the row; a checkpoint's
+    state comes back with :meth:`resume_from`. ``X_fit``, ``y_fit``: the training set
+    as :func:`~handprop.run.fit.run_epoch`
     takes it (on the device when it fits there, else the host's arrays; ``data`` always
     holds the host's).
     """
@@ -318,6 +321,38 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return self.writer.run_dir
+
+    def begin_epoch(
+        self, epoch: int, loss: float, train_acc: float | None, evaluated: bool
+    ) -> None:
+        """Epoch ``epoch`` is trained: its row holds its mean loss so far."""
+        self.row = {"epoch": epoch, "loss": loss}
+        self.train_acc, self.evaluated = train_acc, evaluated
+
+    def record(self, **values: Any) -> None:
+        """Values of the epoch's row: accuracies, the validation part's loss, ..."""
+        self.row.update(values)
+
+    def add_seconds(self, seconds: float) -> None:
+        """Training time, into the total and the epoch's row."""
+        self.seconds += seconds
+        self.row["seconds"] = self.seconds
+
+    def end_epoch(self) -> None:
+        """The epoch's row joins the history; the epoch counts as completed."""
+        self.history.append(self.row)
+        self.epoch = self.row["epoch"]
+
+    def resume_from(self, epoch: int, seconds: float) -> None:
+        """A checkpoint's count of epochs and seconds, and the run folder's history of
+        those epochs."""
+        self.epoch, self.seconds = epoch, seconds
+        self.history = self.writer.read_history(epoch)
+
+    def watch_last_step(self, before_last_step: Callable[[Any], None]) -> None:
+        """Have ``before_last_step`` see the parameters just before each epoch's last
+        step (the diagnostics' update ratio)."""
+        self.before_last_step = before_last_step
 
 
 def build_run(cfg: RunConfig, place: Callable[[], Path], progress: bool, world: World) -> Run:

@@ -2,7 +2,7 @@
 
 :func:`handprop.run.fit.fit` calls the evaluations on evaluated epochs (reports: their
 time is not training time), then the records on every epoch. Each reads the
-:class:`~handprop.run.build.Run` and adds to its ``row``; the run-folder writer does
+:class:`~handprop.run.build.Run` and records into its ``row``; the run-folder writer does
 nothing off MPI rank 0, so every rank runs the same callbacks. The checkpoints are
 :class:`handprop.run.checkpoint.Checkpoints`.
 """
@@ -41,7 +41,7 @@ class RecordDiagnostics(Callback):
 
         self.diagnostics = Diagnostics(run.net)
         # the weights before each epoch's last step, for the update ratio (every rank)
-        run.before_last_step = self.diagnostics.keep_before
+        run.watch_last_step(self.diagnostics.keep_before)
 
     def on_epoch_end(self, run: Run) -> None:
         if run.writer.writes:
@@ -56,12 +56,11 @@ class Evaluate(Callback):
     Evaluation reads host arrays: predict_proba moves them batch by batch."""
 
     def on_epoch_end(self, run: Run) -> None:
-        data, model, row = run.data, run.model, run.row
+        data, model = run.data, run.model
         train_acc = run.train_acc
         if train_acc is None:
             train_acc = model.accuracy(data.X_train, data.y_train)
-        row["train_acc"] = train_acc
-        row["test_acc"] = model.accuracy(data.X_test, data.y_test)
+        run.record(train_acc=train_acc, test_acc=model.accuracy(data.X_test, data.y_test))
 
 
 def loss_value(run: Run, X: np.ndarray, y: np.ndarray) -> float:

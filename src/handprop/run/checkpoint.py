@@ -110,10 +110,10 @@ def load_checkpoint(run: Run) -> None:
     """
     path = run.run_dir / CHECKPOINT_FILE
     try:
-        restore(run, read_checkpoint(path))
+        epoch, seconds = restore(run, read_checkpoint(path))
     except ValueError as exc:
         raise ConfigError(f"{path}: not a usable checkpoint: {exc}") from None
-    run.history = run.writer.read_history(run.epoch)
+    run.resume_from(epoch, seconds)
 
 
 def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
@@ -142,9 +142,10 @@ def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
-def restore(run: Run, ck: dict[str, np.ndarray]) -> None:
-    """Check every array of a checkpoint, then load them (ValueError names the first
-    that does not fit)."""
+def restore(run: Run, ck: dict[str, np.ndarray]) -> tuple[int, float]:
+    """Check every array of a checkpoint, then load the parameters and the optimizer's
+    and early stopping's state (ValueError names the first array that does not fit);
+    return the epochs and seconds it had trained."""
     missing = [k for k in ("params", "epoch", "seconds", "best") if k not in ck]
     if missing:
         raise ValueError(f"it has no {missing[0]!r} array")
@@ -192,8 +193,8 @@ def restore(run: Run, ck: dict[str, np.ndarray]) -> None:
     run.opt.load_state_dict({k[4:]: v for k, v in ck.items() if k.startswith("opt_")}, net.params)
     # read on the host, then moved to the network's device (NumPy: copied in place)
     backend.copyto(net.params, backend.asarray(params, net.xp))
-    run.epoch, run.seconds = int(epoch), float(seconds)
     run.stopping.load(best, best_params)
+    return int(epoch), float(seconds)
 
 
 def saved_config(checkpoint: Path) -> RunConfig | None:

@@ -51,7 +51,7 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
             while run.epoch < cfg.epochs and not run.stopping.stopped:
                 epoch = run.epoch + 1
                 start = time.perf_counter()
-                loss, run.train_acc = train_epoch(
+                loss, train_acc = train_epoch(
                     run.model,
                     opt,
                     run.X_fit,
@@ -63,17 +63,15 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
                     run.before_last_step,
                     run.step,
                 )
-                run.row = {"epoch": epoch, "loss": loss}
-                run.evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-                if run.evaluated and run.data.y_val is not None:
+                evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+                run.begin_epoch(epoch, loss, train_acc, evaluated)
+                if evaluated and run.data.y_val is not None:
                     validate(run)
                     run.stopping.on_epoch_end(run)
-                run.seconds += time.perf_counter() - start
-                run.row["seconds"] = run.seconds
-                for callback in evaluations if run.evaluated else ():
+                run.add_seconds(time.perf_counter() - start)
+                for callback in evaluations if evaluated else ():
                     callback.on_epoch_end(run)
-                run.history.append(run.row)
-                run.epoch = epoch
+                run.end_epoch()
                 for callback in records:
                     callback.on_epoch_end(run)
     finally:
@@ -85,15 +83,17 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
     if cfg.batchnorm_stats == "recalibrate":
         start = time.perf_counter()
         recalibrate_batchnorm(net, run.data.X_train, cfg.batch_size or 256)
-        run.seconds += time.perf_counter() - start  # part of the training time
+        run.add_seconds(time.perf_counter() - start)  # part of the training time
         check_params(net, run.epoch, cfg)
 
 
 def validate(run: Run) -> None:
     """The validation part's loss and accuracy into the epoch's row."""
-    data, row = run.data, run.row
-    row["val_loss"] = loss_value(run, data.X_val, data.y_val)
-    row["val_acc"] = run.model.accuracy(data.X_val, data.y_val)
+    data = run.data
+    run.record(
+        val_loss=loss_value(run, data.X_val, data.y_val),
+        val_acc=run.model.accuracy(data.X_val, data.y_val),
+    )
 
 
 # -- one epoch ----------------------------------------------------------------------------
