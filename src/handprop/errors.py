@@ -50,11 +50,12 @@ class OutputError(HandpropError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, handled like Ctrl-C: the run checkpoints and stops.
+    """SIGTERM or SIGHUP, handled like Ctrl-C (the run checkpoints and stops); or a
+    Ctrl-C passed on with what had been done (:meth:`after`).
 
-    ``signum`` gives the exit status 128 + signum (143 for SIGTERM), as a shell reports;
-    SIGINT's (130) for a Ctrl-C passed on with ``outcome``: what had been done when the
-    stop came (a run's result, a grid's summaries), for the command line to report.
+    ``signum`` gives the exit status 128 + signum, as a shell reports: 143 for SIGTERM,
+    130 for a Ctrl-C (SIGINT). ``outcome``: what had been done when the stop came (a
+    run's result, a grid's summaries), for the command line to report.
     """
 
     def __init__(self, signum: int, outcome: Any = None) -> None:

@@ -288,10 +288,11 @@ class Run:
     opens each epoch's history row (``row``, :meth:`begin_epoch`), adds its time
     (:meth:`add_seconds`) and closes it into ``history`` (:meth:`end_epoch`); the
     callbacks read the run and :meth:`record` values into the row; a checkpoint's
-    state comes back with :meth:`resume_from`. ``X_fit``, ``y_fit``: the training set
-    as :func:`~handprop.run.fit.run_epoch`
-    takes it (on the device when it fits there, else the host's arrays; ``data`` always
-    holds the host's).
+    state comes back with :meth:`resume_from`.
+
+    ``X_fit``, ``y_fit``: the training set as :func:`~handprop.run.fit.run_epoch` takes
+    it (on the device when it fits there, else the host's arrays; ``data`` always holds
+    the host's).
     """
 
     cfg: RunConfig
@@ -325,7 +326,7 @@ class Run:
     def begin_epoch(
         self, epoch: int, loss: float, train_acc: float | None, evaluated: bool
     ) -> None:
-        """Epoch ``epoch`` is trained: its row holds its mean loss so far."""
+        """Epoch ``epoch`` is trained, with mean loss ``loss``: a new row for it."""
         self.row = {"epoch": epoch, "loss": loss}
         self.train_acc, self.evaluated = train_acc, evaluated
 
@@ -334,9 +335,8 @@ class Run:
         self.row.update(values)
 
     def add_seconds(self, seconds: float) -> None:
-        """Training time, into the total and the epoch's row."""
+        """Training time, into the total."""
         self.seconds += seconds
-        self.row["seconds"] = self.seconds
 
     def end_epoch(self) -> None:
         """The epoch's row joins the history; the epoch counts as completed."""

@@ -69,6 +69,7 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
                     validate(run)
                     run.stopping.on_epoch_end(run)
                 run.add_seconds(time.perf_counter() - start)
+                run.record(seconds=run.seconds)
                 for callback in evaluations if evaluated else ():
                     callback.on_epoch_end(run)
                 run.end_epoch()
