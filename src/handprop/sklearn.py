@@ -312,7 +312,7 @@ class HandpropEstimator(BaseEstimator):
         with limit_threads(self._thread_count()), self._errors():
             if first:
                 self._start(X, targets(y), images)
-            self._train(X, self._encode(y), 1, last=False)
+            self._train(X, self._encode(y), 1, keep_workers=True)
 
     def _start(
         self, X: np.ndarray, targets: Any, images: tuple[int, int] | None, warm: bool = False
@@ -391,10 +391,10 @@ class HandpropEstimator(BaseEstimator):
             cfg = cfg.replace(epochs=self._horizon)
         return build_optimizer(cfg, self.network_)
 
-    def _train(self, X: np.ndarray, Y: np.ndarray, epochs: int, last: bool = True) -> None:
-        """``epochs`` more epochs, as :func:`handprop.run.fit.fit` runs them. ``last``:
-        this training is the fit's whole (False for ``partial_fit``, which is called
-        again: see :func:`_workers_kept`)."""
+    def _train(self, X: np.ndarray, Y: np.ndarray, epochs: int, keep_workers: bool = False) -> None:
+        """``epochs`` more epochs, as :func:`handprop.run.fit.fit` runs them.
+        ``keep_workers``: for ``partial_fit``, which is called again (see
+        :func:`_workers_kept`)."""
         cfg, net, opt, model = self._cfg, self.network_, self.optimizer_, self._model
         self.n_threads_ = {"handprop": nn.get_threads(), "blas": blas_threads()}
         X = self._shaped(X)
@@ -406,7 +406,7 @@ class HandpropEstimator(BaseEstimator):
             X, Y, X_val, Y_val = X[fit_idx], Y[fit_idx], X[val_idx], Y[val_idx]
         batch = len(Y) if cfg.batch_size is None else min(cfg.batch_size, len(Y))
         model.check_memory(batch, state_vectors=len(opt.state_names))  # as build_run does
-        with _workers_kept(model, not last), np.errstate(over="ignore", invalid="ignore"):
+        with _workers_kept(model, keep_workers), np.errstate(over="ignore", invalid="ignore"):
             for _ in range(epochs):
                 if self._stopping.stopped:
                     break
