@@ -95,6 +95,46 @@ def test_a_uniform_displacement_moves_the_image_bilinearly(rng):
     np.testing.assert_allclose(half[..., 5], X[..., 5] / 2)  # half from the background
 
 
+def test_bilinear_matches_the_four_neighbour_formula_at_every_position(rng):
+    """Each output pixel, read one by one: inside, the four neighbours' mix (those beyond
+    the edge 0); on or past -1 and h (or w), 0. Negative pixels, several channels, exact
+    edges and positions far outside included."""
+    from handprop.data.augment import bilinear
+
+    n, c, h, w = 3, 2, 5, 7
+    X = rng.standard_normal((n, c, h, w))
+    src_y = rng.uniform(-3, h + 2, (n, h, w))
+    src_x = rng.uniform(-3, w + 2, (n, h, w))
+    src_y[0, 0] = [-1, -0.999, 0, h - 1, h - 0.001, h, 1e6]
+    src_x[1, 0] = [-1, -0.999, 0, w - 1, w - 0.001, w, -1e6]
+
+    def pixel(i, ch, y, x):
+        if not (-1 < y < h and -1 < x < w):
+            return 0.0
+        y0, x0 = int(np.floor(y)), int(np.floor(x))
+        fy, fx = y - y0, x - x0
+
+        def at(r, q):
+            return X[i, ch, r, q] if 0 <= r < h and 0 <= q < w else 0.0
+
+        top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
+        bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+        return top * (1 - fy) + bottom * fy
+
+    out = bilinear(X, src_y, src_x)
+    want = np.array(
+        [
+            [
+                [[pixel(i, ch, src_y[i, r, q], src_x[i, r, q]) for q in range(w)] for r in range(h)]
+                for ch in range(c)
+            ]
+            for i in range(n)
+        ]
+    )
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    assert not out[0, :, 0, [0, 5, 6]].any() and not out[1, :, 0, [0, 5, 6]].any()
+
+
 # -- settings that mean nothing for the images at hand ------------------------------------
 
 

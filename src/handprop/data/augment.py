@@ -208,30 +208,34 @@ def sources(
 
 
 def bilinear(X: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray:
-    """Sample X (n, c, h, w) at fractional positions (n, h, w); 0 outside the image."""
+    """Sample X (n, c, h, w) at fractional positions (n, h, w); 0 outside the image.
+
+    A position (y, x) inside, -1 < y < h and -1 < x < w, mixes its four neighbours
+    (floor(y) + {0, 1}, floor(x) + {0, 1}), the ones beyond the edge 0; one outside is 0.
+    """
     n, c, h, w = X.shape
-    H, W = h + 2, w + 2
+    # X in a border of zeros: one row and column before, two rows after (H = h + 3), so
+    # that the four neighbours of any inside position lie in P, and an outside position
+    # can read four zeros (the extra bottom row's first two pixels and the ones below)
+    H, W = h + 3, w + 2
+    P = np.zeros((n, c, H, W), dtype=X.dtype)
+    P[:, :, 1 : h + 1, 1 : w + 1] = X
     y0 = np.floor(src_y)
     x0 = np.floor(src_x)
     fy = (src_y - y0).astype(X.dtype)
     fx = (src_x - x0).astype(X.dtype)
-    # pad by one pixel of zeros so that every neighbour index is valid
-    P = np.zeros((n, c, H, W), dtype=X.dtype)
-    P[:, :, 1:-1, 1:-1] = X
-    yi = np.clip(y0.astype(np.int64) + 1, 0, h + 1) * W
-    xi = np.clip(x0.astype(np.int64) + 1, 0, w + 1)
-    yj = np.clip(y0.astype(np.int64) + 2, 0, h + 1) * W
-    xj = np.clip(x0.astype(np.int64) + 2, 0, w + 1)
-    base = (np.arange(n) * (c * H * W))[:, None, None]
-    corners = [base + yi + xi, base + yi + xj, base + yj + xi, base + yj + xj]
+    outside = (src_y <= -1) | (src_y >= h) | (src_x <= -1) | (src_x >= w)
+    # the top-left neighbour's flat index in P: inside, row y0 + 1 in [0, h] and column
+    # x0 + 1 in [0, w]; outside, row h + 1, column 0 (all four neighbours zeros)
+    top_left = (y0.astype(np.intp) + 1) * W + (x0.astype(np.intp) + 1)
+    top_left[outside] = (h + 1) * W
+    top_left += (np.arange(n) * (c * H * W))[:, None, None]
     flat = P.reshape(-1)
     out = np.empty(X.shape, dtype=X.dtype)
     for ch in range(c):  # flat gathers (np.take): much faster than fancy indexing
-        a, b, d, e = (flat.take(idx + ch * H * W) for idx in corners)
+        i = top_left + ch * H * W if ch else top_left
+        a, b, d, e = (flat.take(i + k) for k in (0, 1, W, W + 1))
         top = a + (b - a) * fx
         bottom = d + (e - d) * fx
         out[:, ch] = top + (bottom - top) * fy
-    # positions entirely outside the image (beyond the zero border) are background
-    outside = (src_y <= -1) | (src_y >= h) | (src_x <= -1) | (src_x >= w)
-    out[np.broadcast_to(outside[:, None], out.shape)] = 0
     return out
