@@ -830,22 +830,27 @@ CNN_LAYERS = [
 CNN_BATCHES, CNN_EPOCH_BATCHES = 40, 469
 #: batches per repetition of the float64 variant
 CNN64_BATCHES = 10
+#: the deeper network of issue 30's part 2 (two 3x3 convolutions per stage, batchnorm
+#: after each, dense 256), read from its config; batches per repetition
+CNN_DEEP_CFG = REPO_ROOT / "experiments" / "cnn_long.toml"
+CNN_DEEP_BATCHES = 20
 
 
 def cnn_contenders(
-    ctx: Context, X: np.ndarray, y: np.ndarray, dtype: Any
+    ctx: Context, X: np.ndarray, y: np.ndarray, dtype: Any, layers: list[str] = CNN_LAYERS
 ) -> tuple[dict[str, Callable[[], object]], Any]:
     """handprop's and PyTorch's (at ctx.threads threads and at 1) training loops over
-    (X, y) in batches of 128 with Adam, in ``dtype``; and handprop's network."""
+    (X, y) in batches of 128 with Adam, in ``dtype``, of the network ``layers`` (a
+    10-way dense output appended); and handprop's network. PyTorch's is its mirror
+    (:func:`torch_ref.mirror_network`): the same layers from the same parameters."""
     from handprop.nn import Adam, Network
     from handprop.scale import DataParallel
 
-    net = Network.from_layers(
-        CNN_LAYERS, (1, 28, 28), N_CLASSES, init="he_normal", rng=0, dtype=dtype
-    )
+    net = Network.from_layers(layers, (1, 28, 28), N_CLASSES, init="he_normal", rng=0, dtype=dtype)
+    X = X.astype(dtype, copy=False)
+    torch_model = None if ctx.torch is None else torch_ref.mirror_network(ctx.torch, net)
     opt = Adam(ADAM_LR)
     model = DataParallel(net)
-    X = X.astype(dtype, copy=False)
 
     def hp_batches() -> float:
         total = 0.0
@@ -860,8 +865,10 @@ def cnn_contenders(
     if threads > 1:
         fns["handprop threads"] = handprop_on_threads(hp_batches)
         fns["handprop 1 thread"] = handprop_one_thread(hp_batches)
-    if ctx.torch is not None:
-        tb = torch_ref.cnn_batches(ctx.torch, X, y, BATCH, ADAM_LR, seed=0, dtype=dtype)
+    if torch_model is not None:
+        tb, _ = torch_ref.adam_training(
+            ctx.torch, torch_model, X, y, BATCH, ADAM_LR, seed=0, dtype=dtype
+        )
         fns["torch"] = tb
         if threads > 1:
             fns["torch 1 thread"] = torch_ref.with_threads(ctx.torch, 1, tb)
@@ -955,7 +962,7 @@ def pass_name(net: Any, i: int) -> str:
     return f"{i} {net.layers[i].kind}" + ("+relu" if fused else "")
 
 
-def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
+def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int, network: str = "CNN") -> str:
     """Where one training step of ``net`` goes: each layer's forward and backward on one
     thread's shard of a batch (BLAS on one thread, as a shard runs), the loss and the Adam
     step; the convolutions split into im2col / GEMMs / col2im by timing those parts
@@ -995,7 +1002,7 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int) -> str:
         kind = {"dense": "dense (GEMMs)", "conv2d": "conv2d"}.get(kind, kind)
         kinds[kind] = kinds.get(kind, 0.0) + median(values) * 1e3
     lines = [
-        f"### Profile of one CNN training step, one thread's shard ({rows} images, "
+        f"### Profile of one {network} training step, one thread's shard ({rows} images, "
         f"{net.dtype}, BLAS on one thread, median of {reps})",
         "",
         f"Sum of the parts: {total:.1f} ms.",
@@ -1039,7 +1046,8 @@ def conv_parts(net: Any, X: np.ndarray, reps: int) -> str:
 
 def case_cnn(ctx: Context) -> CaseResult:
     """Training steps of experiments/cnn.toml's CNN, batch 128, Adam: epoch time vs
-    PyTorch, in float32 and float64, and where handprop's step spends its time.
+    PyTorch, in float32 and float64, and where handprop's step spends its time; the
+    same for the deeper batchnorm network of ``CNN_DEEP_CFG`` in float32.
 
     Both run the same batches of MNIST in the same order; the time of ``CNN_BATCHES``
     batches is scaled to a 469-batch epoch of the 60000 training images.
@@ -1066,6 +1074,21 @@ def case_cnn(ctx: Context) -> CaseResult:
     times64 = time_side_by_side(fns64, reps, warmup=1)
     note64 = f"{source}, float64, {n64} batches per repetition scaled to {CNN_EPOCH_BATCHES}"
     res.rows += cnn_rows(ctx, times64, CNN_EPOCH_BATCHES / n64, "s/epoch float64", note64)
+    # the deeper network with batchnorm, float32
+    from handprop.config import load_config
+
+    deep = list(load_config(CNN_DEEP_CFG).layers)
+    nd = min(n_batches, CNN_DEEP_BATCHES)
+    fns_deep, net_deep = cnn_contenders(ctx, X[: nd * BATCH], y[: nd * BATCH], np.float32, deep)
+    times_deep = time_side_by_side(fns_deep, reps, warmup=1)
+    metric = f"s/epoch, {CNN_DEEP_CFG.name}'s network"
+    note_deep = (
+        f"{source}, float32, {nd} batches per repetition scaled to {CNN_EPOCH_BATCHES}, "
+        f"median of {reps}; {', '.join(deep)}, dense 10"
+    )
+    res.rows += cnn_rows(ctx, times_deep, CNN_EPOCH_BATCHES / nd, metric, note_deep)
+    network = f"{CNN_DEEP_CFG.name} CNN"
+    res.sections.append(cnn_profile(net_deep, X, y, ctx.reps(9, 3), network))
     return res
 
 

@@ -169,12 +169,6 @@ def minibatch_epoch(
     return epoch, predict
 
 
-def cnn_batches(torch: Any, *args: Any, **kwargs: Any) -> Callable[[], float]:
-    """The training callable of :func:`cnn_training` (same arguments): one pass over X
-    in order, batch by batch."""
-    return cnn_training(torch, *args, **kwargs)[0]
-
-
 def cnn_training(
     torch: Any,
     X: np.ndarray,
@@ -207,8 +201,26 @@ def cnn_training(
         nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Dropout(dropout),
         nn.Linear(128, 10),
     ).to(device=device, dtype=tdtype)  # fmt: skip
+    return adam_training(torch, model, X, y, batch, lr, seed, dtype, device, shuffle)
+
+
+def adam_training(
+    torch: Any,
+    model: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    batch: int,
+    lr: float,
+    seed: int,
+    dtype: Any = np.float32,
+    device: str = "cpu",
+    shuffle: bool = False,
+) -> tuple[Callable[[], float], Callable[[np.ndarray], np.ndarray]]:
+    """Mini-batch steps of ``model`` (a classifier of images, already in ``dtype`` on
+    ``device``) with Adam and cross-entropy, the idiomatic PyTorch way; the callables of
+    :func:`cnn_training`."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = torch.nn.CrossEntropyLoss()
     Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=dtype)).to(device)
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
     gen = torch.Generator().manual_seed(seed)
@@ -260,9 +272,10 @@ def mirror_network(torch: Any, net: Any) -> Any:
     conv2d -> ``Conv2d`` (W (c_out, c_in, k, k) as handprop stores it), dense ->
     ``Linear`` (handprop's W (d_in, d_out) transposed: torch stores (out, in)), the
     pools, activations and flatten (row-major, as handprop's), dropout -> ``Dropout``
-    (torch's own masks). Raises ValueError for a layer with no mirror here (batchnorm)
-    or a loss other than softmax cross-entropy (the training uses
-    ``CrossEntropyLoss``, which holds the softmax).
+    (torch's own masks), batchnorm -> ``BatchNorm2d`` on image maps, ``BatchNorm1d``
+    after flatten (gamma, beta and the running averages copied; the same momentum and
+    eps). Raises ValueError for a layer with no mirror here or a loss other than softmax
+    cross-entropy (the training uses ``CrossEntropyLoss``, which holds the softmax).
     """
     tnn = torch.nn
     loss = getattr(net.loss, "kind", "?")
@@ -270,9 +283,11 @@ def mirror_network(torch: Any, net: Any) -> Any:
         raise ValueError(f"no PyTorch mirror for loss {loss!r} (cross_entropy only)")
     tdtype = torch.float64 if np.dtype(net.dtype) == np.float64 else torch.float32
     modules = []
+    images = len(net.input_shape) == 3  # until a flatten: (c, h, w) maps
     for layer in net.layers:
         kind, c = layer.kind, layer.get_config()
         W = None
+        images = images and kind != "flatten"
         if kind == "conv2d":
             m = tnn.Conv2d(c["c_in"], c["c_out"], c["k"], stride=c["stride"], padding=c["pad"])
             W = np.asarray(layer.W)
@@ -284,6 +299,17 @@ def mirror_network(torch: Any, net: Any) -> Any:
             m = pool(c["k"], stride=c["stride"])
         elif kind == "dropout":
             m = tnn.Dropout(c["p"])
+        elif kind == "batchnorm":
+            norm = tnn.BatchNorm2d if images else tnn.BatchNorm1d
+            m = norm(c["c"], eps=c["eps"], momentum=c["momentum"])
+            with torch.no_grad():
+                for mine, theirs in (
+                    ("gamma", m.weight),
+                    ("beta", m.bias),
+                    ("running_mean", m.running_mean),
+                    ("running_var", m.running_var),
+                ):
+                    theirs.copy_(torch.from_numpy(np.array(getattr(layer, mine))))
         elif kind in _PLAIN_MODULES:
             m = getattr(tnn, _PLAIN_MODULES[kind])()
         else:
