@@ -262,3 +262,15 @@ def test_a_run_with_a_sigma_wider_than_the_images_is_one_line_and_no_folder(tmp_
         "of the 8x8 images of digits), got 1000000.0"
     ]
     assert not (tmp_path / "out").exists()  # refused before any folder is made
+
+
+def test_bilinear_gives_nan_at_a_nan_position_and_reads_nothing_outside(rng):
+    from handprop.data.augment import bilinear
+
+    X = rng.random((2, 1, 4, 4))
+    src = np.zeros((2, 4, 4))
+    src[1, 2, 3] = np.nan
+    with np.errstate(invalid="ignore"):  # the NaN's cast to an index
+        out = bilinear(X, src, src.copy())
+    assert np.isnan(out[1, 0, 2, 3])
+    assert np.isfinite(np.delete(out.ravel(), np.ravel_multi_index((1, 0, 2, 3), out.shape))).all()

@@ -224,11 +224,11 @@ def bilinear(X: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray:
     x0 = np.floor(src_x)
     fy = (src_y - y0).astype(X.dtype)
     fx = (src_x - x0).astype(X.dtype)
-    outside = (src_y <= -1) | (src_y >= h) | (src_x <= -1) | (src_x >= w)
+    inside = (src_y > -1) & (src_y < h) & (src_x > -1) & (src_x < w)
     # the top-left neighbour's flat index in P: inside, row y0 + 1 in [0, h] and column
     # x0 + 1 in [0, w]; outside, row h + 1, column 0 (all four neighbours zeros)
     top_left = (y0.astype(np.intp) + 1) * W + (x0.astype(np.intp) + 1)
-    top_left[outside] = (h + 1) * W
+    top_left[~inside] = (h + 1) * W  # and a NaN position, whose cast means nothing
     top_left += (np.arange(n) * (c * H * W))[:, None, None]
     flat = P.reshape(-1)
     out = np.empty(X.shape, dtype=X.dtype)
