@@ -1015,26 +1015,38 @@ def cnn_profile(net: Any, X: np.ndarray, y: np.ndarray, reps: int, network: str 
 
 
 def conv_parts(net: Any, X: np.ndarray, reps: int) -> str:
-    """im2col, the three GEMMs and col2im of each convolution, timed alone."""
+    """im2col, the three GEMMs and col2im of each convolution, timed alone, as a training
+    pass runs them: into work arrays kept from call to call (a fresh 40-MB array per call
+    would time the page faults of its first touch), dW in the orientation the layer uses."""
     from handprop.nn import conv as conv_mod
     from handprop.nn.threads import single_blas
 
-    lines = ["Convolutions split (same shapes, each part alone):", ""]
+    lines = ["Convolutions split (same shapes, each part alone, into kept work arrays):", ""]
     lines += ["| layer | part | median ms |", "|---|---|---|"]
     A = net.layer_input(X)  # (c, h, w, n), as the layers take it
     for i, layer in enumerate(net.layers):
         if isinstance(layer, conv_mod.Conv2D):
             k, s, p = layer.k, layer.stride, layer.pad
             c_out, patch = layer.c_out, layer.c_in * k * k
+            c, h, w, n = A.shape
+            padded_shape = (c, h + 2 * p, w + 2 * p, n)
+            Xp = np.empty(padded_shape, A.dtype) if p else None
             cols = conv_mod.im2col(A, k, s, p)[0]
             W = layer.W.reshape(c_out, patch)
             G = np.ones((c_out, cols.shape[1]), A.dtype)
+            Z, dWt = np.empty((c_out, cols.shape[1]), A.dtype), np.empty((patch, c_out), A.dtype)
+            cols_out, dcols = np.empty_like(cols), np.empty_like(cols)
+            dXp = np.empty(padded_shape, A.dtype)
             fns = {
-                "im2col": lambda A=A, k=k, s=s, p=p: conv_mod.im2col(A, k, s, p),
-                "GEMM forward W @ cols": lambda W=W, c=cols: W @ c,
-                "GEMM dW = G @ cols.T": lambda G=G, c=cols: G @ c.T,
-                "GEMM dcols = W.T @ G": lambda W=W, G=G: W.T @ G,
-                "col2im": lambda c=cols, A=A, k=k, s=s, p=p: conv_mod.col2im(c, A.shape, k, s, p),
+                "im2col": lambda A=A, k=k, s=s, p=p, o=cols_out, Xp=Xp: conv_mod.im2col(
+                    A, k, s, p, out=o, work=Xp
+                ),
+                "GEMM forward W @ cols": lambda W=W, c=cols, o=Z: np.matmul(W, c, out=o),
+                "GEMM dW^T = cols @ G.T": lambda G=G, c=cols, o=dWt: np.matmul(c, G.T, out=o),
+                "GEMM dcols = W.T @ G": lambda W=W, G=G, o=dcols: np.matmul(W.T, G, out=o),
+                "col2im": lambda c=cols, A=A, k=k, s=s, p=p, o=dXp: conv_mod.col2im(
+                    c, A.shape, k, s, p, out=o
+                ),
             }
             with single_blas():
                 t = time_side_by_side(fns, reps, warmup=1, settle=0.0)
