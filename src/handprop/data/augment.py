@@ -233,8 +233,8 @@ def bilinear(X: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray:
     flat = P.reshape(-1)
     out = np.empty(X.shape, dtype=X.dtype)
     for ch in range(c):  # flat gathers (np.take): much faster than fancy indexing
-        i = top_left + ch * H * W if ch else top_left
-        a, b, d, e = (flat.take(i + k) for k in (0, 1, W, W + 1))
+        at = ch * H * W  # the channel's first pixel in P
+        a, b, d, e = (flat.take(top_left + (at + k)) for k in (0, 1, W, W + 1))
         top = a + (b - a) * fx
         bottom = d + (e - d) * fx
         out[:, ch] = top + (bottom - top) * fy
