@@ -310,6 +310,35 @@ def test_a_bad_checkpoint_is_one_line(tmp_path, damage, message):
     assert "allow_pickle" not in line
 
 
+@pytest.mark.parametrize(
+    ("averaged", "message"),
+    [
+        (7, "'averaged' must count the epochs in its average (0 to 5), got 7"),
+        (0, "'averaged' must count the epochs in its average (0 to 5), got 0"),
+        (None, "its average does not match its parameters"),
+    ],
+)
+def test_a_bad_weight_average_in_a_checkpoint_is_one_line(tmp_path, averaged, message):
+    # full-batch steps: 5 epochs done, the average of epochs 2 to 5 saved
+    run_dir = interrupted_run(tmp_path, "average_from = 2\n")
+    with np.load(run_dir / "checkpoint.npz") as ck:
+        assert ck["averaged"] == 4 and ck["average"].shape == ck["params"].shape
+        if averaged is None:
+            rewrite_checkpoint(run_dir, average=ck["average"][:3])
+        else:
+            rewrite_checkpoint(run_dir, averaged=np.array(averaged))
+    line = one_error_line(run("train", "--resume", run_dir, "-q"))
+    assert "not a usable checkpoint" in line and message in line
+
+
+def test_a_weight_average_in_the_checkpoint_of_a_run_without_one_is_refused(tmp_path):
+    run_dir = interrupted_run(tmp_path)
+    with np.load(run_dir / "checkpoint.npz") as ck:
+        rewrite_checkpoint(run_dir, average=ck["params"], averaged=np.array(1))
+    line = one_error_line(run("train", "--resume", run_dir, "-q"))
+    assert "it holds a weight average, but the run's config has no average_from" in line
+
+
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e400", "0", "-1", "ten"])
 @pytest.mark.parametrize("subcommand", ["train", "experiments"])
 def test_checkpoint_every_must_be_a_finite_number_of_seconds(tmp_path, subcommand, value):

@@ -178,3 +178,84 @@ def test_a_run_can_recalibrate_its_batchnorm_statistics(tmp_path):
     assert not np.array_equal(bn.running_mean, bn0.running_mean)  # ... other statistics
     with pytest.raises(ConfigError, match="batchnorm_stats must be one of running, recalibrate"):
         config(tmp_path, batchnorm_stats="clean")
+
+
+# -- weight averaging ------------------------------------------------------------------------
+
+AVERAGED = CNN.replace("eval_every = 4", 'eval_every = 4\nbatchnorm_stats = "recalibrate"')
+
+
+def test_weight_average_is_the_mean_of_the_vectors_it_saw():
+    from handprop.run.callbacks import WeightAverage
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(5, 7)).astype(np.float32)
+    average = WeightAverage(start=1)
+    for v in vectors:
+        average.update(v.copy())
+    np.testing.assert_allclose(average.mean, vectors.mean(axis=0), rtol=1e-6, atol=1e-7)
+    assert average.count == 5 and average.mean.dtype == np.float32
+    assert average.state()["averaged"] == 5
+    assert WeightAverage(start=None).state() == {}
+
+
+def test_an_averaged_run_ends_on_the_mean_of_its_last_epochs_with_their_own_statistics(
+    tmp_path, monkeypatch
+):
+    from handprop.run.callbacks import WeightAverage
+
+    seen = []
+    update = WeightAverage.update
+
+    def keep(self, params):
+        seen.append(np.array(params))
+        update(self, params)
+
+    monkeypatch.setattr(WeightAverage, "update", keep)
+    cfg = config(tmp_path, AVERAGED, average_from=6)
+    run = train_run(cfg, default_name="averaged", progress=False)
+    assert run.status == "completed" and len(seen) == 3  # epochs 6, 7 and 8
+    net = nn.load(run.run_dir / "model.npz")
+    learned = net.layout.mask(("W", "b", "gamma", "beta"))
+    mean = np.mean(seen, axis=0)
+    np.testing.assert_allclose(net.params[learned], mean[learned], rtol=1e-5, atol=1e-6)
+    # batchnorm's statistics are the averaged weights' own, not those of any epoch's
+    stats = ~learned
+    assert not any(np.allclose(net.params[stats], s[stats]) for s in seen)
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    assert metrics["weight_average"] == {"from_epoch": 6, "epochs": 3}
+    assert metrics["accuracy"] > 0.7
+    # the history's last accuracy is the last epoch's own parameters'
+    history = (run.run_dir / "history.csv").read_text().splitlines()
+    assert history[-1].startswith("8,")
+
+    # the averaging changes no step: the same run without it has the same history
+    plain = train_run(config(tmp_path, AVERAGED), default_name="plain", progress=False)
+    assert _history(run) == _history(plain)
+    assert not np.array_equal(nn.load(plain.run_dir / "model.npz").params, net.params)
+
+
+def _history(run):
+    """history.csv's rows without their seconds (the one column that differs by run)."""
+    lines = (run.run_dir / "history.csv").read_text().splitlines()
+    return [line.rsplit(",", 1)[0] for line in lines]
+
+
+@pytest.mark.parametrize("step", [45, 65])  # before the averaging starts; in its second epoch
+def test_an_averaged_run_resumes_bit_exactly(tmp_path, cut_and_resumed, step):
+    cfg = config(tmp_path, AVERAGED, average_from=6)
+    full = train_run(cfg, default_name="full", progress=False)
+    resumed = cut_and_resumed(cfg, step)
+    np.testing.assert_array_equal(resumed.params, nn.load(full.run_dir / "model.npz").params)
+
+
+def test_averaging_is_refused_where_it_cannot_be_the_result(tmp_path):
+    with pytest.raises(ConfigError, match="line 17: average_from = 9 is after the last epoch"):
+        parse_toml_config(AVERAGED + "average_from = 9\n", "x.toml")
+    with pytest.raises(ConfigError, match="weight averaging and a validation split"):
+        parse_toml_config(AVERAGED + "average_from = 2\nvalidation = 0.1\n", "x.toml")
+    # averaged weights with the running batchnorm statistics of other weights: no folder
+    cfg = config(tmp_path, CNN, average_from=2)
+    with pytest.raises(ConfigError, match='set batchnorm_stats = "recalibrate"'):
+        train_run(cfg, default_name="refused", progress=False)
+    assert not any(tmp_path.iterdir())

@@ -248,6 +248,11 @@ class RunConfig:
     batchnorm_stats: str = option(
         "running", _choice(BATCHNORM_STATS_NAMES), "batchnorm statistics at inference"
     )
+    # weight averaging (Izmailov et al. 2018): the run's result is the mean of the
+    # parameters at the ends of epochs average_from to the last (None: the last epoch's)
+    average_from: int | None = option(
+        None, _optional(_integer(1)), "first epoch whose parameters are averaged (none: off)"
+    )
 
     def __post_init__(self) -> None:
         given = {f.name: (f.name, getattr(self, f.name)) for f in fields(self)}
@@ -425,6 +430,8 @@ def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
             "set validation to a fraction such as 0.1"
         )
 
+    _check_average(values, origin)
+
     total, train, test = values["total"], values["train"], values["test"]
     if values["split"] == "original":
         missing = [n for n in ("total", "train", "test") if values[n] is None]
@@ -439,6 +446,27 @@ def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
         raise ConfigError(
             f"{origin.at('test')}: {lab('train')} + {lab('test')} must not exceed "
             f"{lab('total')}, got {train} + {test} = {train + test} > {total}"
+        )
+
+
+def _check_average(values: dict[str, Any], origin: _Origin) -> None:
+    """Weight averaging needs epochs to average and is the run's only result (early
+    stopping's best parameters would be another). (That averaged weights need batchnorm
+    statistics of their own is checked with the network built: ``check_average``.)"""
+    start = values["average_from"]
+    if start is None:
+        return
+    at, label = origin.at("average_from"), origin.label
+    if start > values["epochs"]:
+        raise ConfigError(
+            f"{at}: {label('average_from')} = {start} is after the last epoch "
+            f"({label('epochs')} = {values['epochs']}): no epoch would be averaged"
+        )
+    if values["validation"]:
+        raise ConfigError(
+            f"{at}: weight averaging and a validation split (early stopping's best "
+            f"parameters) each choose the run's result; set {label('validation')} = 0 or "
+            "leave average_from out"
         )
 
 

@@ -28,7 +28,7 @@ from handprop import nn
 from handprop.config import RunConfig
 from handprop.errors import ConfigError
 from handprop.nn import backend
-from handprop.run.callbacks import EarlyStopping
+from handprop.run.callbacks import EarlyStopping, WeightAverage
 from handprop.run.writer import HISTORY_COLUMNS, RESUME_FREE_FIELDS, RunWriter
 from handprop.scale.graphs import TrainingStep
 from handprop.scale.parallel import DataParallel, World
@@ -307,6 +307,7 @@ class Run:
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None
     writer: RunWriter
     stopping: EarlyStopping
+    average: WeightAverage  # the averaged parameters (cfg.average_from)
     progress: bool  # a progress bar (rank 0 only)
     epoch: int = 0  # epochs completed
     seconds: float = 0.0  # training time so far (evaluation included)
@@ -370,6 +371,7 @@ def build_run(cfg: RunConfig, place: Callable[[], Path], progress: bool, world: 
     if world.size > 1:
         check_same_on_every_rank(cfg, data, world)
     net = build_network(cfg, data)  # built and initialised on the host
+    check_average(cfg, net)
     shape_inputs(data, net.input_shape)
     net.to(xp)
     model = DataParallel(net, world)
@@ -395,9 +397,22 @@ def build_run(cfg: RunConfig, place: Callable[[], Path], progress: bool, world: 
         augment,
         writer,
         EarlyStopping(cfg.patience),
+        WeightAverage(cfg.average_from),
         progress,
         step=TrainingStep(model, opt, cfg.graph),
     )
+
+
+def check_average(cfg: RunConfig, net: nn.Network) -> None:
+    """Refuse weight averaging of a network with batchnorm whose statistics at inference
+    would stay the running averages of training: those belong to the weights of each
+    step, not to their mean."""
+    has_batchnorm = any(isinstance(layer, nn.BatchNorm) for layer in net.layers)
+    if cfg.average_from is not None and has_batchnorm and cfg.batchnorm_stats != "recalibrate":
+        raise ConfigError(
+            "average_from: averaged weights need batchnorm statistics of their own; "
+            'set batchnorm_stats = "recalibrate" (re-estimated after the last epoch)'
+        )
 
 
 def check_same_on_every_rank(cfg: RunConfig, data: Split, world: World) -> None:

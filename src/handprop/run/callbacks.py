@@ -128,6 +128,47 @@ class EarlyStopping:
         }
 
 
+class WeightAverage:
+    """The mean of the parameters at the ends of epochs ``start`` to the last: the run's
+    result in place of the last epoch's parameters (stochastic weight averaging,
+    Izmailov et al. 2018). A mean of points along the path through a basin of low loss
+    lies nearer its middle than any of them, and predicts like an ensemble of them.
+
+    The mean of k vectors, kept as each one comes: mean_k = mean_{k-1} + (p_k -
+    mean_{k-1}) / k. It lives where the parameters do (a device's array on a GPU).
+
+    ``start``: the first epoch averaged (None: no averaging; :meth:`on_epoch_end` does
+    nothing).
+    """
+
+    def __init__(self, start: int | None) -> None:
+        self.start = start
+        self.count = 0  # epochs averaged
+        self.mean: Any = None
+
+    def on_epoch_end(self, run: Run) -> None:
+        if self.start is not None and run.row["epoch"] >= self.start:
+            self.update(run.net.params)
+
+    def update(self, params: Any) -> None:
+        self.count += 1
+        if self.mean is None:
+            self.mean = backend.copy(params)
+        else:
+            self.mean += (params - self.mean) / self.count
+
+    def state(self) -> dict[str, np.ndarray]:
+        """For a checkpoint: ``average`` and ``averaged`` (its count), once there is one."""
+        if self.mean is None:
+            return {}
+        return {"average": backend.to_host(self.mean), "averaged": np.array(self.count)}
+
+    def load(self, average: np.ndarray | None, count: int, xp: Any) -> None:
+        """A checkpoint's mean of ``count`` epochs' parameters, moved to namespace ``xp``."""
+        self.count = count
+        self.mean = None if average is None else backend.asarray(np.array(average), xp)
+
+
 # -- records (every epoch) -----------------------------------------------------------------
 
 

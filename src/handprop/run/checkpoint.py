@@ -2,8 +2,9 @@
 read back to resume it bit for bit.
 
 The file (``docs/formats.md``) holds ``params``, ``epoch``, ``seconds``, ``config``
-(the config.toml it was trained with), the optimizer's state as ``opt_<name>`` and
-early stopping's ``best`` (and ``best_params``). :class:`Checkpoints` is the callback
+(the config.toml it was trained with), the optimizer's state as ``opt_<name>``,
+early stopping's ``best`` (and ``best_params``), and the weight average (``average``,
+``averaged``) once there is one. :class:`Checkpoints` is the callback
 that writes it every ``checkpoint_seconds`` at an epoch's end, and when a run is
 interrupted; :func:`load_checkpoint` checks every array of one before it restores it.
 """
@@ -75,7 +76,8 @@ class Checkpoints(Callback):
         # at an epoch boundary (Ctrl-C may land between the epoch count going up and the
         # snapshot) the live state is that epoch's end
         live = self._snapshot_epoch != run.epoch
-        saved = host_state(run) if live else self._snapshot
+        saved = dict(host_state(run) if live else self._snapshot)
+        saved_average = {k: saved.pop(k) for k in AVERAGE_KEYS if k in saved}
         run.writer.checkpoint(
             run.history,
             params=saved["params"],
@@ -84,14 +86,21 @@ class Checkpoints(Callback):
             config=np.array(to_toml(run.cfg)),  # what the saved state was trained with
             **{f"opt_{k}": np.asarray(v) for k, v in saved.items() if k != "params"},
             **run.stopping.state(),
+            **saved_average,
         )
         self._last = time.monotonic()
 
 
+#: the weight average's arrays in a checkpoint (:meth:`WeightAverage.state`)
+AVERAGE_KEYS = ("average", "averaged")
+
+
 def host_state(run: Run) -> dict[str, np.ndarray]:
-    """The parameters and optimizer state as host arrays (NumPy's: the live ones; a
-    device's: copies), for snapshots and checkpoints."""
-    state = {"params": run.net.params, **run.opt.state_dict()}
+    """The parameters, the optimizer state and the weight average (the epoch's too: an
+    interrupt between its update and the epoch's end must not save it with the epoch
+    before) as host arrays (NumPy's: the live ones; a device's: copies), for snapshots
+    and checkpoints."""
+    state = {"params": run.net.params, **run.opt.state_dict(), **run.average.state()}
     return {k: backend.to_host(v) for k, v in state.items()}
 
 
@@ -185,8 +194,24 @@ def restore(run: Run, ck: dict[str, np.ndarray]) -> tuple[int, float]:
         best_params.shape != params.shape or best_params.dtype != params.dtype
     ):
         raise ValueError("its best_params do not match its parameters")
+    average, averaged = ck.get("average"), ck.get("averaged", np.array(0))
+    if average is not None and (average.shape != params.shape or average.dtype != params.dtype):
+        raise ValueError("its average does not match its parameters")
+    if average is not None and run.cfg.average_from is None:
+        raise ValueError("it holds a weight average, but the run's config has no average_from")
+    if (
+        averaged.shape != ()
+        or averaged.dtype.kind not in "iu"
+        or not 0 <= averaged <= epoch
+        or (averaged > 0) != (average is not None)
+    ):
+        raise ValueError(
+            f"'averaged' must count the epochs in its average (0 to {int(epoch)}), "
+            f"got {averaged.tolist()!r}"
+        )
     # NaN or inf in the state would be the resumed run's first step's result
-    for name in sorted(k for k in ck if k == "best_params" or k.startswith("opt_")):
+    floats = ("best_params", "average")
+    for name in sorted(k for k in ck if k in floats or k.startswith("opt_")):
         value = ck[name]
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise ValueError(f"its {name!r} is not all finite")
@@ -194,6 +219,7 @@ def restore(run: Run, ck: dict[str, np.ndarray]) -> tuple[int, float]:
     # read on the host, then moved to the network's device (NumPy: copied in place)
     backend.copyto(net.params, backend.asarray(params, net.xp))
     run.stopping.load(best, best_params)
+    run.average.load(average, int(averaged), net.xp)
     return int(epoch), float(seconds)
 
 

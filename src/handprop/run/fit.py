@@ -39,8 +39,9 @@ from handprop.scale.parallel import DataParallel
 def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) -> None:
     """Train ``run`` from ``run.epoch`` to ``cfg.epochs`` (or until early stopping).
 
-    At each epoch's end, on evaluated epochs (every ``eval_every``, and the last) the
-    validation part's loss and the early-stopping decision on it (timed as training),
+    At each epoch's end, the weight average's update (``cfg.average_from``), on
+    evaluated epochs (every ``eval_every``, and the last) the validation part's loss and
+    the early-stopping decision on it (timed as training),
     then the ``evaluations`` (accuracies, diagnostics: reports, not training, so not
     timed), then on every epoch the ``records`` (history, checkpoint, progress bar).
     """
@@ -65,6 +66,7 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
                 )
                 evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
                 run.begin_epoch(epoch, loss, train_acc, evaluated)
+                run.average.on_epoch_end(run)
                 if evaluated and run.data.y_val is not None:
                     validate(run)
                     run.stopping.on_epoch_end(run)
@@ -81,6 +83,10 @@ def fit(run: Run, evaluations: Sequence[Callback], records: Sequence[Callback]) 
     if run.stopping.best_params is not None:
         # early stopping ends on the best validated parameters, not the last ones
         backend.copyto(net.params, backend.asarray(run.stopping.best_params, net.xp))
+    if run.average.mean is not None:
+        # weight averaging ends on the mean of the averaged epochs' parameters (the
+        # history's accuracies are each epoch's own)
+        backend.copyto(net.params, run.average.mean)
     if cfg.batchnorm_stats == "recalibrate":
         start = time.perf_counter()
         recalibrate_batchnorm(net, run.data.X_train, cfg.batch_size or 256)

@@ -279,4 +279,6 @@ def summary_fields(
         fields["ranks"] = run.world.size
     if run.data.y_val is not None:
         fields["early_stopping"] = run.stopping.summary()
+    if run.average.count:
+        fields["weight_average"] = {"from_epoch": run.average.start, "epochs": run.average.count}
     return fields
