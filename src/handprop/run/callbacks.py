@@ -132,7 +132,8 @@ class WeightAverage:
     """The mean of the parameters at the ends of epochs ``start`` to the last: the run's
     result in place of the last epoch's parameters (stochastic weight averaging,
     Izmailov et al. 2018). A mean of points along the path through a basin of low loss
-    lies nearer its middle than any of them, and predicts like an ensemble of them.
+    lies nearer its middle than any of them, and often predicts about as well as an
+    ensemble of them.
 
     The mean of k vectors, kept as each one comes: mean_k = mean_{k-1} + (p_k -
     mean_{k-1}) / k. It lives where the parameters do (a device's array on a GPU).

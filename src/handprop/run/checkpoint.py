@@ -96,10 +96,11 @@ AVERAGE_KEYS = ("average", "averaged")
 
 
 def host_state(run: Run) -> dict[str, np.ndarray]:
-    """The parameters, the optimizer state and the weight average (the epoch's too: an
-    interrupt between its update and the epoch's end must not save it with the epoch
-    before) as host arrays (NumPy's: the live ones; a device's: copies), for snapshots
-    and checkpoints."""
+    """The parameters, the optimizer state and the weight average as host arrays
+    (NumPy's: the live ones; a device's: copies), for snapshots and checkpoints. The
+    average is snapshotted with the parameters: a Ctrl-C after an epoch's update of the
+    average, before the epoch counts as completed, saves both as they were at the end of
+    the epoch before."""
     state = {"params": run.net.params, **run.opt.state_dict(), **run.average.state()}
     return {k: backend.to_host(v) for k, v in state.items()}
 
