@@ -76,32 +76,26 @@ class Checkpoints(Callback):
         # at an epoch boundary (Ctrl-C may land between the epoch count going up and the
         # snapshot) the live state is that epoch's end
         live = self._snapshot_epoch != run.epoch
-        saved = dict(host_state(run) if live else self._snapshot)
-        saved_average = {k: saved.pop(k) for k in AVERAGE_KEYS if k in saved}
+        saved = host_state(run) if live else self._snapshot
         run.writer.checkpoint(
             run.history,
-            params=saved["params"],
             epoch=np.array(run.epoch),
             seconds=np.array(run.seconds),
             config=np.array(to_toml(run.cfg)),  # what the saved state was trained with
-            **{f"opt_{k}": np.asarray(v) for k, v in saved.items() if k != "params"},
+            **saved,
             **run.stopping.state(),
-            **saved_average,
         )
         self._last = time.monotonic()
 
 
-#: the weight average's arrays in a checkpoint (:meth:`WeightAverage.state`)
-AVERAGE_KEYS = ("average", "averaged")
-
-
 def host_state(run: Run) -> dict[str, np.ndarray]:
-    """The parameters, the optimizer state and the weight average as host arrays
-    (NumPy's: the live ones; a device's: copies), for snapshots and checkpoints. The
-    average is snapshotted with the parameters: a Ctrl-C after an epoch's update of the
-    average, before the epoch counts as completed, saves both as they were at the end of
-    the epoch before."""
-    state = {"params": run.net.params, **run.opt.state_dict(), **run.average.state()}
+    """The parameters, the optimizer state (``opt_<name>``) and the weight average as
+    host arrays named as the checkpoint names them (NumPy's: the live ones; a device's:
+    copies), for snapshots and checkpoints. The average is snapshotted with the
+    parameters: a Ctrl-C after an epoch's update of the average, before the epoch counts
+    as completed, saves both as they were at the end of the epoch before."""
+    opt = {f"opt_{k}": v for k, v in run.opt.state_dict().items()}
+    state = {"params": run.net.params, **opt, **run.average.state()}
     return {k: backend.to_host(v) for k, v in state.items()}
 
 
