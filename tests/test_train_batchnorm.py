@@ -254,8 +254,17 @@ def test_averaging_is_refused_where_it_cannot_be_the_result(tmp_path):
         parse_toml_config(AVERAGED + "average_from = 9\n", "x.toml")
     with pytest.raises(ConfigError, match="weight averaging and a validation split"):
         parse_toml_config(AVERAGED + "average_from = 2\nvalidation = 0.1\n", "x.toml")
-    # averaged weights with the running batchnorm statistics of other weights: no folder
-    cfg = config(tmp_path, CNN, average_from=2)
-    with pytest.raises(ConfigError, match='set batchnorm_stats = "recalibrate"'):
-        train_run(cfg, default_name="refused", progress=False)
-    assert not any(tmp_path.iterdir())
+    # averaged weights with the running batchnorm statistics of other weights
+    bn_with_settings = CNN.replace(
+        '"batchnorm", "relu", "maxpool', '"BatchNorm momentum=0.2", "relu", "maxpool'
+    )
+    for text in (CNN, bn_with_settings):
+        with pytest.raises(
+            ConfigError, match="line 16: averaged weights need batchnorm statistics"
+        ):
+            parse_toml_config(text + "average_from = 2\n", "x.toml")
+    with pytest.raises(ConfigError, match='override: .* set batchnorm_stats = "recalibrate"'):
+        config(tmp_path, CNN, average_from=2)
+    # a network without batchnorm averages with no more to set
+    plain = CNN.replace('"batchnorm", ', "")
+    assert parse_toml_config(plain + "average_from = 2\n", "x.toml").average_from == 2

@@ -451,8 +451,8 @@ def _check_relations(values: dict[str, Any], origin: _Origin) -> None:
 
 def _check_average(values: dict[str, Any], origin: _Origin) -> None:
     """Weight averaging needs epochs to average and is the run's only result (early
-    stopping's best parameters would be another). (That averaged weights need batchnorm
-    statistics of their own is checked with the network built: ``check_average``.)"""
+    stopping's best parameters would be another). A network with batchnorm needs its
+    statistics re-estimated for the mean: the running ones belong to each step's weights."""
     start = values["average_from"]
     if start is None:
         return
@@ -467,6 +467,13 @@ def _check_average(values: dict[str, Any], origin: _Origin) -> None:
             f"{at}: weight averaging and a validation split (early stopping's best "
             f"parameters) each choose the run's result; set {label('validation')} = 0 or "
             "leave average_from out"
+        )
+    # a layer item's first word is its kind ("batchnorm", "batchnorm momentum=0.1")
+    kinds = [item.replace(":", " ").split()[0].lower() for item in values["layers"] or ()]
+    if "batchnorm" in kinds and values["batchnorm_stats"] != "recalibrate":
+        raise ConfigError(
+            f"{at}: averaged weights need batchnorm statistics of their own; set "
+            f'{label("batchnorm_stats")} = "recalibrate" (re-estimated after the last epoch)'
         )
 
 

@@ -371,7 +371,6 @@ def build_run(cfg: RunConfig, place: Callable[[], Path], progress: bool, world: 
     if world.size > 1:
         check_same_on_every_rank(cfg, data, world)
     net = build_network(cfg, data)  # built and initialised on the host
-    check_average(cfg, net)
     shape_inputs(data, net.input_shape)
     net.to(xp)
     model = DataParallel(net, world)
@@ -401,18 +400,6 @@ def build_run(cfg: RunConfig, place: Callable[[], Path], progress: bool, world: 
         progress,
         step=TrainingStep(model, opt, cfg.graph),
     )
-
-
-def check_average(cfg: RunConfig, net: nn.Network) -> None:
-    """Refuse weight averaging of a network with batchnorm whose statistics at inference
-    would stay the running averages of training: those belong to the weights of each
-    step, not to their mean."""
-    has_batchnorm = any(isinstance(layer, nn.BatchNorm) for layer in net.layers)
-    if cfg.average_from is not None and has_batchnorm and cfg.batchnorm_stats != "recalibrate":
-        raise ConfigError(
-            "average_from: averaged weights need batchnorm statistics of their own; "
-            'set batchnorm_stats = "recalibrate" (re-estimated after the last epoch)'
-        )
 
 
 def check_same_on_every_rank(cfg: RunConfig, data: Split, world: World) -> None:
